@@ -1,0 +1,49 @@
+"""Shared test settings. Triton's CPU interpreter must be chosen before triton is imported."""
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# One tolerance table per dtype: (atol, rtol) against a float64 oracle.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip here, decided once at collection, never at import of a test module."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def stories_path():
+    path = DATA / "stories260K.bin"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture
+def stories_tokenizer_path():
+    path = DATA / "tok512.bin"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path

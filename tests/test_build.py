@@ -1,0 +1,80 @@
+"""The CUDA extension builds wherever nvcc exists, and fails cleanly without a GPU."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import layerskip_kernels
+from layerskip_kernels import _ext
+
+CUDA_BUILD_EXPECTED = shutil.which("nvcc") is not None and os.environ.get("LAYERSKIP_BUILD_CUDA") != "0"
+
+
+@pytest.fixture
+def C():
+    if _ext._C is None:
+        if CUDA_BUILD_EXPECTED:  # CI relies on this failing, not skipping
+            pytest.fail("nvcc is on PATH but layerskip_kernels._C is not built")
+        pytest.skip("built without CUDA (no nvcc or LAYERSKIP_BUILD_CUDA=0)")
+    return _ext._C
+
+
+@pytest.fixture
+def no_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks behaviour without a GPU")
+
+
+@pytest.fixture
+def cuobjdump():
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        pytest.skip("cuobjdump not found in the triton wheel")
+    return path
+
+
+def test_extension_imports_when_nvcc_exists(C):
+    import layerskip_kernels._C  # noqa: F401
+
+
+def test_device_count_is_zero_without_gpu(C, no_gpu):
+    assert C.device_count() == 0
+
+
+def test_kernel_without_gpu_raises_runtime_error(C, no_gpu):
+    with pytest.raises(RuntimeError, match="kv_cache_append.*CUDA error"):
+        C.kv_cache_append(0, 0, 0, 0, 0, 2, 8, 1, 2, 64, 1, 0)
+
+
+def test_bad_dtype_code_raises_value_error(C):
+    with pytest.raises(ValueError, match="dtype"):
+        C.kv_cache_append(0, 0, 0, 0, 0, 2, 8, 1, 2, 64, 7, 0)
+
+
+def test_empty_append_is_a_no_op(C):
+    C.kv_cache_append(0, 0, 0, 0, 0, 2, 8, 0, 2, 64, 1, 0)  # S = 0: no launch, no error
+
+
+def test_compiled_archs_are_in_the_binary(C, cuobjdump):
+    archs = C.compiled_archs()
+    if "LAYERSKIP_CUDA_ARCHS" not in os.environ:
+        assert archs == ["80", "90a"]
+    listing = subprocess.run([cuobjdump, "--list-elf", "--list-ptx", C.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    elves = {line.rsplit(".", 2)[-2] for line in listing.splitlines() if line.startswith("ELF")}
+    ptx = {line.rsplit(".", 2)[-2] for line in listing.splitlines() if line.startswith("PTX")}
+    for arch in archs:
+        num, _, kind = arch.partition("-")
+        assert (f"sm_{num}" in elves) == (kind != "virtual"), listing
+        assert (f"sm_{num}" in ptx) == (kind != "real"), listing
+
+
+def test_cuda_not_available_without_gpu(no_gpu):
+    assert layerskip_kernels.cuda_available() is False
+    assert _ext.cuda_unavailable_reason()
