@@ -1,0 +1,8 @@
+"""LayerSkip early-exit and self-speculative decoding for Llama models."""
+from . import ops
+from ._ext import cuda_available
+from .decoding import GenerationResult, generate
+from .model import Llama, LlamaConfig, load_model, load_tokenizer
+
+__all__ = ["GenerationResult", "Llama", "LlamaConfig", "cuda_available", "generate",
+           "load_model", "load_tokenizer", "ops"]

@@ -1,0 +1,3 @@
+from .generate import GenerationResult, generate
+
+__all__ = ["GenerationResult", "generate"]

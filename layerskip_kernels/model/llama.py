@@ -1,0 +1,177 @@
+"""A minimal Llama whose forward can stop after any layer and apply the shared head.
+
+Module names follow Hugging Face's LlamaForCausalLM (without its "model." prefix), so an HF
+state dict loads as is and an in-memory transformers model can lend us its tensors.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..ops.attention_with_kvcache import apply_rotary
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3: {"rope_type": "llama3", "factor": ..., ...}
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: list[int] = field(default_factory=list)
+    # What a LayerSkip-trained checkpoint recommends for self-speculation.
+    exit_layer: int | None = None
+    num_speculations: int | None = None
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: (n_layers, batch, max_seq_len, n_kv_heads,
+    head_dim). How much of each row is valid lives with the caller (cache_seqlens), so a
+    rollback is a smaller number and stale slots are simply never read."""
+
+    def __init__(self, config, batch_size, max_seq_len, dtype, device):
+        shape = (config.n_layers, batch_size, max_seq_len, config.n_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_seq_len(self):
+        return self.k.shape[2]
+
+
+def rope_tables(config, max_seq_len, device=None):
+    """cos and sin of shape (max_seq_len, head_dim / 2), float32, half-rotation layout."""
+    exponents = torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** exponents
+    if config.rope_scaling and config.rope_scaling.get("rope_type") == "llama3":
+        inv_freq = _llama3_scaled(inv_freq, config.rope_scaling)
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def _llama3_scaled(inv_freq, s):
+    """Llama 3.1: slow down long wavelengths by `factor`, keep short ones, blend between."""
+    old_context = s["original_max_position_embeddings"]
+    low_wavelen = old_context / s.get("low_freq_factor", 1.0)
+    high_wavelen = old_context / s.get("high_freq_factor", 4.0)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_context / wavelen - s.get("low_freq_factor", 1.0)) / (
+        s.get("high_freq_factor", 4.0) - s.get("low_freq_factor", 1.0))
+    blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], blended)
+    return torch.where(wavelen < high_wavelen, inv_freq, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+
+    def forward(self, x, rope, kv=None, cache_seqlens=None, backend="auto"):
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        if kv is None:  # training and evaluation: no cache, positions 0..S-1
+            cos, sin = (t[:S].expand(B, S, -1) for t in rope)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
+        else:
+            out = ops.attention_with_kvcache(q, kv[0], kv[1], k, v, cache_seqlens, *rope,
+                                             backend=backend)
+        return self.o_proj(out.reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = FeedForward(c)
+
+    def forward(self, x, rope, kv=None, cache_seqlens=None, backend="auto"):
+        h = x + self.self_attn(self.input_layernorm(x), rope, kv, cache_seqlens, backend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config, config.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.backend = "auto"  # which ops backend the attention runs on
+
+    def new_cache(self, batch_size, max_seq_len=None):
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        return KVCache(self.config, batch_size, max_seq_len, self.embed_tokens.weight.dtype,
+                       self.embed_tokens.weight.device)
+
+    def run_layers(self, h, start, stop, cache=None, cache_seqlens=None):
+        """Layers [start, stop) on hidden states h (B, S, dim). With a cache, the S new
+        positions of row b are cache_seqlens[b] + i; the caller advances cache_seqlens."""
+        rope = (self.rope_cos, self.rope_sin)
+        for i in range(start, stop):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h = self.layers[i](h, rope, kv, cache_seqlens, self.backend)
+        return h
+
+    def head(self, h):
+        """The head every exit shares: final RMSNorm, then lm_head."""
+        return self.lm_head(self.norm(h))
+
+    def forward(self, tokens, cache=None, cache_seqlens=None, exit_layer=None):
+        """Logits (B, S, vocab) of tokens (B, S) after layers [0, exit_layer) (all by default)."""
+        stop = self.config.n_layers if exit_layer is None else exit_layer
+        return self.head(self.run_layers(self.embed_tokens(tokens), 0, stop, cache, cache_seqlens))
