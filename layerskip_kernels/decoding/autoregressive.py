@@ -1,10 +1,15 @@
-"""Plain decoding, one token per step, through all layers or up to an exit layer."""
+"""Plain decoding, one token per step, through all layers, an exit layer or a skip set."""
 import torch
 
 from .sampling import sample
 
 
-def prefill(model, cache, prompts, exit_layer=None):
+def logits_of(model, tokens, layers, cache, cache_seqlens):
+    """Logits (B, S, vocab) of tokens (B, S) through `layers`, then the shared head."""
+    return model.head(model.run_layers(model.embed_tokens(tokens), layers, cache, cache_seqlens))
+
+
+def prefill(model, cache, prompts, layers):
     """Run the ragged prompts as one right-padded batch; return each row's last logits and
     its cache length. Padding writes cache slots past a row's length: they are never read
     and the next tokens overwrite them."""
@@ -13,26 +18,35 @@ def prefill(model, cache, prompts, exit_layer=None):
     tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt, device=device)
-    cache_seqlens = torch.zeros_like(lengths)
-    logits = model(tokens, cache, cache_seqlens, exit_layer=exit_layer)
+    logits = logits_of(model, tokens, layers, cache, torch.zeros_like(lengths))
     last = logits[torch.arange(len(prompts), device=device), lengths.long() - 1]
     return last, lengths
 
 
-def decode_autoregressive(model, cache, prompts, max_new_tokens, stop, exit_layer=None,
-                          temperature=0.0, top_k=0, top_p=1.0, generator=None):
-    """New tokens of each prompt; a row ends at a stop token (kept) or max_new_tokens."""
-    logits, cache_seqlens = prefill(model, cache, prompts, exit_layer)
+def extend(output, new_tokens, stop_ids, max_new_tokens):
+    """Append new tokens to a row's output up to a stop token (kept) or the length limit;
+    True when the row is finished."""
+    for token in new_tokens:
+        output.append(token)
+        if token in stop_ids or len(output) >= max_new_tokens:
+            return True
+    return False
+
+
+def decode_autoregressive(model, cache, prompts, max_new_tokens, stop_ids, sampling, generator,
+                          prefill_layers, decode_layers):
+    """New tokens of each prompt; a row ends at a stop token (kept) or max_new_tokens.
+    Early exit runs layers [0, E) throughout; layer skipping prefills with every layer and
+    decodes with its skip set."""
+    logits, cache_seqlens = prefill(model, cache, prompts, prefill_layers)
     outputs = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
-    for step in range(max_new_tokens):
-        tokens = sample(logits, temperature, top_k, top_p, generator)
+    done = [False] * len(prompts)
+    while True:
+        tokens = sample(logits, *sampling, generator)
         for row, token in enumerate(tokens.tolist()):
-            if not done[row]:
-                outputs[row].append(token)
-        done |= stop(tokens)
-        if step == max_new_tokens - 1 or bool(done.all()):
+            done[row] = done[row] or extend(outputs[row], [token], stop_ids, max_new_tokens)
+        if all(done):
             break
-        logits = model(tokens[:, None], cache, cache_seqlens, exit_layer=exit_layer)[:, -1]
+        logits = logits_of(model, tokens[:, None], decode_layers, cache, cache_seqlens)[:, -1]
         cache_seqlens += 1
     return outputs, {}

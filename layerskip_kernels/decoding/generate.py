@@ -5,8 +5,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .autoregressive import decode_autoregressive
+from .layer_skip import kept_layers
+from .self_speculative import ExitDraft, SkipDraft, decode_self_speculative
 
-STRATEGIES = ("autoregressive", "early_exit")
+STRATEGIES = ("autoregressive", "early_exit", "self_speculative", "layer_skip")
+DRAFTS = ("early_exit", "layer_skip")
+AUTO_DRAFT_CAP = 8  # num_speculations="auto": the longest a round may draft
+AUTO_CONFIDENCE = 0.5  # ... and it stops once no row's draft is this sure of its token
 
 
 @dataclass
@@ -15,72 +20,123 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
-def _check_generate(model, prompts, max_new_tokens, strategy, exit_layer, temperature, top_k,
-                    top_p):
-    c = model.config
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+def _fail(arg, expected, actual):
+    raise ValueError(f"{arg}: expected {expected}, got {actual!r}")
+
+
+def _check_prompts(config, prompts, max_new_tokens, reserve):
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts: expected a non-empty list of token-id lists")
+        _fail("prompts", "a non-empty list of token-id lists", prompts)
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            raise ValueError(f"prompts[{i}]: expected at least one token (BOS), got an empty prompt")
-        if min(prompt) < 0 or max(prompt) >= c.vocab_size:
-            raise ValueError(f"prompts[{i}]: expected token ids in [0, {c.vocab_size}), got "
-                             f"ids from {min(prompt)} to {max(prompt)}")
-        if len(prompt) > c.max_seq_len:
-            raise ValueError(f"prompts[{i}]: expected at most max_seq_len={c.max_seq_len} "
-                             f"tokens, got {len(prompt)}")
+            _fail(f"prompts[{i}]", "at least one token (BOS)", "an empty prompt")
+        if min(prompt) < 0 or max(prompt) >= config.vocab_size:
+            _fail(f"prompts[{i}]", f"token ids in [0, {config.vocab_size})",
+                  f"ids from {min(prompt)} to {max(prompt)}")
+        if len(prompt) > config.max_seq_len:
+            _fail(f"prompts[{i}]", f"at most max_seq_len={config.max_seq_len} tokens",
+                  f"{len(prompt)} tokens")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        _fail("max_new_tokens", ">= 1", max_new_tokens)
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > c.max_seq_len:
-        raise ValueError(f"max_new_tokens: the longest prompt ({longest}) + max_new_tokens "
-                         f"({max_new_tokens}) exceeds max_seq_len={c.max_seq_len}")
-    if strategy == "early_exit" and (exit_layer is None or not 1 <= exit_layer <= c.n_layers - 1):
-        raise ValueError(f"exit_layer: expected an integer in [1, {c.n_layers - 1}], got {exit_layer}")
+    if longest + max_new_tokens + reserve > config.max_seq_len:
+        _fail("max_new_tokens", f"longest prompt ({longest}) + max_new_tokens + {reserve} "
+              f"draft slots <= max_seq_len={config.max_seq_len}", max_new_tokens)
+
+
+def _check_sampling(temperature, top_k, top_p):
     if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+        _fail("temperature", ">= 0", temperature)
     if top_k < 0:
-        raise ValueError(f"top_k: expected >= 0, got {top_k}")
+        _fail("top_k", ">= 0 (0 = off)", top_k)
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
+        _fail("top_p", "a value in (0, 1]", top_p)
 
 
-def _stop_tokens(model, eos_token_id):
+def _check_exit_layer(config, exit_layer):
+    if not isinstance(exit_layer, int) or not 1 <= exit_layer <= config.n_layers - 1:
+        _fail("exit_layer", f"an integer in [1, {config.n_layers - 1}]", exit_layer)
+
+
+def _check_speedup(speedup):
+    if not isinstance(speedup, (int, float)) or speedup < 1:
+        _fail("speedup", "a number >= 1", speedup)
+
+
+def _stop_ids(model, eos_token_id):
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    device = model.embed_tokens.weight.device
-    table = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
-    table[ids] = True
-    return lambda tokens: table[tokens]
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit_layer=None,
              num_speculations=None, speedup=None, temperature=0.0, top_k=0, top_p=1.0,
-             seed=None, eos_token_id=None):
+             seed=None, eos_token_id=None, draft="early_exit"):
     """Generate up to max_new_tokens for each prompt (a ragged batch of token-id lists).
 
-    strategy: "autoregressive" (all layers) or "early_exit" (layers [0, exit_layer), then the
-    shared head). temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the
-    distribution. A row stops after emitting a token of eos_token_id (an int or a list;
-    default: the model config's), which is kept in its output.
+    strategy:
+      "autoregressive"    all layers, one token per step;
+      "early_exit"        layers [0, exit_layer), then the shared head (lossy);
+      "layer_skip"        Unified Layer Skipping for a target `speedup` >= 1: the prompt
+                          runs every layer, decoding a fixed, evenly spread subset (lossy);
+      "self_speculative"  draft num_speculations tokens (an int, or "auto": stop a round's
+                          drafting when the draft is unsure, at most 8) with layers
+                          [0, exit_layer) (draft="early_exit") or the layer-skip subset for
+                          `speedup` (draft="layer_skip"), verify them with all layers in one
+                          pass; lossless: the output is that of "autoregressive".
+    exit_layer and num_speculations default to the model's recommendation (config).
+    temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the distribution.
+    A row stops after a token of eos_token_id (int or list; default: the model config's),
+    which is kept in its output.
     """
-    _check_generate(model, prompts, max_new_tokens, strategy, exit_layer, temperature, top_k,
-                    top_p)
+    c = model.config
+    if strategy not in STRATEGIES:
+        _fail("strategy", f"one of {STRATEGIES}", strategy)
+    _check_sampling(temperature, top_k, top_p)
+    all_layers = range(c.n_layers)
+    confidence, reserve = None, 0
+    if strategy == "self_speculative":
+        if draft not in DRAFTS:
+            _fail("draft", f"one of {DRAFTS}", draft)
+        if num_speculations is None:
+            num_speculations = c.num_speculations
+        if num_speculations == "auto":
+            num_speculations, confidence = AUTO_DRAFT_CAP, AUTO_CONFIDENCE
+        if not isinstance(num_speculations, int) or num_speculations < 1:
+            _fail("num_speculations", "an integer >= 1 or 'auto'", num_speculations)
+        reserve = num_speculations + 1
+    if strategy == "early_exit" or (strategy == "self_speculative" and draft == "early_exit"):
+        exit_layer = c.exit_layer if exit_layer is None else exit_layer
+        _check_exit_layer(c, exit_layer)
+    if strategy == "layer_skip" or (strategy == "self_speculative" and draft == "layer_skip"):
+        _check_speedup(speedup)
+    _check_prompts(c, prompts, max_new_tokens, reserve)
+
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device)
     generator.manual_seed(seed) if seed is not None else generator.seed()
-    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens)
+    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + reserve)
+    common = (model, cache, prompts, max_new_tokens, _stop_ids(model, eos_token_id),
+              (temperature, top_k, top_p), generator)
     start = time.perf_counter()
-    tokens, stats = decode_autoregressive(
-        model, cache, prompts, max_new_tokens, _stop_tokens(model, eos_token_id),
-        exit_layer=exit_layer if strategy == "early_exit" else None,
-        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    if strategy == "self_speculative":
+        drafter = (ExitDraft(model, exit_layer, len(prompts), num_speculations)
+                   if draft == "early_exit" else SkipDraft(model, kept_layers(c.n_layers, speedup)))
+        tokens, stats = decode_self_speculative(*common, drafter, num_speculations, confidence)
+    else:
+        layers = {"autoregressive": all_layers, "early_exit": range(exit_layer or 0),
+                  "layer_skip": kept_layers(c.n_layers, speedup or 1)}[strategy]
+        prefill_layers = range(exit_layer) if strategy == "early_exit" else all_layers
+        tokens, stats = decode_autoregressive(*common, prefill_layers, layers)
     elapsed = time.perf_counter() - start
     new_tokens = sum(len(t) for t in tokens)
     stats.update(strategy=strategy, new_tokens=new_tokens, time_s=elapsed,
                  tokens_per_s=new_tokens / elapsed)
+    if strategy == "self_speculative":
+        stats.update(acceptance_rate=stats["accepted"] / max(stats["drafted"], 1),
+                     tokens_per_round=(stats["accepted"] + stats["row_rounds"])
+                     / max(stats["row_rounds"], 1),
+                     exit_layer=exit_layer if draft == "early_exit" else None,
+                     num_speculations="auto" if confidence else num_speculations)
     return GenerationResult(tokens, stats)

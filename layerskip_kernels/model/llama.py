@@ -158,11 +158,11 @@ class Llama(nn.Module):
         return KVCache(self.config, batch_size, max_seq_len, self.embed_tokens.weight.dtype,
                        self.embed_tokens.weight.device)
 
-    def run_layers(self, h, start, stop, cache=None, cache_seqlens=None):
-        """Layers [start, stop) on hidden states h (B, S, dim). With a cache, the S new
-        positions of row b are cache_seqlens[b] + i; the caller advances cache_seqlens."""
+    def run_layers(self, h, layers, cache=None, cache_seqlens=None):
+        """The given layers (e.g. range(E), or a skip set) on hidden states h (B, S, dim). With
+        a cache, row b's S positions are cache_seqlens[b] + i; the caller advances it."""
         rope = (self.rope_cos, self.rope_sin)
-        for i in range(start, stop):
+        for i in layers:
             kv = None if cache is None else (cache.k[i], cache.v[i])
             h = self.layers[i](h, rope, kv, cache_seqlens, self.backend)
         return h
@@ -173,5 +173,5 @@ class Llama(nn.Module):
 
     def forward(self, tokens, cache=None, cache_seqlens=None, exit_layer=None):
         """Logits (B, S, vocab) of tokens (B, S) after layers [0, exit_layer) (all by default)."""
-        stop = self.config.n_layers if exit_layer is None else exit_layer
-        return self.head(self.run_layers(self.embed_tokens(tokens), 0, stop, cache, cache_seqlens))
+        layers = range(self.config.n_layers if exit_layer is None else exit_layer)
+        return self.head(self.run_layers(self.embed_tokens(tokens), layers, cache, cache_seqlens))

@@ -1,0 +1,110 @@
+"""The `layerskip` command (also `python -m layerskip_kernels`)."""
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .decoding import generate
+from .decoding.generate import STRATEGIES
+from .model import load_model, load_tokenizer
+from .model.checkpoint import SUPPORTED_DTYPES
+
+
+def _find_tokenizer(args):
+    """--tokenizer, else a tokenizer.json in the model's directory, else none."""
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    if (model_dir / "tokenizer.json").exists():
+        return load_tokenizer(model_dir / "tokenizer.json")
+    return None
+
+
+def new_text(tokenizer, prompt, tokens):
+    """The text the new tokens add after the prompt (decoding them alone can lose context,
+    such as the leading space a llama2.c tokenizer drops after BOS)."""
+    return tokenizer.decode(prompt + tokens)[len(tokenizer.decode(prompt)):]
+
+
+def _add_model_args(p):
+    p.add_argument("--model", required=True, help="HF Llama directory or llama2.c .bin file")
+    p.add_argument("--tokenizer", help="tokenizer.json, HF directory or llama2.c tokenizer .bin")
+    p.add_argument("--dtype", default="float32", choices=list(SUPPORTED_DTYPES))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+
+
+def cmd_generate(args):
+    tokenizer = _find_tokenizer(args)
+    if args.prompt and tokenizer is None:
+        sys.exit("error: --prompt needs a tokenizer: pass --tokenizer (or use --prompt-ids)")
+    prompts = [tokenizer.encode(text) for text in args.prompt or []]
+    prompts += [[int(i) for i in ids.split()] for ids in args.prompt_ids or []]
+    if not prompts:
+        sys.exit("error: give at least one --prompt or --prompt-ids")
+    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    result = generate(model, prompts, max_new_tokens=args.max_new_tokens,
+                      strategy=args.strategy, exit_layer=args.exit_layer,
+                      num_speculations=args.num_speculations, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    texts = [new_text(tokenizer, p, t) if tokenizer else None
+             for p, t in zip(prompts, result.tokens)]
+    if args.json:
+        outputs = [{"tokens": t, "text": s} for t, s in zip(result.tokens, texts)]
+        print(json.dumps({"outputs": outputs, "stats": result.stats}))
+        return
+    for prompt, tokens, text in zip(prompts, result.tokens, texts):
+        print(tokenizer.decode(prompt) + text if tokenizer else " ".join(map(str, tokens)))
+    print(f"[{result.stats['strategy']}: {result.stats['new_tokens']} tokens, "
+          f"{result.stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_info(args):
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    weights = {p.data_ptr(): p for p in model.parameters()}.values()  # tied weights once
+    info = {"config": dataclasses.asdict(model.config),
+            "parameters": sum(p.numel() for p in weights),
+            "bytes": sum(p.numel() * p.element_size() for p in weights),
+            "dtype": args.dtype}
+    print(json.dumps(info, indent=2))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="layerskip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text with a decoding strategy")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", help='token ids, e.g. "1 2 3" (repeatable)')
+    p.add_argument("--strategy", default="autoregressive", choices=STRATEGIES)
+    p.add_argument("--exit-layer", type=int)
+    p.add_argument("--num-speculations", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("info", help="print a model's config, parameter count and bytes")
+    _add_model_args(p)
+    p.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        with torch.inference_mode():
+            args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

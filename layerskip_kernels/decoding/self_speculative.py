@@ -1,0 +1,141 @@
+"""Self-speculative decoding: the model's own early layers (or a layer-skip subset) draft,
+all layers verify the drafts in one pass, over one shared KV cache, for a ragged batch.
+
+At the start of a round every layer holds valid KV for positions [0, p_b) of row b, and
+token x[p_b] (already emitted) is pending. A round:
+  draft   k tokens, each through the draft layers at positions p_b .. p_b + k - 1;
+  verify  positions p_b .. p_b + k with the remaining layers in one pass;
+  accept  m_b drafts and one token from the full model;
+  roll back by setting p_b += m_b + 1: KV past that is stale, never read, later overwritten.
+"""
+import torch
+
+from .autoregressive import extend, logits_of, prefill
+from .sampling import logits_to_probs, sample
+
+
+class ExitDraft:
+    """LayerSkip: draft with layers [0, E). Their KV for the drafted positions is reused by
+    verification, and so are their outputs (the exit cache), so verification runs layers
+    [0, E) only on the last draft and layers [E, L) on the k + 1 pending positions."""
+
+    def __init__(self, model, exit_layer, batch_size, max_drafts):
+        self.model, self.exit_layer = model, exit_layer
+        self.draft_layers = range(exit_layer)
+        weight = model.embed_tokens.weight
+        self.exit_cache = torch.empty(batch_size, max_drafts + 1, model.config.dim,
+                                      dtype=weight.dtype, device=weight.device)
+
+    def _exit_hidden(self, tokens, i, cache, positions):
+        h = self.model.run_layers(self.model.embed_tokens(tokens[:, None]), self.draft_layers,
+                                  cache, positions)
+        self.exit_cache[:, i] = h[:, 0]
+        return h
+
+    def step(self, tokens, i, cache, positions):
+        """Draft logits (B, vocab) of tokens (B,) at positions, the i-th of this round."""
+        return self.model.head(self._exit_hidden(tokens, i, cache, positions))[:, -1]
+
+    def verify(self, last_draft, k, cache, cache_seqlens):
+        """Full-model logits (B, k + 1, vocab) at positions p .. p + k."""
+        self._exit_hidden(last_draft, k, cache, cache_seqlens + k)
+        layers = range(self.exit_layer, self.model.config.n_layers)
+        h = self.model.run_layers(self.exit_cache[:, :k + 1], layers, cache, cache_seqlens)
+        return self.model.head(h)
+
+
+class SkipDraft:
+    """Unified layer skipping as the draft: the kept layers draft; verification recomputes
+    every layer on the k + 1 pending positions (the draft's hidden states differ)."""
+
+    def __init__(self, model, kept_layers):
+        self.model, self.draft_layers = model, kept_layers
+        self.pending = None
+
+    def step(self, tokens, i, cache, positions):
+        if i == 0:
+            self.pending = [tokens]
+        else:
+            self.pending.append(tokens)
+        return logits_of(self.model, tokens[:, None], self.draft_layers, cache, positions)[:, -1]
+
+    def verify(self, last_draft, k, cache, cache_seqlens):
+        tokens = torch.stack(self.pending + [last_draft], dim=1)
+        return logits_of(self.model, tokens, range(self.model.config.n_layers), cache,
+                         cache_seqlens)
+
+
+def accept(drafts, draft_probs, logits, sampling, generator):
+    """Accepted draft count m (B,) and the full model's next token (B,).
+
+    Greedy: accept the longest prefix where the full model's argmax equals the draft, then
+    take the full model's token. Sampling: accept draft d_i with probability
+    min(1, p(d_i) / q(d_i)); at the first rejection sample from norm(max(0, p - q)); if all k
+    are accepted, sample the bonus token from p. This leaves the output distribution p.
+    """
+    temperature = sampling[0]
+    B, k = drafts.shape
+    if temperature == 0:
+        target = logits.argmax(-1)
+        m = (drafts == target[:, :k]).int().cumprod(-1).sum(-1)
+        return m, target.gather(1, m[:, None]).squeeze(1)
+    p = logits_to_probs(logits, *sampling)  # (B, k + 1, vocab)
+    p_draft = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+    u = torch.rand(B, k, generator=generator, device=drafts.device)
+    m = (u * q_draft < p_draft).int().cumprod(-1).sum(-1)
+    rows = torch.arange(B, device=drafts.device)
+    target = p[rows, m]
+    padded_q = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)
+    residual = (target - padded_q[rows, m]).clamp_min(0)  # q = 0 past the drafts: p itself
+    empty = residual.sum(-1, keepdim=True) == 0  # only when p == q, where nothing is rejected
+    residual = torch.where(empty, target, residual)
+    return m, torch.multinomial(residual, 1, generator=generator).squeeze(1)
+
+
+def decode_self_speculative(model, cache, prompts, max_new_tokens, stop_ids, sampling,
+                            generator, drafter, num_speculations, confidence=None):
+    """num_speculations is the draft length k, or its cap when `confidence` is set: then a
+    round stops drafting once no row's draft has a top probability of at least confidence.
+    The cache must hold k + 1 positions past the longest output."""
+    logits, cache_seqlens = prefill(model, cache, prompts, range(model.config.n_layers))
+    tokens = sample(logits, *sampling, generator)
+    outputs = [[] for _ in prompts]
+    done = [extend(out, [t], stop_ids, max_new_tokens) for out, t in zip(outputs, tokens.tolist())]
+    active = torch.tensor([not d for d in done], device=tokens.device)
+    stats = {"rounds": 0, "row_rounds": 0, "drafted": 0, "accepted": 0}
+    while not all(done):
+        drafts, draft_probs, current = [], [], tokens
+        for i in range(num_speculations):
+            draft_logits = drafter.step(current, i, cache, cache_seqlens + i)
+            if sampling[0] == 0:
+                current = draft_logits.argmax(-1)
+            else:
+                q = logits_to_probs(draft_logits, *sampling)
+                current = torch.multinomial(q, 1, generator=generator).squeeze(1)
+                draft_probs.append(q)
+            drafts.append(current)
+            if confidence is not None and i + 1 < num_speculations and bool(
+                    (draft_logits.softmax(-1).amax(-1) < confidence).all()):
+                break
+        k = len(drafts)
+        drafts = torch.stack(drafts, dim=1)
+        verify_logits = drafter.verify(drafts[:, -1], k, cache, cache_seqlens)
+        m, next_token = accept(drafts, torch.stack(draft_probs, 1) if draft_probs else None,
+                               verify_logits, sampling, generator)
+        # The rollback: positions past p + m + 1 are stale. Finished rows stay where they are.
+        cache_seqlens += torch.where(active, m + 1, 0).int()
+        tokens = next_token
+        # One host sync per round: everything the host needs, in one transfer.
+        emitted = torch.cat([drafts, next_token[:, None], m[:, None]], dim=1).tolist()
+        stats["rounds"] += 1
+        for row, (out, row_emitted) in enumerate(zip(outputs, emitted)):
+            if not done[row]:
+                m_row = row_emitted[-1]
+                stats["row_rounds"] += 1
+                stats["drafted"] += k
+                stats["accepted"] += m_row
+                new = row_emitted[:m_row] + [row_emitted[k]]
+                done[row] = extend(out, new, stop_ids, max_new_tokens)
+        active = torch.tensor([not d for d in done], device=tokens.device)
+    return outputs, stats
