@@ -28,6 +28,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Our test models are tiny: with 2 busy cores, intra-op threads cost more in waiting than they win."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)

@@ -125,9 +125,8 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
                    if draft == "early_exit" else SkipDraft(model, kept_layers(c.n_layers, speedup)))
         tokens, stats = decode_self_speculative(*common, drafter, num_speculations, confidence)
     else:
-        layers = {"autoregressive": all_layers, "early_exit": range(exit_layer or 0),
-                  "layer_skip": kept_layers(c.n_layers, speedup or 1)}[strategy]
         prefill_layers = range(exit_layer) if strategy == "early_exit" else all_layers
+        layers = kept_layers(c.n_layers, speedup) if strategy == "layer_skip" else prefill_layers
         tokens, stats = decode_autoregressive(*common, prefill_layers, layers)
     elapsed = time.perf_counter() - start
     new_tokens = sum(len(t) for t in tokens)

@@ -135,11 +135,11 @@ def load_llama2c(path):
               ("legacy_rope", (2, seq_len, hd // 2))]
     if vocab < 0:
         shapes.append(("lm_head", (c.vocab_size, dim)))
-    weights, floats = {}, raw[28:].view(np.float32)
     expected = sum(int(np.prod(s)) for _, s in shapes)
-    if floats.size != expected:
-        raise ValueError(f"{path}: {floats.size} float32 values after the header, expected "
-                         f"{expected} for a version 0 llama2.c checkpoint of that header")
+    if raw.size - 28 != 4 * expected:
+        raise ValueError(f"{path}: {raw.size - 28} bytes after the header, expected "
+                         f"{4 * expected} (float32) for a version 0 llama2.c checkpoint of that header")
+    weights, floats = {}, raw[28:].view(np.float32)
     offset = 0
     for name, shape in shapes:
         n = int(np.prod(shape))

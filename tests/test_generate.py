@@ -1,0 +1,249 @@
+"""`generate` (ragged batches, early exit, sampling, eos, stats, argument checks) and the
+sampling filters of decoding/sampling.py."""
+import math
+
+import pytest
+import torch
+
+import layerskip_kernels as lsk
+from layerskip_kernels.decoding.sampling import logits_to_probs, sample
+
+VOCAB = 97  # odd on purpose
+
+
+@pytest.fixture
+def seed(generator):
+    return int(torch.randint(0, 2**31 - 1, (), generator=generator))
+
+
+def tiny_llama(generator, n_layers=4, max_seq_len=48):
+    """A random Llama (norms random too) whose greedy output is not one repeated token."""
+    config = lsk.LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=n_layers, n_heads=4,
+                             n_kv_heads=2, hidden_dim=45, max_seq_len=max_seq_len)
+    model = lsk.Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if "norm" in name else 0.15
+            noise = scale * torch.randn(p.shape, generator=generator)
+            p.copy_(noise + (1.0 if "norm" in name else 0.0))
+    return model.eval().requires_grad_(False)
+
+
+def truncated(model, n_layers):
+    """A Llama of the first n_layers of `model`, sharing its embedding, layers and head."""
+    config = lsk.LlamaConfig(**{**vars(model.config), "n_layers": n_layers})
+    small = lsk.Llama(config)
+    small.embed_tokens, small.norm, small.lm_head = model.embed_tokens, model.norm, model.lm_head
+    small.layers = torch.nn.ModuleList(model.layers[:n_layers])
+    return small.eval().requires_grad_(False)
+
+
+def random_prompts(generator, lengths, vocab=VOCAB):
+    return [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in lengths]
+
+
+@pytest.fixture(params=["tiny", "stories"])
+def model_and_vocab(request, generator):
+    if request.param == "tiny":
+        return tiny_llama(generator), VOCAB
+    return lsk.load_model(request.getfixturevalue("stories_path")), 512
+
+
+# ---------------------------------------------------------------- batching and early exit
+
+
+@pytest.mark.parametrize("strategy", ["autoregressive", "early_exit"])
+@pytest.mark.parametrize("lengths", [(1, 7, 4), (5,)])
+def test_ragged_batch_equals_each_prompt_alone(generator, model_and_vocab, lengths, strategy):
+    model, vocab = model_and_vocab
+    prompts = random_prompts(generator, lengths, vocab)
+    if vocab == 512:
+        prompts[0][0] = 1  # one row starts from BOS as real prompts do
+    kw = dict(max_new_tokens=13, strategy=strategy, exit_layer=2, eos_token_id=[])
+    batch = lsk.generate(model, prompts, **kw)
+    assert [len(t) for t in batch.tokens] == [13] * len(prompts)
+    for prompt, tokens in zip(prompts, batch.tokens):
+        assert lsk.generate(model, [prompt], **kw).tokens[0] == tokens
+    if strategy == "autoregressive":  # a model that does more than repeat one token
+        assert len({t for row in batch.tokens for t in row}) > 2
+
+
+@pytest.mark.parametrize("exit_layer", [2, 3])
+def test_early_exit_equals_truncated_model(generator, exit_layer):
+    model = tiny_llama(generator, n_layers=4)
+    prompts = random_prompts(generator, (3, 1, 6))
+    kw = dict(max_new_tokens=11, eos_token_id=[])
+    early = lsk.generate(model, prompts, strategy="early_exit", exit_layer=exit_layer, **kw)
+    small = lsk.generate(truncated(model, exit_layer), prompts, **kw)
+    full = lsk.generate(model, prompts, **kw)
+    assert early.tokens == small.tokens
+    assert early.tokens != full.tokens  # control: the exit layer matters
+
+
+def test_one_layer_model_generates(generator):
+    model = tiny_llama(generator, n_layers=1)
+    res = lsk.generate(model, [[1, 2]], max_new_tokens=3, eos_token_id=[])
+    with torch.no_grad():
+        first = model(torch.tensor([[1, 2]]))[0, -1].argmax().item()
+    assert len(res.tokens[0]) == 3 and res.tokens[0][0] == first
+
+
+def test_early_exit_equals_truncated_stories(stories_path):
+    model = lsk.load_model(stories_path)
+    kw = dict(max_new_tokens=21, eos_token_id=[])
+    early = lsk.generate(model, [[1], [1, 403, 407]], strategy="early_exit", exit_layer=3, **kw)
+    small = lsk.generate(truncated(model, 3), [[1], [1, 403, 407]], **kw)
+    assert early.tokens == small.tokens
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (5, 0.9)])
+def test_sampling_seeded(generator, seed, top_k, top_p):
+    model = tiny_llama(generator)
+    prompts = random_prompts(generator, (2, 5, 1))
+    kw = dict(max_new_tokens=15, temperature=1.5, top_k=top_k, top_p=top_p, eos_token_id=[])
+    first = lsk.generate(model, prompts, seed=seed, **kw)
+    again = lsk.generate(model, prompts, seed=seed, **kw)
+    other = lsk.generate(model, prompts, seed=seed + 1, **kw)
+    greedy = lsk.generate(model, prompts, max_new_tokens=15, eos_token_id=[])
+    assert first.tokens == again.tokens
+    assert first.tokens != other.tokens
+    assert first.tokens != greedy.tokens
+
+
+@pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.5)])
+def test_sampling_with_one_candidate_is_greedy(generator, seed, filters):
+    model = tiny_llama(generator)
+    prompts = random_prompts(generator, (4, 1, 3))
+    greedy = lsk.generate(model, prompts, max_new_tokens=15, eos_token_id=[])
+    sampled = lsk.generate(model, prompts, max_new_tokens=15, eos_token_id=[],
+                           temperature=2.0, seed=seed, **filters)
+    assert sampled.tokens == greedy.tokens
+
+
+# ---------------------------------------------------------------- eos and stats
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_eos_stops_its_row_only(generator, as_list):
+    model = tiny_llama(generator)
+    prompts = random_prompts(generator, (3, 6, 2))
+    free = lsk.generate(model, prompts, max_new_tokens=17, eos_token_id=[]).tokens
+    # An eos that row 0 emits after a few tokens and the other rows never emit.
+    eos = next(t for t in free[0][2:] if all(t not in row for row in free[1:]))
+    cut = free[0].index(eos) + 1
+    res = lsk.generate(model, prompts, max_new_tokens=17,
+                       eos_token_id=[eos] if as_list else eos)
+    assert res.tokens[0] == free[0][:cut] and res.tokens[0][-1] == eos
+    assert cut < 17
+    assert res.tokens[1:] == free[1:]
+    assert res.stats["new_tokens"] == cut + 34
+
+
+def test_eos_from_config(generator):
+    model = tiny_llama(generator)
+    free = lsk.generate(model, [[5, 6]], max_new_tokens=9, eos_token_id=[]).tokens[0]
+    model.config.eos_token_id = [free[3]]
+    expected = free[:free.index(free[3]) + 1]
+    assert lsk.generate(model, [[5, 6]], max_new_tokens=9).tokens[0] == expected
+
+
+@pytest.mark.parametrize("strategy", ["autoregressive", "early_exit"])
+def test_stats(generator, strategy):
+    model = tiny_llama(generator)
+    res = lsk.generate(model, random_prompts(generator, (2, 7, 1)), max_new_tokens=5,
+                       strategy=strategy, exit_layer=2, eos_token_id=[])
+    assert isinstance(res, lsk.GenerationResult)
+    assert res.stats["tokens_per_s"] > 0
+    assert res.stats["new_tokens"] == sum(len(t) for t in res.tokens) == 15
+    assert res.stats["strategy"] == strategy
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+BAD_ARGS = [
+    (dict(prompts=[[]]), "prompts\\[0\\]"),
+    (dict(prompts=[[1, 2], []]), "prompts\\[1\\]"),
+    (dict(prompts=[]), "prompts"),
+    (dict(prompts=[[1, VOCAB]]), "prompts\\[0\\]"),
+    (dict(prompts=[[-1, 3]]), "prompts\\[0\\]"),
+    (dict(prompts=[[1] * 49]), "prompts\\[0\\]"),
+    (dict(max_new_tokens=46), "max_new_tokens"),  # 3 + 46 > max_seq_len 48
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(strategy="beam"), "strategy"),
+    (dict(strategy="early_exit", exit_layer=0), "exit_layer"),
+    (dict(strategy="early_exit", exit_layer=4), "exit_layer"),
+    (dict(strategy="early_exit", exit_layer=None), "exit_layer"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+]
+
+
+@pytest.mark.parametrize("bad, match", BAD_ARGS)
+def test_bad_arguments_fail_before_any_work(generator, monkeypatch, bad, match):
+    model = tiny_llama(generator)
+    kw = dict(prompts=[[1, 2, 3]], max_new_tokens=5, exit_layer=2, temperature=1.0, seed=0)
+    assert len(lsk.generate(model, **kw).tokens[0]) == 5  # passing control
+    assert len(lsk.generate(model, **{**kw, "prompts": [[1] * 43]}).tokens[0]) == 5  # 43 + 5 = 48
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("generate did work before checking its arguments")
+
+    monkeypatch.setattr(model, "new_cache", no_work)
+    monkeypatch.setattr(model, "forward", no_work)
+    with pytest.raises(ValueError, match=match):
+        lsk.generate(model, **{**kw, **bad})
+
+
+# ---------------------------------------------------------------- logits_to_probs
+
+
+@pytest.mark.parametrize("k", [1, 5, VOCAB])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_top_k_keeps_exactly_k(generator, batch, k):
+    logits = torch.randn(batch, VOCAB, generator=generator) * 3
+    probs = logits_to_probs(logits, temperature=1.0, top_k=k)
+    assert ((probs > 0).sum(-1) == k).all()
+    top = logits.topk(k, dim=-1).indices
+    assert (probs.gather(-1, top) > 0).all()
+    expected = torch.full_like(logits, float("-inf")).scatter(-1, top, logits.gather(-1, top))
+    torch.testing.assert_close(probs, expected.softmax(-1), rtol=1e-6, atol=1e-7)
+
+
+# probs of the 5 tokens, by rank: 0.5, 0.2, 0.15, 0.1, 0.05 (cumulative 0.5 0.7 0.85 0.95 1)
+TOP_P_CASES = [(0.3, 1), (0.6, 2), (0.75, 3), (0.85 + 1e-3, 4), (0.97, 5), (1.0, 5)]
+
+
+@pytest.mark.parametrize("top_p, kept", TOP_P_CASES)
+def test_top_p_keeps_smallest_prefix_reaching_p(top_p, kept):
+    ranked = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    order = torch.tensor([3, 0, 4, 1, 2])  # ranked[i] sits at vocab position order[i]
+    probs_in = torch.empty(5).scatter(0, order, ranked)
+    probs = logits_to_probs(probs_in.log()[None], temperature=1.0, top_p=top_p)[0]
+    expected = torch.zeros(5).scatter(0, order[:kept], ranked[:kept] / ranked[:kept].sum())
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_temperature_scales_logits(generator, temperature):
+    logits = torch.randn(3, VOCAB, generator=generator)
+    probs = logits_to_probs(logits, temperature=temperature)
+    torch.testing.assert_close(probs, (logits / temperature).softmax(-1), rtol=1e-6, atol=1e-7)
+    entropy = -(probs * probs.log()).sum(-1)
+    base = logits.softmax(-1)
+    base_entropy = -(base * base.log()).sum(-1)
+    if temperature != 1.0:  # hotter spreads the mass, colder sharpens it
+        assert ((entropy > base_entropy) == (temperature > 1)).all()
+
+
+def test_sample_greedy_is_argmax(generator):
+    logits = torch.randn(5, VOCAB, generator=generator)
+    assert torch.equal(sample(logits), logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=1.0, top_k=1,
+                              generator=torch.Generator().manual_seed(0)), logits.argmax(-1))
+    assert math.isclose(float(logits_to_probs(logits, 0.7, 3, 0.9).sum()), 5.0, rel_tol=1e-6)
