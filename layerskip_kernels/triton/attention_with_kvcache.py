@@ -106,7 +106,8 @@ def _attn_kvcache_fwd_kernel(
     O_PART: (B, Hkv, num_splits, BLOCK_M, HEAD_DIM) fp32 and LSE_PART: (B, Hkv, num_splits,
     BLOCK_M) fp32, contiguous, used when SPLIT. scale_log2 = softmax_scale * log2(e).
     Query i (rotated at L + i) attends to cache positions [0, L) and to new keys j <= i:
-    out = sum_j 2^(s_j - m) v_j / sum_j 2^(s_j - m), s_j = q . k_j * scale_log2. Math in fp32.
+    out = sum_j 2^(s_j - m) v_j / sum_j 2^(s_j - m), s_j = q . k_j * scale_log2. RoPE, softmax
+    and accumulators in fp32; dot operands (q, k, p, v) in the cache dtype. UPCAST_DOT: interpreter.
     """
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
