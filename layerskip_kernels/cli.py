@@ -91,6 +91,18 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_generate)
 
+    p = sub.add_parser("bench", help="time every strategy, ours and transformers'")
+    _add_model_args(p)
+    p.add_argument("--prompts", help="a text file, one prompt per line (default: BOS only)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers' runs")
+    p.add_argument("--output", required=True, help="where to write the JSON report")
+    p.set_defaults(run=lambda args: __import__(
+        "layerskip_kernels.benchmark", fromlist=["main_bench"]).main_bench(args))
+
     p = sub.add_parser("info", help="print a model's config, parameter count and bytes")
     _add_model_args(p)
     p.set_defaults(run=cmd_info)

@@ -1,0 +1,169 @@
+"""End-to-end benchmark: every decoding strategy, ours and transformers', on the same weights,
+prompts and settings, in one process. Configurations are interleaved across repeats so that
+drift in machine speed hits them all alike; we report median and spread of tokens/s."""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .decoding import generate
+from .model import load_model, save_hf_directory
+
+
+def _machine():
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "commit": commit or None, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _ours(model, prompts, max_new_tokens, **kwargs):
+    def run():
+        result = generate(model, prompts, max_new_tokens=max_new_tokens, **kwargs)
+        return result.tokens, result.stats
+    return run
+
+
+def _transformers(hf_model, prompts, max_new_tokens, **kwargs):
+    """transformers' generate, one prompt at a time (its assistant_early_exit is batch-1)."""
+    def run():
+        tokens = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=hf_model.device)
+            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                    pad_token_id=0, **kwargs)
+            tokens.append(out[0, len(prompt):].tolist())
+        return tokens, {}
+    return run
+
+
+def _load_transformers(model, dtype):
+    from transformers import LlamaForCausalLM
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_directory(model, tmp)
+        hf = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype)
+    return hf.to(model.embed_tokens.weight.device).eval()
+
+
+def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, speedups,
+                   with_transformers):
+    """(name, settings, callable) for every strategy to time."""
+    L = model.config.n_layers
+    exit_layers = exit_layers or range(1, L)
+    configs = [("ours autoregressive", {"strategy": "autoregressive"})]
+    configs += [(f"ours early_exit E={e}", {"strategy": "early_exit", "exit_layer": e})
+                for e in exit_layers]
+    configs += [(f"ours self_speculative E={e} k={k}",
+                 {"strategy": "self_speculative", "exit_layer": e, "num_speculations": k})
+                for e in exit_layers for k in draft_lengths]
+    configs += [(f"ours self_speculative E={e} k=auto",
+                 {"strategy": "self_speculative", "exit_layer": e, "num_speculations": "auto"})
+                for e in exit_layers]
+    configs += [(f"ours layer_skip speedup={s}", {"strategy": "layer_skip", "speedup": s})
+                for s in speedups]
+    configs += [(f"ours self_speculative draft=layer_skip speedup={s} k={k}",
+                 {"strategy": "self_speculative", "draft": "layer_skip", "speedup": s,
+                  "num_speculations": k}) for s in speedups for k in draft_lengths]
+    timed = [(name, settings, _ours(model, prompts, max_new_tokens, **settings))
+             for name, settings in configs]
+    if with_transformers:
+        hf = _load_transformers(model, model.embed_tokens.weight.dtype)
+        timed.append(("transformers generate", {"strategy": "autoregressive"},
+                      _transformers(hf, prompts, max_new_tokens)))
+        timed += [(f"transformers assistant_early_exit E={e}",
+                   {"strategy": "assistant_early_exit", "exit_layer": e},
+                   _transformers(hf, prompts, max_new_tokens, assistant_early_exit=e))
+                  for e in exit_layers]
+    return timed
+
+
+def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_layers=None,
+                  draft_lengths=(1, 2, 4, 8), speedups=(1.25, 1.5), with_transformers=True,
+                  progress=None):
+    timed = configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths,
+                           speedups, with_transformers)
+    times = {name: [] for name, _, _ in timed}
+    outputs, stats = {}, {}
+    total = (warmup + repeats) * len(timed)
+    for rep in range(warmup + repeats):
+        for i, (name, _, run) in enumerate(timed):
+            start = time.perf_counter()
+            outputs[name], stats[name] = run()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+            if progress:
+                progress(rep * len(timed) + i + 1, total, name)
+    n_tokens = {name: sum(len(t) for t in outputs[name]) for name in times}
+    reference = outputs["ours autoregressive"]
+    base = n_tokens["ours autoregressive"] / statistics.median(times["ours autoregressive"])
+    hf_base = None
+    results = []
+    for name, settings, _ in timed:
+        rates = sorted(n_tokens[name] / t for t in times[name])
+        median = statistics.median(rates)
+        if name == "transformers generate":
+            hf_base = median
+        row = {"name": name, **settings, "tokens_per_s": median, "tokens_per_s_min": rates[0],
+               "tokens_per_s_max": rates[-1], "speedup_vs_ours_autoregressive": median / base,
+               "same_tokens_as_autoregressive": outputs[name] == reference}
+        for key in ("acceptance_rate", "tokens_per_round", "rounds"):
+            if key in stats[name]:
+                row[key] = stats[name][key]
+        results.append(row)
+    for row in results:
+        row["speedup_vs_transformers_generate"] = row["tokens_per_s"] / hf_base if hf_base else None
+    return {"machine": _machine(), "threads": torch.get_num_threads(),
+            "settings": {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
+                         "repeats": repeats, "warmup": warmup, "greedy": True,
+                         "dtype": str(next(iter(model.parameters())).dtype)},
+            "results": results}
+
+
+def format_table(report):
+    lines = [f"{'configuration':<55} {'tok/s':>8} {'(min-max)':>15} {'vs AR':>6} "
+             f"{'vs HF':>6} {'accept':>6} {'exact':>5}"]
+    for r in report["results"]:
+        hf = r["speedup_vs_transformers_generate"]
+        accept = r.get("acceptance_rate")
+        lines.append(
+            f"{r['name']:<55} {r['tokens_per_s']:8.1f} "
+            f"{'(%.0f-%.0f)' % (r['tokens_per_s_min'], r['tokens_per_s_max']):>15} "
+            f"{r['speedup_vs_ours_autoregressive']:6.2f} {hf if hf is None else round(hf, 2):>6} "
+            f"{'' if accept is None else round(accept, 3):>6} "
+            f"{'yes' if r['same_tokens_as_autoregressive'] else 'no':>5}")
+    return "\n".join(lines)
+
+
+def main_bench(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    if args.prompts:
+        from .model import load_tokenizer
+        if not args.tokenizer:
+            raise ValueError("--prompts: a prompts file needs --tokenizer")
+        tokenizer = load_tokenizer(args.tokenizer)
+        lines = Path(args.prompts).read_text().splitlines()
+        prompts = [tokenizer.encode(line) for line in lines if line.strip()]
+    else:
+        prompts = [[model.config.bos_token_id if model.config.bos_token_id is not None else 0]]
+
+    def progress(done, total, name):
+        print(f"\r[{done}/{total}] {name:<60}", end="", flush=True)
+
+    report = run_benchmark(model, prompts, args.max_new_tokens, args.repeats, args.warmup,
+                           with_transformers=not args.no_transformers, progress=progress)
+    report["settings"]["model"] = str(args.model)
+    print("\r" + " " * 80 + "\r" + format_table(report))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.output}")
