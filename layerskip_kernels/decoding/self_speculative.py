@@ -123,8 +123,6 @@ def decode_self_speculative(model, cache, prompts, max_new_tokens, stop_ids, sam
         verify_logits = drafter.verify(drafts[:, -1], k, cache, cache_seqlens)
         m, next_token = accept(drafts, torch.stack(draft_probs, 1) if draft_probs else None,
                                verify_logits, sampling, generator)
-        # The rollback: positions past p + m + 1 are stale. Finished rows stay where they are.
-        cache_seqlens += torch.where(active, m + 1, 0).int()
         tokens = next_token
         # One host sync per round: everything the host needs, in one transfer.
         emitted = torch.cat([drafts, next_token[:, None], m[:, None]], dim=1).tolist()
@@ -138,4 +136,7 @@ def decode_self_speculative(model, cache, prompts, max_new_tokens, stop_ids, sam
                 new = row_emitted[:m_row] + [row_emitted[k]]
                 done[row] = extend(out, new, stop_ids, max_new_tokens)
         active = torch.tensor([not d for d in done], device=tokens.device)
+        # The rollback: positions past p + m + 1 are stale. Finished rows stay where they
+        # are, so their idle drafting never runs past the cache.
+        cache_seqlens += torch.where(active, m + 1, 0).int()
     return outputs, stats

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops.attention_with_kvcache import apply_rotary
+from ..ops.attention_with_kvcache import rotary_factors, rotate
 
 
 @dataclass
@@ -84,8 +84,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -97,21 +97,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
 
-    def forward(self, x, rope, kv=None, cache_seqlens=None, backend="auto"):
+    def forward(self, x, rope, kv=None, plan=None):
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        # F.linear on the weights: the Linear modules only name them as HF does (and a module
+        # call costs more than the matmul of a small model's decode step).
+        q = F.linear(x, self.q_proj.weight).view(B, S, self.n_heads, self.head_dim)
+        k = F.linear(x, self.k_proj.weight).view(B, S, self.n_kv_heads, self.head_dim)
+        v = F.linear(x, self.v_proj.weight).view(B, S, self.n_kv_heads, self.head_dim)
         if kv is None:  # training and evaluation: no cache, positions 0..S-1
-            cos, sin = (t[:S].expand(B, S, -1) for t in rope)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            factors = rotary_factors(rope[0][:S], rope[1][:S])
+            q, k = rotate(q, factors), rotate(k, factors)
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                 enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
         else:
-            out = ops.attention_with_kvcache(q, kv[0], kv[1], k, v, cache_seqlens, *rope,
-                                             backend=backend)
-        return self.o_proj(out.reshape(B, S, -1))
+            out = ops.attend(q, kv[0], kv[1], k, v, plan)
+        return F.linear(out.reshape(B, S, -1), self.o_proj.weight)
 
 
 class FeedForward(nn.Module):
@@ -122,7 +123,8 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class Block(nn.Module):
@@ -133,8 +135,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = FeedForward(c)
 
-    def forward(self, x, rope, kv=None, cache_seqlens=None, backend="auto"):
-        h = x + self.self_attn(self.input_layernorm(x), rope, kv, cache_seqlens, backend)
+    def forward(self, x, rope, kv=None, plan=None):
+        h = x + self.self_attn(self.input_layernorm(x), rope, kv, plan)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -162,16 +164,21 @@ class Llama(nn.Module):
         """The given layers (e.g. range(E), or a skip set) on hidden states h (B, S, dim). With
         a cache, row b's S positions are cache_seqlens[b] + i; the caller advances it."""
         rope = (self.rope_cos, self.rope_sin)
+        c = self.config
+        plan = None if cache is None else ops.plan_attention(
+            cache_seqlens, h.shape[1], cache.max_seq_len, c.n_heads, c.n_kv_heads, *rope,
+            backend=self.backend)
         for i in layers:
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = self.layers[i](h, rope, kv, cache_seqlens, self.backend)
+            h = self.layers[i](h, rope, kv, plan)
         return h
 
     def head(self, h):
         """The head every exit shares: final RMSNorm, then lm_head."""
-        return self.lm_head(self.norm(h))
+        return F.linear(self.norm(h), self.lm_head.weight)
 
     def forward(self, tokens, cache=None, cache_seqlens=None, exit_layer=None):
         """Logits (B, S, vocab) of tokens (B, S) after layers [0, exit_layer) (all by default)."""
         layers = range(self.config.n_layers if exit_layer is None else exit_layer)
-        return self.head(self.run_layers(self.embed_tokens(tokens), layers, cache, cache_seqlens))
+        h = F.embedding(tokens, self.embed_tokens.weight)
+        return self.head(self.run_layers(h, layers, cache, cache_seqlens))

@@ -12,6 +12,7 @@ Query heads map to KV heads in groups (GQA): query head h reads KV head h // (Hq
 cache_seqlens is never modified: the caller advances it.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -63,37 +64,86 @@ def _check_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqle
               f"cache_seqlens + Sq <= Smax={Smax} (cache full)", f"{longest} + {Sq}")
 
 
-def apply_rotary(x, cos, sin):
-    """Half rotation: pairs (x[j], x[j + D/2]). x: (B, S, H, D); cos, sin: (B, S, D/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, :, None].float(), sin[:, :, None].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+def rotary_factors(cos, sin):
+    """(cos, sin) tables (..., D/2) -> factors (..., 1, D) for rotate(): half rotation
+    x' = x * [cos, cos] + swap_halves(x) * [-sin, sin], broadcast over heads, float32."""
+    cos, sin = cos.float()[..., None, :], sin.float()[..., None, :]
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
+def rotate(x, factors):
+    """RoPE on x (..., H, D) with rotary_factors(); pairs are (x[j], x[j + D/2])."""
+    cos, sin = factors
+    x32 = x.float()
+    return (x32 * cos + x32.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
+
+
+@dataclass
+class AttentionPlan:
+    """What every layer of one forward shares, as it depends on the positions only."""
+    backend: str
+    cache_seqlens: torch.Tensor  # (B,) int32
+    rotary_tables: tuple | None  # (cos, sin) of shape (>= Smax, D/2), for kernel backends
+    positions: torch.Tensor | None = None  # (B, Sq) int64: where the new tokens go
+    keys: int = 0  # cache slots [0, keys) hold every key any query may see
+    rotary: tuple | None = None  # rotary_factors() at the positions, (B, Sq, 1, D)
+    bias: torch.Tensor | None = None  # (B * Hkv, G * Sq, keys): 0 where visible, else -inf
+
+
+def plan_attention(cache_seqlens, Sq, max_seq_len, n_heads, n_kv_heads, rotary_cos=None,
+                   rotary_sin=None, backend="auto"):
+    """Prepare the attention of Sq new tokens per row, once for all layers of a forward."""
+    device = cache_seqlens.device
+    name = resolve_backend(backend, device, available=tuple(_BACKENDS))
+    tables = None if rotary_cos is None else (rotary_cos, rotary_sin)
+    if name != "torch":
+        return AttentionPlan(name, cache_seqlens, tables)
+    B = cache_seqlens.shape[0]
+    positions = cache_seqlens.long()[:, None] + torch.arange(Sq, device=device)
+    longest = int(positions.max())
+    check(longest < max_seq_len and int(cache_seqlens.min()) >= 0, "cache_seqlens",
+          f"0 <= cache_seqlens and cache_seqlens + Sq <= Smax={max_seq_len} (cache full)",
+          f"{longest + 1} slots needed")
+    # Keys past the longest row are never attended: slicing them off is the CPU fast path.
+    # Rounding up to a multiple of 64 keeps the matmul shapes few, so oneDNN reuses kernels.
+    keys = min(max_seq_len, (longest // 64 + 1) * 64)
+    hidden = torch.arange(keys, device=device) > positions[:, None, None, :, None]
+    bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))
+    bias = bias.expand(B, n_kv_heads, n_heads // n_kv_heads, Sq, keys).reshape(
+        B * n_kv_heads, -1, keys)
+    rotary = None if tables is None else rotary_factors(rotary_cos[positions], rotary_sin[positions])
+    return AttentionPlan(name, cache_seqlens, tables, positions, keys, rotary, bias)
+
+
+def attend(q, k_cache, v_cache, k_new, v_new, plan, softmax_scale=None):
+    """Write the new K/V and attend, for one layer, with a plan from plan_attention()."""
+    if plan.backend != "torch":
+        return attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, plan.cache_seqlens,
+                                      *(plan.rotary_tables or (None, None)), softmax_scale,
+                                      backend=plan.backend)
+    B, Sq, Hq, D = q.shape
+    if plan.rotary is not None:
+        q, k_new = rotate(q, plan.rotary), rotate(k_new, plan.rotary)
+    rows = torch.arange(B, device=q.device)[:, None]
+    k_cache[rows, plan.positions] = k_new
+    v_cache[rows, plan.positions] = v_new
+    Hkv, keys = k_cache.shape[2], plan.keys
+    # Each KV head serves its group of query heads x Sq queries as one matrix of rows.
+    q = q.float().view(B, Sq, Hkv, -1, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, -1, D)
+    k = k_cache[:, :keys].float().permute(0, 2, 3, 1).reshape(B * Hkv, D, keys)
+    v = v_cache[:, :keys].float().transpose(1, 2).reshape(B * Hkv, keys, D)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    probs = torch.softmax(torch.baddbmm(plan.bias, q, k, alpha=scale), dim=-1)
+    out = torch.bmm(probs, v).view(B, Hkv, -1, Sq, D).permute(0, 3, 1, 2, 4)
+    return out.reshape(B, Sq, Hq, D).to(k_new.dtype)
 
 
 def attention_with_kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
                                      rotary_cos=None, rotary_sin=None, softmax_scale=None):
     """Plain PyTorch: the CPU path and the oracle the kernels are tested against."""
-    B, Sq, Hq, D = q.shape
-    positions = cache_seqlens.long()[:, None] + torch.arange(Sq, device=q.device)  # (B, Sq)
-    if rotary_cos is not None:
-        cos, sin = rotary_cos[positions], rotary_sin[positions]
-        q, k_new = apply_rotary(q, cos, sin), apply_rotary(k_new, cos, sin)
-    rows = torch.arange(B, device=q.device)[:, None]
-    k_cache[rows, positions] = k_new
-    v_cache[rows, positions] = v_new
-    # Keys past the longest row are never attended: slicing them off is the CPU fast path.
-    # Rounding up to a multiple of 64 keeps the matmul shapes few, so oneDNN reuses kernels.
-    keys = min(k_cache.shape[1], (int(positions.max()) // 64 + 1) * 64)
-    k, v = k_cache[:, :keys].transpose(1, 2).float(), v_cache[:, :keys].transpose(1, 2).float()
-    Hkv = k.shape[1]
-    # Each KV head serves its group of query heads x Sq queries as one matrix of rows.
-    q = q.float().view(B, Sq, Hkv, Hq // Hkv, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, Sq, D)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    scores = (q.reshape(B, Hkv, -1, D) @ k.transpose(-1, -2)).view(B, Hkv, -1, Sq, keys) * scale
-    visible = torch.arange(keys, device=q.device) <= positions[:, None, None, :, None]
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    out = probs.view(B, Hkv, -1, keys) @ v  # (B, Hkv, G * Sq, D)
-    return out.view(B, Hkv, -1, Sq, D).permute(0, 3, 1, 2, 4).reshape(B, Sq, Hq, D).to(k_new.dtype)
+    plan = plan_attention(cache_seqlens, q.shape[1], k_cache.shape[1], q.shape[2],
+                          k_cache.shape[2], rotary_cos, rotary_sin, backend="torch")
+    return attend(q, k_cache, v_cache, k_new, v_new, plan, softmax_scale)
 
 
 def _launch_triton(*args, **kwargs):
