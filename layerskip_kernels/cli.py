@@ -29,6 +29,10 @@ def new_text(tokenizer, prompt, tokens):
     return tokenizer.decode(prompt + tokens)[len(tokenizer.decode(prompt)):]
 
 
+def _speculations(value):
+    return value if value in (None, "auto") else int(value)
+
+
 def _add_model_args(p):
     p.add_argument("--model", required=True, help="HF Llama directory or llama2.c .bin file")
     p.add_argument("--tokenizer", help="tokenizer.json, HF directory or llama2.c tokenizer .bin")
@@ -46,20 +50,47 @@ def cmd_generate(args):
     if not prompts:
         sys.exit("error: give at least one --prompt or --prompt-ids")
     model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    result = generate(model, prompts, max_new_tokens=args.max_new_tokens,
+    stream = _printer(tokenizer, prompts) if args.stream and not args.json else None
+    result = generate(model, prompts, max_new_tokens=args.max_new_tokens, stream=stream,
                       strategy=args.strategy, exit_layer=args.exit_layer,
-                      num_speculations=args.num_speculations, temperature=args.temperature,
+                      num_speculations=_speculations(args.num_speculations),
+                      speedup=args.speedup, draft=args.draft, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     texts = [new_text(tokenizer, p, t) if tokenizer else None
              for p, t in zip(prompts, result.tokens)]
+    if stream:
+        print()
+        _print_stats(result.stats)
+        return
     if args.json:
         outputs = [{"tokens": t, "text": s} for t, s in zip(result.tokens, texts)]
         print(json.dumps({"outputs": outputs, "stats": result.stats}))
         return
     for prompt, tokens, text in zip(prompts, result.tokens, texts):
         print(tokenizer.decode(prompt) + text if tokenizer else " ".join(map(str, tokens)))
-    print(f"[{result.stats['strategy']}: {result.stats['new_tokens']} tokens, "
-          f"{result.stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+    _print_stats(result.stats)
+
+
+def _print_stats(stats):
+    extra = (f", acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} "
+             "tokens/round" if "acceptance_rate" in stats else "")
+    print(f"[{stats['strategy']}: {stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} "
+          f"tokens/s{extra}]", file=sys.stderr)
+
+
+def _printer(tokenizer, prompts):
+    """A stream callback printing each row's text as it is accepted (rows tagged when > 1)."""
+    seen = [list(p) for p in prompts]
+
+    def show(row, tokens):
+        before = tokenizer.decode(seen[row]) if tokenizer else ""
+        seen[row] += tokens
+        text = (tokenizer.decode(seen[row])[len(before):] if tokenizer
+                else " " + " ".join(map(str, tokens)))
+        print(f"\n[{row}] {text}" if len(prompts) > 1 else text, end="", flush=True)
+    if len(prompts) == 1:
+        print(tokenizer.decode(prompts[0]) if tokenizer else "", end="", flush=True)
+    return show
 
 
 def cmd_info(args):
@@ -82,13 +113,17 @@ def build_parser():
     p.add_argument("--prompt-ids", action="append", help='token ids, e.g. "1 2 3" (repeatable)')
     p.add_argument("--strategy", default="autoregressive", choices=STRATEGIES)
     p.add_argument("--exit-layer", type=int)
-    p.add_argument("--num-speculations", type=int)
+    p.add_argument("--num-speculations", help="draft length k, or 'auto'")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stream", action="store_true", help="print text as it is accepted")
+    p.add_argument("--draft", default="early_exit", choices=["early_exit", "layer_skip"],
+                   help="self_speculative's draft: layers [0, E), or the layer-skip subset")
+    p.add_argument("--speedup", type=float, help="layer_skip's target speedup (>= 1)")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("bench", help="time every strategy, ours and transformers'")

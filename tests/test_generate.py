@@ -247,3 +247,15 @@ def test_sample_greedy_is_argmax(generator):
     assert torch.equal(sample(logits, temperature=1.0, top_k=1,
                               generator=torch.Generator().manual_seed(0)), logits.argmax(-1))
     assert math.isclose(float(logits_to_probs(logits, 0.7, 3, 0.9).sum()), 5.0, rel_tol=1e-6)
+
+
+def test_stream_sees_every_kept_token_in_order(generator):
+    model = tiny_llama(generator)
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    seen = [[] for _ in prompts]
+    for strategy, extra in [("autoregressive", {}),
+                            ("self_speculative", {"exit_layer": 1, "num_speculations": 3})]:
+        seen = [[] for _ in prompts]
+        res = lsk.generate(model, prompts, max_new_tokens=7, strategy=strategy, eos_token_id=[],
+                           stream=lambda row, tokens: seen[row].extend(tokens), **extra)
+        assert seen == res.tokens

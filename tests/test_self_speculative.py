@@ -8,6 +8,7 @@ import layerskip_kernels as lsk
 from layerskip_kernels.decoding import self_speculative
 from layerskip_kernels.decoding.autoregressive import logits_of, prefill
 from layerskip_kernels.decoding.sampling import logits_to_probs
+from layerskip_kernels.decoding.autoregressive import Outputs
 from layerskip_kernels.decoding.self_speculative import ExitDraft, accept, decode_self_speculative
 
 VOCAB = 101  # odd on purpose
@@ -297,10 +298,11 @@ def sampled_speculative(model, prompts, n, E, k, sampling, seed):
     """decode_self_speculative with an ExitDraft and a cache sized as generate sizes it."""
     cache = model.new_cache(len(prompts), max(map(len, prompts)) + n + k + 1)
     drafter = ExitDraft(model, E, len(prompts), k)
+    outputs = Outputs(len(prompts), set(), n)
     with torch.inference_mode():
-        tokens, stats = decode_self_speculative(
-            model, cache, prompts, n, set(), sampling, torch.Generator().manual_seed(seed),
-            drafter, k)
+        stats = decode_self_speculative(model, cache, prompts, outputs, sampling,
+                                        torch.Generator().manual_seed(seed), drafter, k)
+    tokens = outputs.tokens
     stats["acceptance_rate"] = stats["accepted"] / stats["drafted"]
     return lsk.GenerationResult(tokens, stats)
 

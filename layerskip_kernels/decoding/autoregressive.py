@@ -23,30 +23,38 @@ def prefill(model, cache, prompts, layers):
     return last, lengths
 
 
-def extend(output, new_tokens, stop_ids, max_new_tokens):
-    """Append new tokens to a row's output up to a stop token (kept) or the length limit;
-    True when the row is finished."""
-    for token in new_tokens:
-        output.append(token)
-        if token in stop_ids or len(output) >= max_new_tokens:
-            return True
-    return False
+class Outputs:
+    """The new tokens of each row, and which rows are finished: a row ends after a stop
+    token (kept) or at max_new_tokens. `stream(row, tokens)` sees tokens as they are kept."""
+
+    def __init__(self, batch_size, stop_ids, max_new_tokens, stream=None):
+        self.tokens = [[] for _ in range(batch_size)]
+        self.done = [False] * batch_size
+        self.stop_ids, self.max_new_tokens, self.stream = stop_ids, max_new_tokens, stream
+
+    def extend(self, row, new_tokens):
+        if self.done[row]:
+            return
+        out, start = self.tokens[row], len(self.tokens[row])
+        for token in new_tokens:
+            out.append(token)
+            if token in self.stop_ids or len(out) >= self.max_new_tokens:
+                self.done[row] = True
+                break
+        if self.stream:
+            self.stream(row, out[start:])
 
 
-def decode_autoregressive(model, cache, prompts, max_new_tokens, stop_ids, sampling, generator,
-                          prefill_layers, decode_layers):
-    """New tokens of each prompt; a row ends at a stop token (kept) or max_new_tokens.
-    Early exit runs layers [0, E) throughout; layer skipping prefills with every layer and
+def decode_autoregressive(model, cache, prompts, outputs, sampling, generator, prefill_layers,
+                          decode_layers):
+    """Early exit runs layers [0, E) throughout; layer skipping prefills with every layer and
     decodes with its skip set."""
     logits, cache_seqlens = prefill(model, cache, prompts, prefill_layers)
-    outputs = [[] for _ in prompts]
-    done = [False] * len(prompts)
     while True:
         tokens = sample(logits, *sampling, generator)
         for row, token in enumerate(tokens.tolist()):
-            done[row] = done[row] or extend(outputs[row], [token], stop_ids, max_new_tokens)
-        if all(done):
-            break
+            outputs.extend(row, [token])
+        if all(outputs.done):
+            return {}
         logits = logits_of(model, tokens[:, None], decode_layers, cache, cache_seqlens)[:, -1]
         cache_seqlens += 1
-    return outputs, {}

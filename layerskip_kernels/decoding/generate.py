@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .autoregressive import decode_autoregressive
+from .autoregressive import Outputs, decode_autoregressive
 from .layer_skip import kept_layers
 from .self_speculative import ExitDraft, SkipDraft, decode_self_speculative
 
@@ -72,7 +72,7 @@ def _stop_ids(model, eos_token_id):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit_layer=None,
              num_speculations=None, speedup=None, temperature=0.0, top_k=0, top_p=1.0,
-             seed=None, eos_token_id=None, draft="early_exit"):
+             seed=None, eos_token_id=None, draft="early_exit", stream=None):
     """Generate up to max_new_tokens for each prompt (a ragged batch of token-id lists).
 
     strategy:
@@ -88,7 +88,8 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     exit_layer and num_speculations default to the model's recommendation (config).
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the distribution.
     A row stops after a token of eos_token_id (int or list; default: the model config's),
-    which is kept in its output.
+    which is kept in its output. stream(row, tokens), if given, is called with each row's
+    tokens as they are accepted.
     """
     c = model.config
     if strategy not in STRATEGIES:
@@ -117,18 +118,19 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     generator = torch.Generator(device)
     generator.manual_seed(seed) if seed is not None else generator.seed()
     cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + reserve)
-    common = (model, cache, prompts, max_new_tokens, _stop_ids(model, eos_token_id),
-              (temperature, top_k, top_p), generator)
+    outputs = Outputs(len(prompts), _stop_ids(model, eos_token_id), max_new_tokens, stream)
+    common = (model, cache, prompts, outputs, (temperature, top_k, top_p), generator)
     start = time.perf_counter()
     if strategy == "self_speculative":
         drafter = (ExitDraft(model, exit_layer, len(prompts), num_speculations)
                    if draft == "early_exit" else SkipDraft(model, kept_layers(c.n_layers, speedup)))
-        tokens, stats = decode_self_speculative(*common, drafter, num_speculations, confidence)
+        stats = decode_self_speculative(*common, drafter, num_speculations, confidence)
     else:
         prefill_layers = range(exit_layer) if strategy == "early_exit" else all_layers
         layers = kept_layers(c.n_layers, speedup) if strategy == "layer_skip" else prefill_layers
-        tokens, stats = decode_autoregressive(*common, prefill_layers, layers)
+        stats = decode_autoregressive(*common, prefill_layers, layers)
     elapsed = time.perf_counter() - start
+    tokens = outputs.tokens
     new_tokens = sum(len(t) for t in tokens)
     stats.update(strategy=strategy, new_tokens=new_tokens, time_s=elapsed,
                  tokens_per_s=new_tokens / elapsed)

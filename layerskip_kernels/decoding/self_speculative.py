@@ -10,7 +10,7 @@ token x[p_b] (already emitted) is pending. A round:
 """
 import torch
 
-from .autoregressive import extend, logits_of, prefill
+from .autoregressive import logits_of, prefill
 from .sampling import logits_to_probs, sample
 
 
@@ -93,50 +93,52 @@ def accept(drafts, draft_probs, logits, sampling, generator):
     return m, torch.multinomial(residual, 1, generator=generator).squeeze(1)
 
 
-def decode_self_speculative(model, cache, prompts, max_new_tokens, stop_ids, sampling,
-                            generator, drafter, num_speculations, confidence=None):
-    """num_speculations is the draft length k, or its cap when `confidence` is set: then a
-    round stops drafting once no row's draft has a top probability of at least confidence.
-    The cache must hold k + 1 positions past the longest output."""
+def speculative_round(drafter, tokens, cache, cache_seqlens, num_speculations, sampling,
+                      generator, confidence=None):
+    """Draft up to num_speculations tokens after `tokens` (B,), verify them in one pass and
+    accept: returns drafts (B, k), accepted counts m (B,) and the full model's next token (B,).
+    With `confidence`, drafting stops once no row's draft is at least that sure."""
+    drafts, draft_probs, current = [], [], tokens
+    for i in range(num_speculations):
+        draft_logits = drafter.step(current, i, cache, cache_seqlens + i)
+        if sampling[0] == 0:
+            current = draft_logits.argmax(-1)
+        else:
+            draft_probs.append(logits_to_probs(draft_logits, *sampling))
+            current = torch.multinomial(draft_probs[-1], 1, generator=generator).squeeze(1)
+        drafts.append(current)
+        if confidence is not None and bool((draft_logits.softmax(-1).amax(-1) < confidence).all()):
+            break
+    drafts = torch.stack(drafts, dim=1)
+    verify_logits = drafter.verify(current, drafts.shape[1], cache, cache_seqlens)
+    draft_probs = torch.stack(draft_probs, dim=1) if draft_probs else None
+    m, next_token = accept(drafts, draft_probs, verify_logits, sampling, generator)
+    return drafts, m, next_token
+
+
+def decode_self_speculative(model, cache, prompts, outputs, sampling, generator, drafter,
+                            num_speculations, confidence=None):
+    """The cache must hold num_speculations + 1 positions past the longest output."""
     logits, cache_seqlens = prefill(model, cache, prompts, range(model.config.n_layers))
     tokens = sample(logits, *sampling, generator)
-    outputs = [[] for _ in prompts]
-    done = [extend(out, [t], stop_ids, max_new_tokens) for out, t in zip(outputs, tokens.tolist())]
-    active = torch.tensor([not d for d in done], device=tokens.device)
+    for row, token in enumerate(tokens.tolist()):
+        outputs.extend(row, [token])
     stats = {"rounds": 0, "row_rounds": 0, "drafted": 0, "accepted": 0}
-    while not all(done):
-        drafts, draft_probs, current = [], [], tokens
-        for i in range(num_speculations):
-            draft_logits = drafter.step(current, i, cache, cache_seqlens + i)
-            if sampling[0] == 0:
-                current = draft_logits.argmax(-1)
-            else:
-                q = logits_to_probs(draft_logits, *sampling)
-                current = torch.multinomial(q, 1, generator=generator).squeeze(1)
-                draft_probs.append(q)
-            drafts.append(current)
-            if confidence is not None and i + 1 < num_speculations and bool(
-                    (draft_logits.softmax(-1).amax(-1) < confidence).all()):
-                break
-        k = len(drafts)
-        drafts = torch.stack(drafts, dim=1)
-        verify_logits = drafter.verify(drafts[:, -1], k, cache, cache_seqlens)
-        m, next_token = accept(drafts, torch.stack(draft_probs, 1) if draft_probs else None,
-                               verify_logits, sampling, generator)
-        tokens = next_token
+    while not all(outputs.done):
+        drafts, m, tokens = speculative_round(drafter, tokens, cache, cache_seqlens,
+                                              num_speculations, sampling, generator, confidence)
+        k = drafts.shape[1]
         # One host sync per round: everything the host needs, in one transfer.
-        emitted = torch.cat([drafts, next_token[:, None], m[:, None]], dim=1).tolist()
+        emitted = torch.cat([drafts, tokens[:, None], m[:, None]], dim=1).tolist()
         stats["rounds"] += 1
-        for row, (out, row_emitted) in enumerate(zip(outputs, emitted)):
-            if not done[row]:
-                m_row = row_emitted[-1]
+        for row, (*row_drafts, next_token, m_row) in enumerate(emitted):
+            if not outputs.done[row]:
                 stats["row_rounds"] += 1
                 stats["drafted"] += k
                 stats["accepted"] += m_row
-                new = row_emitted[:m_row] + [row_emitted[k]]
-                done[row] = extend(out, new, stop_ids, max_new_tokens)
-        active = torch.tensor([not d for d in done], device=tokens.device)
-        # The rollback: positions past p + m + 1 are stale. Finished rows stay where they
-        # are, so their idle drafting never runs past the cache.
-        cache_seqlens += torch.where(active, m + 1, 0).int()
-    return outputs, stats
+                outputs.extend(row, row_drafts[:m_row] + [next_token])
+        # The rollback: positions past p + m + 1 are stale. Rows that finished stay where
+        # they are, so their idle drafting never runs past the cache.
+        advance = [m_row + 1 if not done else 0 for (*_, m_row), done in zip(emitted, outputs.done)]
+        cache_seqlens += torch.tensor(advance, dtype=torch.int32, device=tokens.device)
+    return stats
