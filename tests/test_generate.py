@@ -259,3 +259,22 @@ def test_stream_sees_every_kept_token_in_order(generator):
         res = lsk.generate(model, prompts, max_new_tokens=7, strategy=strategy, eos_token_id=[],
                            stream=lambda row, tokens: seen[row].extend(tokens), **extra)
         assert seen == res.tokens
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("autoregressive", {}), ("self_speculative", {"exit_layer": 2, "num_speculations": 2})])
+def test_finished_rows_leave_the_batch(generator, strategy, extra):
+    model = tiny_llama(generator)
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    free = lsk.generate(model, prompts, max_new_tokens=12, eos_token_id=[])
+    eos = free.tokens[1][0]  # row 1 stops on its first token
+    batch_sizes = []
+    hook = model.layers[0].register_forward_pre_hook(lambda m, args: batch_sizes.append(len(args[0])))
+    try:
+        res = lsk.generate(model, prompts, max_new_tokens=12, strategy=strategy,
+                           eos_token_id=[eos], **extra)
+    finally:
+        hook.remove()
+    assert res.tokens[1] == [eos]
+    assert batch_sizes[0] == 3 and batch_sizes[-1] < 3  # the prefill had all rows, the end not
+    assert 3 not in batch_sizes[2:]  # after the first decode step row 1 is gone

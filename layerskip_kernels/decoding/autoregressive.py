@@ -45,16 +45,29 @@ class Outputs:
             self.stream(row, out[start:])
 
 
+def drop_finished(outputs, rows, cache, *per_row):
+    """Remove the rows that finished from the batch (rows[i] is batch row i's prompt index):
+    the cache and each per-row tensor shrink, so finished rows stop costing work."""
+    keep = [i for i, row in enumerate(rows) if not outputs.done[row]]
+    if len(keep) == len(rows):
+        return rows, per_row
+    index = torch.tensor(keep, dtype=torch.long, device=cache.k.device)
+    cache.keep_rows(index)
+    return [rows[i] for i in keep], tuple(t[index] for t in per_row)
+
+
 def decode_autoregressive(model, cache, prompts, outputs, sampling, generator, prefill_layers,
                           decode_layers):
     """Early exit runs layers [0, E) throughout; layer skipping prefills with every layer and
     decodes with its skip set."""
     logits, cache_seqlens = prefill(model, cache, prompts, prefill_layers)
+    rows = list(range(len(prompts)))
     while True:
         tokens = sample(logits, *sampling, generator)
-        for row, token in enumerate(tokens.tolist()):
+        for row, token in zip(rows, tokens.tolist()):
             outputs.extend(row, [token])
         if all(outputs.done):
             return {}
+        rows, (tokens, cache_seqlens) = drop_finished(outputs, rows, cache, tokens, cache_seqlens)
         logits = logits_of(model, tokens[:, None], decode_layers, cache, cache_seqlens)[:, -1]
         cache_seqlens += 1

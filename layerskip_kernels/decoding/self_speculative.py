@@ -10,7 +10,7 @@ token x[p_b] (already emitted) is pending. A round:
 """
 import torch
 
-from .autoregressive import logits_of, prefill
+from .autoregressive import drop_finished, logits_of, prefill
 from .sampling import logits_to_probs, sample
 
 
@@ -29,7 +29,7 @@ class ExitDraft:
     def _exit_hidden(self, tokens, i, cache, positions):
         h = self.model.run_layers(self.model.embed_tokens(tokens[:, None]), self.draft_layers,
                                   cache, positions)
-        self.exit_cache[:, i] = h[:, 0]
+        self.exit_cache[:len(h), i] = h[:, 0]  # the batch shrinks as rows finish
         return h
 
     def step(self, tokens, i, cache, positions):
@@ -40,7 +40,8 @@ class ExitDraft:
         """Full-model logits (B, k + 1, vocab) at positions p .. p + k."""
         self._exit_hidden(last_draft, k, cache, cache_seqlens + k)
         layers = range(self.exit_layer, self.model.config.n_layers)
-        h = self.model.run_layers(self.exit_cache[:, :k + 1], layers, cache, cache_seqlens)
+        pending = self.exit_cache[:len(last_draft), :k + 1]
+        h = self.model.run_layers(pending, layers, cache, cache_seqlens)
         return self.model.head(h)
 
 
@@ -124,21 +125,20 @@ def decode_self_speculative(model, cache, prompts, outputs, sampling, generator,
     for row, token in enumerate(tokens.tolist()):
         outputs.extend(row, [token])
     stats = {"rounds": 0, "row_rounds": 0, "drafted": 0, "accepted": 0}
+    rows = list(range(len(prompts)))
     while not all(outputs.done):
+        rows, (tokens, cache_seqlens) = drop_finished(outputs, rows, cache, tokens, cache_seqlens)
         drafts, m, tokens = speculative_round(drafter, tokens, cache, cache_seqlens,
                                               num_speculations, sampling, generator, confidence)
+        # The rollback: positions past p + m + 1 are stale, never read, later overwritten.
+        cache_seqlens += (m + 1).int()
         k = drafts.shape[1]
         # One host sync per round: everything the host needs, in one transfer.
         emitted = torch.cat([drafts, tokens[:, None], m[:, None]], dim=1).tolist()
+        for row, (*row_drafts, next_token, m_row) in zip(rows, emitted):
+            outputs.extend(row, row_drafts[:m_row] + [next_token])
+            stats["accepted"] += m_row
         stats["rounds"] += 1
-        for row, (*row_drafts, next_token, m_row) in enumerate(emitted):
-            if not outputs.done[row]:
-                stats["row_rounds"] += 1
-                stats["drafted"] += k
-                stats["accepted"] += m_row
-                outputs.extend(row, row_drafts[:m_row] + [next_token])
-        # The rollback: positions past p + m + 1 are stale. Rows that finished stay where
-        # they are, so their idle drafting never runs past the cache.
-        advance = [m_row + 1 if not done else 0 for (*_, m_row), done in zip(emitted, outputs.done)]
-        cache_seqlens += torch.tensor(advance, dtype=torch.int32, device=tokens.device)
+        stats["row_rounds"] += len(rows)
+        stats["drafted"] += k * len(rows)
     return stats

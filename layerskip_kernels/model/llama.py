@@ -53,6 +53,11 @@ class KVCache:
     def max_seq_len(self):
         return self.k.shape[2]
 
+    def keep_rows(self, rows):
+        """Shrink the batch to `rows` (a 1-D index): one copy, after which finished rows
+        cost nothing."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
 
 def rope_tables(config, max_seq_len, device=None):
     """cos and sin of shape (max_seq_len, head_dim / 2), float32, half-rotation layout."""
