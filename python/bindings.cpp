@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_with_kvcache.cuh"
 #include "common.cuh"
 
 namespace py = pybind11;
@@ -46,5 +47,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("k_new"), py::arg("v_new"),
         py::arg("cache_seqlens"), py::arg("batch"), py::arg("max_seqlen"),
         py::arg("seqlen_new"), py::arg("heads"), py::arg("head_dim"), py::arg("dtype"),
+        py::arg("stream"));
+  m.def("attention_with_kvcache_num_splits", &lsk::attention_with_kvcache_num_splits,
+        "Split-KV heuristic of attention_with_kvcache for the current device's SM count.",
+        py::arg("batch"), py::arg("heads_kv"), py::arg("rows"), py::arg("max_seqlen"));
+  m.def("attention_with_kvcache", &lsk::attention_with_kvcache,
+        "RoPE + K/V append at cache_seqlens[b] + attention (fp16/bf16, D 64/128, Sq <= 16).",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_new"), py::arg("v_new"),
+        py::arg("cache_seqlens"), py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("out"),
+        py::arg("o_part"), py::arg("lse_part"), py::arg("batch"), py::arg("seqlen_q"),
+        py::arg("heads_q"), py::arg("heads_kv"), py::arg("head_dim"), py::arg("max_seqlen"),
+        py::arg("rotary_rows"), py::arg("q_strides"), py::arg("k_cache_strides"),
+        py::arg("v_cache_strides"), py::arg("k_new_strides"), py::arg("v_new_strides"),
+        py::arg("out_strides"), py::arg("cos_stride"), py::arg("sin_stride"), py::arg("dtype"),
+        py::arg("rotary_dtype"), py::arg("softmax_scale"), py::arg("num_splits"),
         py::arg("stream"));
 }

@@ -353,5 +353,169 @@ def test_tensors_on_different_devices(generator):
         attention_with_kvcache(*args)
 
 
+# ---------------------------------------------------------------- CUDA backend (csrc/)
+# The same oracle and cases as the Triton kernel, plus a 256-row tile grid (16 row tiles),
+# cos/sin in the model dtype (as Llama's buffers after .to(dtype)), CUDA-graph replay, and
+# the public op's routing of float32 (no tensor-core kernel) to Triton.
+CUDA_CASES = TRITON_CASES + [
+    (2, 16, 32, 2, 128, [700, "random"]),  # G 16 x Sq 16 = 256 rows: 16 row tiles
+    (1, 3, 6, 6, 64, [1000]),              # long cache: every split busy
+]
+CUDA_MODES = MODES + [(True, 8), (False, 64)]  # 64 splits: most are empty for short rows
+
+
+def to_cuda(args):
+    return [a.cuda() if torch.is_tensor(a) else a for a in args]
+
+
+def run_cuda(args, num_splits=None):
+    from layerskip_kernels.ops.attention_with_kvcache import _launch_cuda
+
+    q = args[0]
+    out = torch.full_like(q, float("nan"))  # every element must be overwritten
+    result = _launch_cuda(*args, num_splits=num_splits, out=out)
+    assert result is out
+    torch.cuda.synchronize()
+    return out
+
+
+def assert_within_reference_error(out, clean, want):
+    """flash-attn's rule: within 3x the same-dtype PyTorch reference's own error (fp32 oracle)."""
+    ref_err = (attention_with_kvcache_reference(*clean).double() - want).abs().max()
+    err = (out.double().cpu() - want).abs().max()
+    assert err <= 3 * ref_err + 1e-5, f"kernel error {err:.3g}, reference {ref_err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", CUDA_MODES, ids=lambda m: f"rope{int(m[0])}-splits{m[1]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_matches_oracle(case, dtype, mode, generator):
+    B, Sq, Hq, Hkv, D, lens = case
+    rope, num_splits = mode
+    lens = lens_for(lens, B, generator)
+    cpu_args = make_inputs(B, Sq, Hq, Hkv, D, lens, dtype, rope, generator)
+    clean = without_nan(cpu_args)
+    want, k_want, v_want = oracle(*clean)
+    args = to_cuda(cpu_args)
+    k_before, v_before = cpu_args[1].clone(), cpu_args[2].clone()
+    out = run_cuda(args, num_splits)
+
+    assert not out.isnan().any()
+    seqlens = cpu_args[5]
+    assert_cache(args[1].cpu(), k_before, k_want, seqlens, Sq, exact=not rope)
+    assert_cache(args[2].cpu(), v_before, v_want, seqlens, Sq, exact=True)
+    assert torch.equal(args[5].cpu(), seqlens)  # cache_seqlens is not modified
+    assert_within_reference_error(out, clean, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_rotary_tables_in_model_dtype(dtype, generator):
+    """Llama's rope_cos / rope_sin buffers take the model dtype: the kernel reads them as is."""
+    cpu_args = list(make_inputs(3, 4, 8, 2, 128, [17, 0, 250], dtype, True, generator))
+    cpu_args[6], cpu_args[7] = cpu_args[6].to(dtype), cpu_args[7].to(dtype)
+    clean = without_nan(cpu_args)
+    want, k_want, _ = oracle(*clean)
+    args = to_cuda(cpu_args)
+    k_before = cpu_args[1].clone()
+    out = attention_with_kvcache(*args, backend="cuda")
+    torch.cuda.synchronize()
+    assert_cache(args[1].cpu(), k_before, k_want, cpu_args[5], 4, exact=False)
+    assert_within_reference_error(out, clean, want)
+
+
+@pytest.mark.gpu
+def test_cuda_splits_agree_on_a_long_ragged_cache(generator):
+    """Many splits, some empty for the short row, give the one-split answer."""
+    args = to_cuda(make_inputs(2, 2, 4, 2, 64, [5, 700], torch.float16, False, generator))
+    caches = [a.clone() for a in args[1:3]]
+    one = run_cuda(args, 1)
+    args[1:3] = caches
+    many = run_cuda(args, 8)
+    torch.testing.assert_close(many, one, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_agrees_with_triton(dtype, generator):
+    args = to_cuda(make_inputs(4, 5, 16, 4, 128, [0, 33, 301, 64], dtype, True, generator))
+    caches = [a.clone() for a in args[1:3]]
+    ours = run_cuda(args)
+    k_ours, v_ours = args[1].clone(), args[2].clone()
+    args[1:3] = caches
+    theirs = attention_with_kvcache_triton(*args)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=rtol)
+    assert torch.equal(v_ours, args[2])  # V is a copy: bit-exact
+    torch.testing.assert_close(k_ours, args[1], atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_reads_lengths_on_the_device(generator):
+    """Captured once, replayed with new lengths in the same tensor: no host sync, no stale
+    lengths baked into the launch."""
+    dtype = torch.bfloat16
+    args = to_cuda(make_inputs(3, 2, 8, 2, 64, [40, 7, 300], dtype, True, generator, poison=0.0))
+    q, k_cache, v_cache, k_new, v_new, seqlens, cos, sin = args
+    out = torch.empty_like(q)
+    num_splits = 4
+    run_cuda(args, num_splits)  # warm-up: module load and cudaFuncSetAttribute outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        from layerskip_kernels.ops.attention_with_kvcache import _launch_cuda
+        _launch_cuda(*args, num_splits=num_splits, out=out)
+    for lens in ([41, 8, 301], [0, 100, 5]):
+        seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+        cpu = [a.cpu() if torch.is_tensor(a) else a for a in args]  # copies, before the call
+        want, _, _ = oracle(*cpu)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_within_reference_error(out, cpu, want)
+
+
+@pytest.mark.gpu
+def test_cuda_backend_routes_float32_to_triton(generator):
+    args = to_cuda(make_inputs(2, 5, 8, 2, 64, [3, 70], torch.float32, True, generator))
+    want, _, _ = oracle(*without_nan([a.cpu() if torch.is_tensor(a) else a for a in args]))
+    out = attention_with_kvcache(*args, backend="cuda")
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(out.double().cpu(), want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("corrupt, arg", [
+    (bad_dtype, "q"), (bad_cache_dtype, "k_cache"), (bad_shape, "k_new"),
+    (bad_last_dim_stride, "q"), (bad_rotary, "rotary_cos"),
+])
+def test_cuda_bad_input_names_the_argument(corrupt, arg, generator):
+    """The shared Python checks run before the cuda dispatch (float32 inputs, as the Triton
+    guards: the corruptions assume them; the control then runs on the float32 route)."""
+    attention_with_kvcache(*to_cuda(guard_inputs(generator)), backend="cuda")  # control
+    args = guard_inputs(generator)
+    corrupt(args)
+    with pytest.raises(ValueError, match=f"^{arg}:"):
+        attention_with_kvcache(*to_cuda(args), backend="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_misaligned_rows(generator):
+    args = to_cuda(guard_inputs(generator, torch.float16))
+    attention_with_kvcache(*args, backend="cuda")  # control
+    q = args[0]
+    wide = torch.zeros(*q.shape[:-1], q.shape[-1] + 4, dtype=q.dtype, device=q.device)
+    args[0] = wide[..., 4:]  # rows start 8 bytes in
+    with pytest.raises(ValueError, match="^q: expected 16-byte aligned"):
+        attention_with_kvcache(*args, backend="cuda")
+
+
+def test_cuda_backend_raises_runtime_error_without_gpu(generator):
+    if torch.cuda.is_available():
+        pytest.skip("checks behaviour without a GPU")
+    attention_with_kvcache(*guard_inputs(generator), backend="torch")  # control
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        attention_with_kvcache(*guard_inputs(generator), backend="cuda")
+
+
 if __name__ == "__main__":  # the compile child of the `compiled` fixture
     print(json.dumps(compile_cases(int(sys.argv[1]))))

@@ -52,6 +52,38 @@ def test_kernel_without_gpu_raises_runtime_error(C, no_gpu):
         C.kv_cache_append(0, 0, 0, 0, 0, 2, 8, 1, 2, 64, 1, 0)
 
 
+def test_attention_symbols_are_in_the_module(C):
+    assert callable(C.attention_with_kvcache)
+    assert callable(C.attention_with_kvcache_num_splits)
+
+
+def attention_call(C, dtype=1, head_dim=64, seqlen_q=1):
+    """attention_with_kvcache on null pointers: B 2, Sq 1, Hq 4, Hkv 2, Smax 8, no RoPE."""
+    strides = (8 * 4 * head_dim, 4 * head_dim, head_dim)
+    C.attention_with_kvcache(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, batch=2, seqlen_q=seqlen_q,
+                             heads_q=4, heads_kv=2, head_dim=head_dim, max_seqlen=8,
+                             rotary_rows=0, q_strides=strides, k_cache_strides=strides,
+                             v_cache_strides=strides, k_new_strides=strides,
+                             v_new_strides=strides, out_strides=strides, cos_stride=0,
+                             sin_stride=0, dtype=dtype, rotary_dtype=0, softmax_scale=0.125,
+                             num_splits=1, stream=0)
+
+
+def test_attention_without_gpu_raises_runtime_error(C, no_gpu):
+    with pytest.raises(RuntimeError, match="attention_with_kvcache.*CUDA error"):
+        attention_call(C)
+    with pytest.raises(RuntimeError, match="attention_with_kvcache.*CUDA error"):
+        C.attention_with_kvcache_num_splits(2, 2, 4, 1024)
+
+
+@pytest.mark.parametrize("kwargs, arg", [
+    (dict(dtype=0), "dtype"), (dict(head_dim=96), "head_dim"), (dict(seqlen_q=17), "seqlen_q"),
+])
+def test_attention_memory_safety_checks_raise_value_error(C, kwargs, arg):
+    with pytest.raises(ValueError, match=f"^{arg}: expected"):
+        attention_call(C, **kwargs)
+
+
 def test_bad_dtype_code_raises_value_error(C):
     with pytest.raises(ValueError, match="dtype"):
         C.kv_cache_append(0, 0, 0, 0, 0, 2, 8, 1, 2, 64, 7, 0)

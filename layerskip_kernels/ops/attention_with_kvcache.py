@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check
-from .backend import resolve_backend
+from .backend import resolve_backend, triton_available
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)
@@ -151,7 +151,73 @@ def _launch_triton(*args, **kwargs):
     return attention_with_kvcache_triton(*args, **kwargs)
 
 
-_BACKENDS = {"torch": attention_with_kvcache_reference, "triton": _launch_triton}
+def _launch_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos=None,
+                 rotary_sin=None, softmax_scale=None, num_splits=None, out=None):
+    """CUDA backend (csrc/attention_with_kvcache.cu), arguments already checked by the op.
+
+    The kernel is fp16 / bf16 only (tensor-core MMA): float32 runs on the Triton kernel, or on
+    the reference where Triton cannot run. num_splits: None picks it from B * Hkv and the SM
+    count. out: an optional (B, Sq, Hq, D) tensor of q's dtype. Returns (B, Sq, Hq, D).
+    """
+    if q.dtype == torch.float32:
+        fallback = (_launch_triton if triton_available(q.device)
+                    else attention_with_kvcache_reference)
+        return fallback(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos, rotary_sin,
+                        softmax_scale)
+    from .. import _ext
+    B, Sq, Hq, D = q.shape
+    Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if out is None:
+        out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
+    check(out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "out",
+          f"{q.dtype} of shape {tuple(q.shape)} with a contiguous last dim",
+          f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new),
+                    ("v_new", v_new), ("out", out)):  # the kernel moves 16-byte units
+        check(t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3]), name,
+              "16-byte aligned rows for backend cuda (data_ptr and strides multiples of 8)",
+              f"data_ptr {t.data_ptr()} strides {t.stride()}")
+    if rotary_cos is not None:
+        dtype = rotary_cos.dtype if rotary_cos.dtype in _ext.DTYPE_CODES else torch.float32
+        rotary_cos, rotary_sin = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous()
+                                  for t in (rotary_cos, rotary_sin))
+    group = Hq // Hkv
+    with torch.cuda.device(q.device):
+        if num_splits is None:
+            num_splits = _ext._C.attention_with_kvcache_num_splits(B, Hkv, group * Sq, Smax)
+        check(isinstance(num_splits, int) and 1 <= num_splits <= 64, "num_splits",
+              "an int in [1, 64]", num_splits)
+        if B == 0 or Sq == 0 or Hq == 0:
+            return out
+        o_part = lse_part = None
+        if num_splits > 1:
+            o_part = torch.empty((B, Hkv, num_splits, group * Sq, D), dtype=torch.float32,
+                                 device=q.device)
+            lse_part = torch.empty((B, Hkv, num_splits, group * Sq), dtype=torch.float32,
+                                   device=q.device)
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        _ext._C.attention_with_kvcache(
+            q=q.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+            k_new=k_new.data_ptr(), v_new=v_new.data_ptr(),
+            cache_seqlens=cache_seqlens.data_ptr(),
+            rotary_cos=ptr(rotary_cos), rotary_sin=ptr(rotary_sin), out=out.data_ptr(),
+            o_part=ptr(o_part), lse_part=ptr(lse_part), batch=B, seqlen_q=Sq, heads_q=Hq,
+            heads_kv=Hkv, head_dim=D, max_seqlen=Smax,
+            rotary_rows=0 if rotary_cos is None else rotary_cos.shape[0],
+            q_strides=q.stride()[:3], k_cache_strides=k_cache.stride()[:3],
+            v_cache_strides=v_cache.stride()[:3], k_new_strides=k_new.stride()[:3],
+            v_new_strides=v_new.stride()[:3], out_strides=out.stride()[:3],
+            cos_stride=0 if rotary_cos is None else rotary_cos.stride(0),
+            sin_stride=0 if rotary_sin is None else rotary_sin.stride(0),
+            dtype=_ext.DTYPE_CODES[q.dtype],
+            rotary_dtype=0 if rotary_cos is None else _ext.DTYPE_CODES[rotary_cos.dtype],
+            softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D),
+            num_splits=num_splits, stream=torch.cuda.current_stream().cuda_stream)
+    return out
+
+
+_BACKENDS = {"torch": attention_with_kvcache_reference, "triton": _launch_triton,
+             "cuda": _launch_cuda}
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
