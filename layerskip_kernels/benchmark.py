@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from .decoding import generate
 from .model import load_model, save_hf_directory
 
 
-def _machine():
+def machine_info():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
     return {"platform": platform.platform(), "processor": platform.processor(),
@@ -121,7 +122,7 @@ def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_
         results.append(row)
     for row in results:
         row["speedup_vs_transformers_generate"] = row["tokens_per_s"] / hf_base if hf_base else None
-    return {"machine": _machine(), "threads": torch.get_num_threads(),
+    return {"machine": machine_info(), "threads": torch.get_num_threads(),
             "settings": {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
                          "repeats": repeats, "warmup": warmup, "greedy": True,
                          "dtype": str(next(iter(model.parameters())).dtype)},
@@ -143,27 +144,45 @@ def format_table(report):
     return "\n".join(lines)
 
 
+def load_prompts(model, prompts_path, tokenizer_path):
+    """One prompt per non-empty line of prompts_path (needs a tokenizer), else BOS alone."""
+    if not prompts_path:
+        bos = model.config.bos_token_id
+        return [[bos if bos is not None else 0]]
+    if not tokenizer_path:
+        raise ValueError("--prompts: a prompts file needs --tokenizer")
+    from .model import load_tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
+    lines = Path(prompts_path).read_text().splitlines()
+    return [tokenizer.encode(line) for line in lines if line.strip()]
+
+
+class ProgressBar:
+    """One line on stderr: bar, count, elapsed / estimated total, current configuration."""
+
+    def __init__(self, width=30, stream=sys.stderr):
+        self.width, self.stream, self.start = width, stream, time.perf_counter()
+
+    def __call__(self, done, total, name):
+        elapsed = time.perf_counter() - self.start
+        filled = self.width * done // total
+        eta = elapsed / done * (total - done)
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} "
+                          f"{elapsed:4.0f}s +{eta:.0f}s {name[:50]:<50}")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
 def main_bench(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    if args.prompts:
-        from .model import load_tokenizer
-        if not args.tokenizer:
-            raise ValueError("--prompts: a prompts file needs --tokenizer")
-        tokenizer = load_tokenizer(args.tokenizer)
-        lines = Path(args.prompts).read_text().splitlines()
-        prompts = [tokenizer.encode(line) for line in lines if line.strip()]
-    else:
-        prompts = [[model.config.bos_token_id if model.config.bos_token_id is not None else 0]]
-
-    def progress(done, total, name):
-        print(f"\r[{done}/{total}] {name:<60}", end="", flush=True)
-
+    prompts = load_prompts(model, args.prompts, args.tokenizer)
     report = run_benchmark(model, prompts, args.max_new_tokens, args.repeats, args.warmup,
-                           with_transformers=not args.no_transformers, progress=progress)
+                           with_transformers=not args.no_transformers, progress=ProgressBar())
     report["settings"]["model"] = str(args.model)
-    print("\r" + " " * 80 + "\r" + format_table(report))
+    print(format_table(report))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.output}")

@@ -138,6 +138,19 @@ def build_parser():
     p.set_defaults(run=lambda args: __import__(
         "layerskip_kernels.benchmark", fromlist=["main_bench"]).main_bench(args))
 
+    p = sub.add_parser("sweep", help="self-speculative decoding over an (exit layer, k) grid")
+    _add_model_args(p)
+    p.add_argument("--prompts", help="a text file, one prompt per line (needs --tokenizer)")
+    p.add_argument("--exit-layers", default="1,2,3", help="comma list of exit layers E")
+    p.add_argument("--draft-lengths", default="1,2,4,8", help="comma list of draft lengths k")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--output", required=True, help="directory for sweep.csv/.json/_heatmap.png")
+    p.set_defaults(run=lambda args: __import__(
+        "layerskip_kernels.sweep", fromlist=["main_sweep"]).main_sweep(args))
+
     p = sub.add_parser("info", help="print a model's config, parameter count and bytes")
     _add_model_args(p)
     p.set_defaults(run=cmd_info)

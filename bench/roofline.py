@@ -1,0 +1,288 @@
+"""GPU roofline of LayerSkip decoding on Llama shapes (random bf16 weights).
+
+For each model shape and batch: ms per autoregressive step, per draft step (layers [0, E) and
+the head), per full step over k + 1 positions and per verify pass (ExitDraft.verify: layers
+[0, E) on the last draft, layers [E, L) on k + 1 positions, the head on k + 1), each beside its
+floor, weight bytes / HBM bandwidth measured in the same run (and weights + KV bytes). Steps
+are captured in CUDA graphs and replayed (eager with a note when capture fails).
+
+Projected speedup at acceptance a (Leviathan et al., 2023, i.i.d. acceptance): a round of k
+drafts emits (1 - a^(k+1)) / (1 - a) tokens and costs k*c + v full steps, with c = draft / AR
+step and v = verify / AR step; Leviathan's formula takes v = 1, ours measures v, and also
+reports v_model = (L-E)/L * full(k+1) / full(1) + E/L for comparison.
+
+Measured: generate() on a model whose layers >= E are damped (o_proj and down_proj scaled by
+--damp, so the exit agrees with the last layer and acceptance is high), through
+layerskip_kernels.benchmark.run_benchmark (eager, interleaved repeats).
+
+    python bench/roofline.py --output roofline.json            # all shapes, about a minute
+    python bench/roofline.py --models llama-3.2-1b --batches 1 --output r.json
+"""
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # the published configs' shapes; rope scaling is left out (it costs nothing per step)
+    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                         hidden_dim=8192, rope_theta=500000.0, tie_embeddings=True),
+    "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       hidden_dim=14336, rope_theta=500000.0),
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                       hidden_dim=11008),
+}
+ACCEPTANCES = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def measure_hbm_bandwidth(device="cuda", nbytes=1 << 30, iters=20):
+    """GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    del src, dst
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def random_model(shape, device, dtype=torch.bfloat16, max_seq_len=1024, seed=0):
+    """A Llama of a named shape (or a LlamaConfig kwargs dict) with N(0, 0.02) weights, built on
+    the meta device first so only the dtype's bytes are ever allocated."""
+    from layerskip_kernels.model.llama import Llama, LlamaConfig, rope_tables
+    config = LlamaConfig(**{**(SHAPES[shape] if isinstance(shape, str) else shape),
+                            "max_seq_len": max_seq_len})
+    with torch.device("meta"):
+        model = Llama(config).to(dtype)
+    model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=generator)
+    model.rope_cos, model.rope_sin = rope_tables(config, max_seq_len, device)
+    return model.eval()
+
+
+def damp_upper_layers(model, exit_layer, factor):
+    """Scale what layers >= exit_layer add to the residual stream, so that the exit's logits
+    approach the final layer's and self-speculation accepts most drafts."""
+    with torch.no_grad():
+        for layer in model.layers[exit_layer:]:
+            layer.self_attn.o_proj.weight.mul_(factor)
+            layer.mlp.down_proj.weight.mul_(factor)
+
+
+def byte_counts(model, batch, context):
+    """Bytes one layer's weights, the head (final norm + lm_head) and one layer's KV reads take."""
+    c = model.config
+    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    layer = size(model.layers[0].parameters())
+    head = size(model.norm.parameters()) + size(model.lm_head.parameters())
+    kv = 2 * batch * context * c.n_kv_heads * c.head_dim * model.embed_tokens.weight.element_size()
+    return layer, head, kv
+
+
+def time_step(fn, graphs, iters, reps=3):
+    """Median ms of fn, replayed from a CUDA graph when it captures; (ms, note). Without a GPU
+    (the quick tests) it times eager calls on the host clock."""
+    if not torch.cuda.is_available():
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times.append((time.perf_counter() - start) * 1e3 / iters)
+        return statistics.median(times), "eager (cpu)"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (and compile Triton kernels) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    run, note, graph = fn, "eager", None
+    if graphs:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            run, note = graph.replay, "cuda graph"
+        except Exception as error:  # noqa: BLE001 - any capture failure falls back to eager
+            torch.cuda.synchronize()
+            graph, note = None, f"eager: capture failed ({type(error).__name__}: {error})"[:200]
+    run()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    del graph
+    return statistics.median(times), note
+
+
+def projected_speedup(a, k, c, v=1.0):
+    """Tokens per round over the round's cost in full steps (Leviathan et al., i.i.d. a)."""
+    return (1 - a ** (k + 1)) / (1 - a) / (k * c + v)
+
+
+def roofline_case(model, batch, exit_layer, draft_lengths, context, bandwidth, graphs, iters):
+    from layerskip_kernels.decoding.self_speculative import ExitDraft
+    c, device = model.config, model.embed_tokens.weight.device
+    L, E = c.n_layers, exit_layer
+    cache = model.new_cache(batch, context + max(draft_lengths) + 1)
+    cache.k.normal_(), cache.v.normal_()  # never time on zeros
+    seqlens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    tokens = torch.randint(0, c.vocab_size, (batch, max(draft_lengths) + 1), device=device)
+    drafter = ExitDraft(model, E, batch, max(draft_lengths))
+    drafter.exit_cache.normal_()
+    layer_b, head_b, kv_b = byte_counts(model, batch, context)
+    floor = lambda layers, kv: (layers * layer_b + head_b + kv * kv_b) / bandwidth / 1e6  # noqa
+    row = {"batch": batch, "exit_layer": E, "context": context, "weight_bytes_full": L * layer_b + head_b}
+    steps = {"ar": (lambda: model(tokens[:, :1], cache, seqlens), L, L),
+             "draft": (lambda: model(tokens[:, :1], cache, seqlens, exit_layer=E), E, E)}
+    for k in draft_lengths:
+        steps[f"full_k{k}"] = (lambda k=k: model(tokens[:, :k + 1], cache, seqlens), L, L)
+        steps[f"verify_k{k}"] = (lambda k=k: drafter.verify(tokens[:, 0], k, cache, seqlens), L, L)
+    for name, (fn, layers, kv_layers) in steps.items():
+        ms, note = time_step(fn, graphs, iters)
+        row[f"{name}_ms"] = ms
+        row[f"{name}_floor_ms"] = floor(layers, 0)
+        row[f"{name}_floor_with_kv_ms"] = floor(layers, kv_layers)
+        row[f"{name}_timing"] = note
+    row["ar_eager_ms"] = time_step(steps["ar"][0], False, iters)[0]
+    row["c"] = row["draft_ms"] / row["ar_ms"]
+    for k in draft_lengths:
+        row[f"v_k{k}"] = row[f"verify_k{k}_ms"] / row["ar_ms"]
+        row[f"v_model_k{k}"] = (L - E) / L * row[f"full_k{k}_ms"] / row["ar_ms"] + E / L
+        row[f"projected_k{k}"] = {
+            str(a): {"leviathan": projected_speedup(a, k, row["c"]),
+                     "measured_verify": projected_speedup(a, k, row["c"], row[f"v_k{k}"])}
+            for a in ACCEPTANCES}
+    del cache, drafter
+    return row
+
+
+def measured_run(model, exit_layer, draft_lengths, factor, new_tokens, repeats, batch):
+    """Damp the upper layers, then time generate() with benchmark.run_benchmark."""
+    from layerskip_kernels.benchmark import run_benchmark
+    damp_upper_layers(model, exit_layer, factor)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, 32),
+                            generator=torch.Generator().manual_seed(1)).tolist()
+    report = run_benchmark(model, prompts, new_tokens, repeats, warmup=1,
+                           exit_layers=[exit_layer], draft_lengths=draft_lengths, speedups=(),
+                           with_transformers=False)
+    return {"damp": factor, "exit_layer": exit_layer, "batch": batch, "timing": "eager",
+            **report["settings"], "results": report["results"]}
+
+
+def parse_ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--models", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--batches", type=parse_ints, default=[1, 8, 32])
+    p.add_argument("--draft-lengths", type=parse_ints, default=[2, 4, 8], help="k values")
+    p.add_argument("--exit-fraction", type=float, default=0.25, help="E = round(L * this)")
+    p.add_argument("--context", type=int, default=512, help="cached tokens per row")
+    p.add_argument("--iters", type=int, default=20, help="replays per timing (3 timings)")
+    p.add_argument("--no-graphs", action="store_true", help="time eager steps only")
+    p.add_argument("--damp", type=float, default=0.01, help="upper-layer scale, measured run")
+    p.add_argument("--measured-model", default="llama-3.2-1b", help="'' skips the measured run")
+    p.add_argument("--measured-batch", type=int, default=1)
+    p.add_argument("--measured-new-tokens", type=int, default=64)
+    p.add_argument("--measured-repeats", type=int, default=3)
+    p.add_argument("--output", default="roofline.json")
+    args = p.parse_args(argv)
+    for name in args.models.split(","):
+        if name not in SHAPES:
+            p.error(f"--models: expected names from {list(SHAPES)}, got {name!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("roofline.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured")
+    from layerskip_kernels.benchmark import machine_info
+    torch.manual_seed(0)
+    bandwidth = measure_hbm_bandwidth()
+    report = {"machine": machine_info(), "hbm_gb_per_s": bandwidth, "settings": vars(args),
+              "models": {}, "measured": None}
+    write(report, args.output)
+    print(f"HBM copy bandwidth: {bandwidth:.0f} GB/s (read + write)", flush=True)
+    with torch.inference_mode():
+        for name in args.models.split(","):
+            start = time.perf_counter()
+            longest = max(args.context, 32 + args.measured_new_tokens) + max(args.draft_lengths) + 1
+            model = random_model(name, "cuda", max_seq_len=longest)
+            E = max(1, round(model.config.n_layers * args.exit_fraction))
+            rows = [roofline_case(model, b, E, args.draft_lengths, args.context, bandwidth,
+                                  not args.no_graphs, args.iters) for b in args.batches]
+            report["models"][name] = {"config": SHAPES[name], "rows": rows}
+            print(format_rows(name, rows, args.draft_lengths), flush=True)
+            if name == args.measured_model:  # last use of these weights: damp them in place
+                report["measured"] = {"model": name, **measured_run(
+                    model, E, args.draft_lengths, args.damp, args.measured_new_tokens,
+                    args.measured_repeats, args.measured_batch)}
+            print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
+            del model
+            gc.collect(), torch.cuda.empty_cache()
+            write(report, args.output)  # after each model: a run cut short keeps what it did
+    if report["measured"]:
+        print(format_measured(report["measured"]))
+    print(f"wrote {args.output}")
+
+
+def write(report, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def format_rows(name, rows, draft_lengths):
+    k = draft_lengths[len(draft_lengths) // 2]
+    lines = [f"{name}: ms (floor = weights / bandwidth) ; k = {k} for verify and projection",
+             f"{'B':>3} {'E':>3} {'AR':>14} {'AR eager':>8} {'draft':>14} {'verify':>14} "
+             f"{'c':>5} {'v':>5} {'v_mod':>5} {'x@0.6':>6} {'x@0.8':>6} {'x@0.9':>6}"]
+    for r in rows:
+        pair = lambda s: f"{r[s + '_ms']:.2f} ({r[s + '_floor_ms']:.2f})"  # noqa: E731
+        proj = r[f"projected_k{k}"]
+        lines.append(f"{r['batch']:>3} {r['exit_layer']:>3} {pair('ar'):>14} "
+                     f"{r['ar_eager_ms']:8.2f} {pair('draft'):>14} {pair(f'verify_k{k}'):>14} "
+                     f"{r['c']:5.2f} {r[f'v_k{k}']:5.2f} {r[f'v_model_k{k}']:5.2f} "
+                     + " ".join(f"{proj[a]['measured_verify']:6.2f}" for a in ("0.6", "0.8", "0.9")))
+    notes = {r[key] for r in rows for key in r if key.endswith("_timing")}
+    return "\n".join(lines + [f"  timing: {', '.join(sorted(notes))}"])
+
+
+def format_measured(m):
+    lines = [f"measured ({m['model']}, layers >= {m['exit_layer']} damped x{m['damp']}, "
+             f"batch {m['batch']}, eager):"]
+    for r in m["results"]:
+        lines.append(f"  {r['name']:<45} {r['tokens_per_s']:8.1f} tok/s  x{r['speedup_vs_ours_autoregressive']:.2f}"
+                     f"  accept {r.get('acceptance_rate', float('nan')):.2f}"
+                     f"  exact {r['same_tokens_as_autoregressive']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

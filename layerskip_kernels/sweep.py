@@ -1,0 +1,124 @@
+"""`layerskip sweep`: self-speculative decoding over a grid of exit layers E and draft lengths k.
+
+Every configuration is timed by benchmark.run_benchmark (same process, interleaved repeats,
+median and spread), which also times plain early exit and k="auto" at each E; we keep them as
+extra rows and an "auto" column. Writes DIR/sweep.csv, DIR/sweep.json (the full report) and
+DIR/sweep_heatmap.png (speedup over our autoregressive decoding; needs matplotlib), and prints
+the best (E, k).
+"""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .benchmark import ProgressBar, load_prompts, run_benchmark
+from .model import load_model
+
+CSV_FIELDS = ("name", "strategy", "exit_layer", "num_speculations", "tokens_per_s",
+              "tokens_per_s_min", "tokens_per_s_max", "speedup_vs_ours_autoregressive",
+              "acceptance_rate", "tokens_per_round", "same_tokens_as_autoregressive")
+
+
+def parse_ints(text, arg):
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{arg}: expected a comma list of integers >= 1, got {text!r}")
+    return values
+
+
+def sweep_rows(report):
+    """The report's rows that are self-speculative with an early-exit draft, by (E, k)."""
+    return {(r["exit_layer"], r["num_speculations"]): r for r in report["results"]
+            if r.get("strategy") == "self_speculative" and "exit_layer" in r}
+
+
+def best_pair(report):
+    """The fixed-k configuration with the highest median speedup whose tokens are exact."""
+    rows = [r for (e, k), r in sweep_rows(report).items()
+            if k != "auto" and r["same_tokens_as_autoregressive"]]
+    return max(rows, key=lambda r: r["speedup_vs_ours_autoregressive"], default=None)
+
+
+def write_csv(report, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in report["results"]:
+            writer.writerow(row)
+
+
+def write_heatmap(report, exit_layers, draft_lengths, path):
+    """Speedup over autoregressive: rows E, columns k and "auto", 1.0 at the colormap's centre.
+    Returns False (and writes nothing) when matplotlib is not installed."""
+    try:
+        from matplotlib.colors import TwoSlopeNorm
+        from matplotlib.figure import Figure  # no pyplot: no global backend state
+    except ImportError:
+        return False
+    rows = sweep_rows(report)
+    columns = list(draft_lengths) + ["auto"]
+    grid = [[rows[(e, k)]["speedup_vs_ours_autoregressive"] for k in columns] for e in exit_layers]
+    values = [v for line in grid for v in line]
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=min(min(values), 0.99), vmax=max(max(values), 1.01))
+    fig = Figure(figsize=(1.2 + 0.9 * len(columns), 1.2 + 0.6 * len(exit_layers)))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="RdBu", norm=norm, aspect="auto")
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            exact = rows[(exit_layers[i], columns[j])]["same_tokens_as_autoregressive"]
+            ink = "white" if abs(norm(value) - 0.5) > 0.3 else "black"
+            ax.text(j, i, f"{value:.2f}" + ("" if exact else "*"), ha="center", va="center",
+                    fontsize=8, color=ink)
+    ax.set_xticks(range(len(columns)), [str(k) for k in columns])
+    ax.set_yticks(range(len(exit_layers)), [str(e) for e in exit_layers])
+    ax.set_xlabel("draft length k")
+    ax.set_ylabel("exit layer E")
+    settings = report["settings"]
+    ax.set_title(f"self-speculative speedup vs autoregressive\n{Path(settings['model']).name}, "
+                 f"{settings['max_new_tokens']} tokens, {settings['dtype']}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="speedup")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main_sweep(args):
+    exit_layers = parse_ints(args.exit_layers, "--exit-layers")
+    draft_lengths = parse_ints(args.draft_lengths, "--draft-lengths")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    L = model.config.n_layers
+    if max(exit_layers) >= L:
+        raise ValueError(f"--exit-layers: expected layers in [1, {L - 1}], got {exit_layers}")
+    prompts = load_prompts(model, args.prompts, args.tokenizer)
+    report = run_benchmark(model, prompts, args.max_new_tokens, args.repeats, args.warmup,
+                           exit_layers=exit_layers, draft_lengths=draft_lengths, speedups=(),
+                           with_transformers=False, progress=ProgressBar())
+    report["settings"].update(model=str(args.model), exit_layers=exit_layers,
+                              draft_lengths=draft_lengths)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_csv(report, out / "sweep.csv")
+    wrote = [out / "sweep.csv", out / "sweep.json"]
+    if write_heatmap(report, exit_layers, draft_lengths, out / "sweep_heatmap.png"):
+        wrote.append(out / "sweep_heatmap.png")
+    else:
+        print("matplotlib is not installed: no heatmap (pip install matplotlib)", file=sys.stderr)
+    best = best_pair(report)
+    if best is None:
+        print("no configuration reproduced autoregressive decoding exactly")
+    else:
+        print(f"best: E={best['exit_layer']} k={best['num_speculations']}: "
+              f"{best['tokens_per_s']:.1f} tokens/s "
+              f"({best['tokens_per_s_min']:.1f}-{best['tokens_per_s_max']:.1f}), "
+              f"x{best['speedup_vs_ours_autoregressive']:.2f} over autoregressive, "
+              f"acceptance {best['acceptance_rate']:.2f}")
+    print("wrote " + ", ".join(map(str, wrote)))
+    return report

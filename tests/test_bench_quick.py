@@ -1,0 +1,152 @@
+"""The benchmark suite on the CPU: quick mode, `layerskip sweep`, and the GPU-only scripts'
+argument handling and CPU-testable pieces (bench/roofline.py, bench/gpu_validate[.py])."""
+import argparse
+import csv
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerskip_kernels import sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_every_cpu_case_in_two_minutes():
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "-k", "cpu",
+                           "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=150)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    assert elapsed < 120, f"quick mode took {elapsed:.0f} s"
+
+
+def test_roofline_help():
+    proc = subprocess.run([sys.executable, str(BENCH / "roofline.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--batches" in proc.stdout and "Leviathan" in proc.stdout
+
+
+def test_roofline_rejects_unknown_model():
+    roofline = _load("roofline")
+    with pytest.raises(SystemExit) as exit_info:
+        roofline.parse_args(["--models", "llama-3-8b,gpt-2"])
+    assert exit_info.value.code == 2
+
+
+@no_gpu
+def test_roofline_exits_cleanly_without_gpu(tmp_path):
+    roofline = _load("roofline")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        roofline.main(["--output", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_projected_speedup_formula():
+    roofline = _load("roofline")
+    # a = 0.5, k = 1: (1 - 0.25) / 0.5 = 1.5 tokens per round; free drafts, verify = 1 step
+    assert roofline.projected_speedup(0.5, 1, c=0.0) == pytest.approx(1.5)
+    # k = 4, c = 0.25, v = 1.2: (1 - 0.9^5) / 0.1 / (4 * 0.25 + 1.2)
+    assert roofline.projected_speedup(0.9, 4, 0.25, 1.2) == pytest.approx(4.0951 / 2.2)
+
+
+def test_roofline_case_and_damped_run_on_cpu():
+    roofline = _load("roofline")
+    shape = dict(vocab_size=96, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    model = roofline.random_model(shape, "cpu", dtype=torch.float32, max_seq_len=64)
+    with torch.inference_mode():
+        row = roofline.roofline_case(model, 2, 1, [2], context=8, bandwidth=10.0, graphs=True,
+                                     iters=1)
+        assert row["c"] > 0 and row["v_k2"] > 0 and set(row["projected_k2"]) == {
+            "0.5", "0.6", "0.7", "0.8", "0.9"}
+        layer, head, _ = roofline.byte_counts(model, 2, 8)
+        assert row["weight_bytes_full"] == 4 * layer + head
+        measured = roofline.measured_run(model, 1, [2], 0.01, 12, 1, 1)
+    spec = [r for r in measured["results"] if r["name"] == "ours self_speculative E=1 k=2"][0]
+    assert spec["same_tokens_as_autoregressive"]
+    assert spec["acceptance_rate"] > 0.9  # damped upper layers: the exit agrees with the top
+
+
+def test_gpu_validate_script_parses_and_exits_without_gpu():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    assert subprocess.run([bash, "-n", str(BENCH / "gpu_validate")]).returncode == 0
+    proc = subprocess.run([bash, str(BENCH / "gpu_validate"), "--help"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0 and "compute-sanitizer" in proc.stdout
+    if not torch.cuda.is_available():
+        proc = subprocess.run([bash, str(BENCH / "gpu_validate")], capture_output=True,
+                              text=True, timeout=60, env={"PATH": str(Path(sys.executable).parent)
+                                                          + ":/usr/bin:/bin"})
+        assert proc.returncode == 0 and "nothing validated" in proc.stdout
+
+
+def test_gpu_validate_merge(tmp_path, capsys):
+    gpu_validate = _load("gpu_validate")
+    (tmp_path / "parts.tsv").write_text("build\t0\t40\t100\nsuite\t124\t80\t80\n"
+                                        "racecheck\t77\t0\t40\n")
+    (tmp_path / "build.log").write_text("...\nbuilt _C for sm_90a\n")
+    (tmp_path / "suite.xml").write_text(
+        '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/></testsuites>')
+    out = tmp_path / "results" / "dev.json"
+    assert gpu_validate.main(["merge", str(tmp_path), str(out)]) == 1  # the suite timed out
+    report = json.loads(out.read_text())
+    assert [p["status"] for p in report["parts"]] == ["ok", "TIMEOUT", "skipped"]
+    assert report["results"]["suite"] == {"passed": 2, "failed": 1, "errors": 0, "skipped": 2}
+    assert "sm_90a" in capsys.readouterr().out.splitlines()[-3]
+
+
+def _sweep_args(model, output, **overrides):
+    args = dict(model=str(model), tokenizer=None, prompts=None, dtype="float32", device="cpu",
+                backend="auto", exit_layers="1,2", draft_lengths="1,2", output=str(output),
+                max_new_tokens=8, repeats=1, warmup=0, threads=1)
+    return argparse.Namespace(**{**args, **overrides})
+
+
+def test_sweep_on_stories(stories_path, tmp_path, capsys):
+    with torch.inference_mode():
+        report = sweep.main_sweep(_sweep_args(stories_path, tmp_path))
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    grid = {(r["exit_layer"], r["num_speculations"]) for r in rows
+            if r["strategy"] == "self_speculative"}
+    assert grid == {(e, k) for e in ("1", "2") for k in ("1", "2", "auto")}
+    assert all(r["same_tokens_as_autoregressive"] == "True" for r in rows
+               if r["strategy"] != "early_exit")  # greedy self-speculation is lossless
+    assert json.loads((tmp_path / "sweep.json").read_text())["settings"]["exit_layers"] == [1, 2]
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "sweep_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    best = sweep.best_pair(report)
+    assert f"best: E={best['exit_layer']} k={best['num_speculations']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arg, value", [("exit_layers", "1,x"), ("exit_layers", "0,1"),
+                                        ("draft_lengths", "")])
+def test_sweep_rejects_bad_grids(stories_path, tmp_path, arg, value):
+    flag = "--" + arg.replace("_", "-")
+    with pytest.raises(ValueError, match=flag):
+        sweep.main_sweep(_sweep_args(stories_path, tmp_path, **{arg: value}))
+
+
+def test_sweep_rejects_exit_layer_past_the_model(stories_path, tmp_path):
+    with pytest.raises(ValueError, match=r"--exit-layers: expected layers in \[1, 4\]"):
+        sweep.main_sweep(_sweep_args(stories_path, tmp_path, exit_layers="2,5"))
