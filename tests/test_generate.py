@@ -278,3 +278,24 @@ def test_finished_rows_leave_the_batch(generator, strategy, extra):
     assert res.tokens[1] == [eos]
     assert batch_sizes[0] == 3 and batch_sizes[-1] < 3  # the prefill had all rows, the end not
     assert 3 not in batch_sizes[2:]  # after the first decode step row 1 is gone
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("autoregressive", {}), ("self_speculative", {"exit_layer": 1, "num_speculations": 3})])
+def test_triton_backend_generates_the_same_tokens(generator, strategy, extra):
+    """The whole model on the Triton kernels (attention, norms, draft head), in the CPU
+    interpreter, against the PyTorch reference; head_dim 64 as the kernels require."""
+    config = lsk.LlamaConfig(vocab_size=VOCAB, dim=128, n_layers=2, n_heads=2, n_kv_heads=1,
+                             hidden_dim=64, max_seq_len=32)
+    model = lsk.Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator) + ("norm" in name))
+    model.eval().requires_grad_(False)
+    prompts = [[1, 2, 3], [4]]
+    outputs = {}
+    for backend in ("torch", "triton"):
+        model.backend = backend
+        outputs[backend] = lsk.generate(model, prompts, max_new_tokens=6, strategy=strategy,
+                                        eos_token_id=[], **extra).tokens
+    assert outputs["triton"] == outputs["torch"]

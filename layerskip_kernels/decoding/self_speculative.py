@@ -26,19 +26,17 @@ class ExitDraft:
         self.exit_cache = torch.empty(batch_size, max_drafts + 1, model.config.dim,
                                       dtype=weight.dtype, device=weight.device)
 
-    def _exit_hidden(self, tokens, i, cache, positions):
+    def hidden(self, tokens, i, cache, positions):
+        """The draft's hidden state (B, dim) for tokens (B,) at positions, the i-th of this
+        round, before the shared head."""
         h = self.model.run_layers(self.model.embed_tokens(tokens[:, None]), self.draft_layers,
-                                  cache, positions)
-        self.exit_cache[:len(h), i] = h[:, 0]  # the batch shrinks as rows finish
+                                  cache, positions)[:, 0]
+        self.exit_cache[:len(h), i] = h  # the batch shrinks as rows finish
         return h
-
-    def step(self, tokens, i, cache, positions):
-        """Draft logits (B, vocab) of tokens (B,) at positions, the i-th of this round."""
-        return self.model.head(self._exit_hidden(tokens, i, cache, positions))[:, -1]
 
     def verify(self, last_draft, k, cache, cache_seqlens):
         """Full-model logits (B, k + 1, vocab) at positions p .. p + k."""
-        self._exit_hidden(last_draft, k, cache, cache_seqlens + k)
+        self.hidden(last_draft, k, cache, cache_seqlens + k)
         layers = range(self.exit_layer, self.model.config.n_layers)
         pending = self.exit_cache[:len(last_draft), :k + 1]
         h = self.model.run_layers(pending, layers, cache, cache_seqlens)
@@ -53,12 +51,10 @@ class SkipDraft:
         self.model, self.draft_layers = model, kept_layers
         self.pending = None
 
-    def step(self, tokens, i, cache, positions):
-        if i == 0:
-            self.pending = [tokens]
-        else:
-            self.pending.append(tokens)
-        return logits_of(self.model, tokens[:, None], self.draft_layers, cache, positions)[:, -1]
+    def hidden(self, tokens, i, cache, positions):
+        self.pending = [tokens] if i == 0 else self.pending + [tokens]
+        h = self.model.embed_tokens(tokens[:, None])
+        return self.model.run_layers(h, self.draft_layers, cache, positions)[:, 0]
 
     def verify(self, last_draft, k, cache, cache_seqlens):
         tokens = torch.stack(self.pending + [last_draft], dim=1)
@@ -99,14 +95,18 @@ def speculative_round(drafter, tokens, cache, cache_seqlens, num_speculations, s
     """Draft up to num_speculations tokens after `tokens` (B,), verify them in one pass and
     accept: returns drafts (B, k), accepted counts m (B,) and the full model's next token (B,).
     With `confidence`, drafting stops once no row's draft is at least that sure."""
-    drafts, draft_probs, current = [], [], tokens
+    model, drafts, draft_probs, current = drafter.model, [], [], tokens
     for i in range(num_speculations):
-        draft_logits = drafter.step(current, i, cache, cache_seqlens + i)
-        if sampling[0] == 0:
-            current = draft_logits.argmax(-1)
+        h = drafter.hidden(current, i, cache, cache_seqlens + i)
+        if sampling[0] == 0 and confidence is None:
+            current = model.head_argmax(h)  # fused on a GPU: no full-vocabulary logits
         else:
-            draft_probs.append(logits_to_probs(draft_logits, *sampling))
-            current = torch.multinomial(draft_probs[-1], 1, generator=generator).squeeze(1)
+            draft_logits = model.head(h)
+            if sampling[0] == 0:
+                current = draft_logits.argmax(-1)
+            else:
+                draft_probs.append(logits_to_probs(draft_logits, *sampling))
+                current = torch.multinomial(draft_probs[-1], 1, generator=generator).squeeze(1)
         drafts.append(current)
         if confidence is not None and bool((draft_logits.softmax(-1).amax(-1) < confidence).all()):
             break

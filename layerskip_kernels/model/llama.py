@@ -88,9 +88,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+    def forward(self, x, residual=None, norm=ops.rms_norm_reference):
+        """norm(x [+ residual]); with a residual, also returns the sum (the new residual
+        stream). `norm` is the ops.rms_norm bound to the model's backend."""
+        return norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -140,9 +141,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = FeedForward(c)
 
-    def forward(self, x, rope, kv=None, plan=None):
-        h = x + self.self_attn(self.input_layernorm(x), rope, kv, plan)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, rope, kv=None, plan=None, norm=ops.rms_norm_reference):
+        a = self.self_attn(self.input_layernorm(x, norm=norm), rope, kv, plan)
+        y, h = self.post_attention_layernorm(a, residual=x, norm=norm)  # h = x + a, fused
+        return h + self.mlp(y)
 
 
 class Llama(nn.Module):
@@ -173,14 +175,22 @@ class Llama(nn.Module):
         plan = None if cache is None else ops.plan_attention(
             cache_seqlens, h.shape[1], cache.max_seq_len, c.n_heads, c.n_kv_heads, *rope,
             backend=self.backend)
+        norm = ops.bound_rms_norm(self.backend, h.device)
         for i in layers:
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = self.layers[i](h, rope, kv, plan)
+            h = self.layers[i](h, rope, kv, plan, norm)
         return h
 
     def head(self, h):
         """The head every exit shares: final RMSNorm, then lm_head."""
-        return F.linear(self.norm(h), self.lm_head.weight)
+        norm = ops.bound_rms_norm(self.backend, h.device)
+        return F.linear(self.norm(h, norm=norm), self.lm_head.weight)
+
+    def head_argmax(self, h):
+        """The shared head's greedy tokens of h (..., dim); fused on a GPU, so the
+        full-vocabulary logits are never written."""
+        draft_head = ops.bound_draft_head_argmax(self.backend, h.device)
+        return draft_head(h, self.norm.weight, self.norm.eps, self.lm_head.weight)[0]
 
     def forward(self, tokens, cache=None, cache_seqlens=None, exit_layer=None):
         """Logits (B, S, vocab) of tokens (B, S) after layers [0, exit_layer) (all by default)."""

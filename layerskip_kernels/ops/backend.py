@@ -1,4 +1,5 @@
 """The one place that decides which implementation of an op runs."""
+import functools
 import importlib.util
 import os
 
@@ -36,3 +37,10 @@ def resolve_backend(backend, device, available) -> str:
                "cuda": "the CUDA extension is not built or no GPU is visible"}[backend]
         raise RuntimeError(f"backend {backend!r} cannot run on {device}: {why}")
     return backend
+
+
+def bind(op, reference, available, backend, device):
+    """What a trusted caller (the model, on tensors it built) calls many times: the reference
+    without per-call checks on the torch backend, else the checked op on the resolved one."""
+    name = resolve_backend(backend, device, available)
+    return reference if name == "torch" else functools.partial(op, backend=name)

@@ -1,0 +1,72 @@
+"""RMSNorm, optionally fused with the residual add before it (pre-norm Llama block).
+
+    h = x + residual            (in x's dtype, rounded as PyTorch's add; h = x without residual)
+    y = weight * h / sqrt(mean(h^2) + eps)     (float32 throughout, rounded once to x's dtype)
+
+Hugging Face's LlamaRMSNorm (and model/llama.py's RMSNorm) round h / rms(h) to the input dtype
+before multiplying by the weight (two roundings):
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py
+In float32 the two agree bit for bit; in fp16 / bf16 this op is the more accurate one (one ulp).
+"""
+import torch
+
+from ._checks import check
+from .backend import bind, resolve_backend
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KERNEL_DIM = 65536  # one row per program, held in registers
+
+
+def _check_rms_norm(x, weight, eps, residual):
+    check(x.dtype in SUPPORTED_DTYPES, "x", "float32, float16 or bfloat16", x.dtype)
+    check(x.dim() >= 1 and x.shape[-1] > 0, "x", "shape (..., dim) with dim >= 1", tuple(x.shape))
+    check(x.stride(-1) == 1, "x", "a contiguous last dim (stride 1)", x.stride(-1))
+    dim = x.shape[-1]
+    check(weight.shape == (dim,), "weight", f"shape ({dim},)", tuple(weight.shape))
+    check(weight.dtype in SUPPORTED_DTYPES, "weight", "float32, float16 or bfloat16", weight.dtype)
+    check(weight.device == x.device, "weight", f"device {x.device} (as x)", weight.device)
+    check(isinstance(eps, (int, float)) and eps >= 0, "eps", "a number >= 0", repr(eps))
+    if residual is not None:
+        check(residual.shape == x.shape, "residual", f"shape {tuple(x.shape)} (as x)",
+              tuple(residual.shape))
+        check(residual.dtype == x.dtype, "residual", f"dtype {x.dtype} (as x)", residual.dtype)
+        check(residual.stride(-1) == 1, "residual", "a contiguous last dim (stride 1)",
+              residual.stride(-1))
+        check(residual.device == x.device, "residual", f"device {x.device} (as x)",
+              residual.device)
+
+
+def rms_norm_reference(x, weight, eps, residual=None):
+    """Plain PyTorch: the CPU path and the oracle the kernel is tested against."""
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def _launch_triton(*args, **kwargs):
+    from ..triton.rms_norm import rms_norm_triton
+    return rms_norm_triton(*args, **kwargs)
+
+
+_BACKENDS = {"torch": rms_norm_reference, "triton": _launch_triton}
+
+
+def rms_norm(x, weight, eps, residual=None, backend="auto"):
+    """RMSNorm of x (..., dim) with weight (dim,), or of h = x + residual when given.
+
+    Returns y (..., dim) in x's dtype; with a residual, (y, h) where h = x + residual is the
+    new residual stream (a new tensor; x and residual are not modified).
+    """
+    _check_rms_norm(x, weight, eps, residual)
+    name = resolve_backend(backend, x.device, available=tuple(_BACKENDS))
+    if name != "torch":
+        check(x.shape[-1] <= MAX_KERNEL_DIM, "x",
+              f"a last dim of at most {MAX_KERNEL_DIM} for backend {name}", x.shape[-1])
+    return _BACKENDS[name](x, weight, eps, residual)
+
+
+def bound_rms_norm(backend, device):
+    """rms_norm bound to a backend once, for repeated calls: see backend.bind."""
+    return bind(rms_norm, rms_norm_reference, tuple(_BACKENDS), backend, device)

@@ -1,0 +1,214 @@
+"""rms_norm: the reference and the Triton kernel (interpreted on the CPU) against a float64
+oracle written here, with and without the fused residual add; poisoned outputs; the kernel
+compiled for sm_80 / sm_90 without a GPU; every argument guard with a passing control."""
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TOLERANCES
+from triton_compile import COMPILE_TARGETS, compile_kernel, compiled_in_children, main
+
+from layerskip_kernels.ops.rms_norm import MAX_KERNEL_DIM, rms_norm, rms_norm_reference
+from layerskip_kernels.triton.rms_norm import rms_norm_triton
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [  # x's shape; "strided": rows 2 * dim apart (a view, leading dims not contiguous)
+    (1, 64),
+    (3, 100),  # odd dim
+    (2, 3, 4096),
+    (4, 257),  # odd dim past a power of 2
+    "strided",
+]
+
+
+def oracle(x, weight, eps, residual=None):
+    """float64. h = x + residual as PyTorch adds in x's dtype (the op's contract), then the norm."""
+    h = x if residual is None else x + residual
+    h64 = h.double()
+    y = h64 / (h64.pow(2).mean(-1, keepdim=True) + eps).sqrt() * weight.double()
+    return y, h
+
+
+def make_inputs(shape, dtype, generator):
+    """Random, never zero: x, a residual of the same shape and a weight around 1."""
+    if shape == "strided":
+        x = torch.randn(6, 100, generator=generator).to(dtype)[::2]
+        residual = torch.randn(6, 100, generator=generator).to(dtype)[1::2]
+    else:
+        x = torch.randn(*shape, generator=generator).to(dtype)
+        residual = torch.randn(*shape, generator=generator).to(dtype)
+    weight = (1 + 0.5 * torch.randn(x.shape[-1], generator=generator)).to(dtype)
+    return x, weight, residual
+
+
+def shape_id(shape):
+    return shape if isinstance(shape, str) else "x".join(map(str, shape))
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=shape_id)
+def test_reference_matches_oracle(shape, dtype, with_residual, generator):
+    x, weight, residual = make_inputs(shape, dtype, generator)
+    residual = residual if with_residual else None
+    x_before = x.clone()
+    want, h_want = oracle(x, weight, 1e-5, residual)
+    got = rms_norm_reference(x, weight, 1e-5, residual)
+    y = got[0] if with_residual else got
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
+    if with_residual:
+        assert torch.equal(got[1], h_want)
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_triton_matches_oracle(shape, dtype, with_residual, generator):
+    x, weight, residual = make_inputs(shape, dtype, generator)
+    residual = residual if with_residual else None
+    x_before = x.clone()
+    want, h_want = oracle(x, weight, 1e-6, residual)
+    out = torch.full(x.shape, float("nan"), dtype=dtype)  # every element must be overwritten
+    residual_out = torch.full(x.shape, float("nan"), dtype=dtype)
+    got = rms_norm_triton(x, weight, 1e-6, residual, out=out, residual_out=residual_out)
+    y = got[0] if with_residual else got
+    assert y is out and not y.isnan().any()
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
+    if with_residual:
+        assert got[1] is residual_out
+        if dtype == torch.bfloat16:
+            # Triton 3.8's interpreter truncates fp32 -> bf16 where a GPU rounds to nearest
+            # even (as PyTorch does): one ulp, here only.
+            torch.testing.assert_close(got[1], h_want, atol=0, rtol=2 ** -7)
+        else:
+            assert torch.equal(got[1], h_want)
+    else:
+        assert residual_out.isnan().all()  # untouched without a residual
+    assert torch.equal(x, x_before)
+
+
+def test_triton_largest_dim(generator):
+    x, weight, residual = make_inputs((1, MAX_KERNEL_DIM), torch.float32, generator)
+    want, h_want = oracle(x, weight, 1e-5, residual)
+    y, h = rms_norm(x, weight, 1e-5, residual, backend="triton")
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(h, h_want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_public_op_keeps_leading_dims(backend, generator):
+    x, weight, residual = make_inputs((2, 3, 100), torch.float32, generator)
+    want, _ = oracle(x, weight, 1e-5)
+    y = rms_norm(x, weight, 1e-5, backend=backend)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- compiled for sm_80 / sm_90
+COMPILE_CASES = [  # (dtype, dim, residual): one per warp count
+    ("fp16", 100, True),
+    ("bf16", 4096, False),
+    ("bf16", 8192, True),
+    ("fp32", MAX_KERNEL_DIM, True),
+]
+
+
+def compile_cases(capability):
+    """Run in the child (see triton_compile): compile every COMPILE_CASES entry."""
+    from layerskip_kernels.triton import rms_norm as mod
+
+    results = {}
+    for dtype, dim, residual in COMPILE_CASES:
+        config = mod.launch_config(dim)
+        types = {name: f"*{dtype}" for name in ("X", "RESIDUAL", "Y", "H_OUT")}
+        types.update(W=f"*{dtype}", eps="fp32")
+        key = f"{dtype}-{dim}-{residual}-sm{capability}"
+        results[key] = compile_kernel(
+            mod._rms_norm_fwd_kernel, types,
+            dict(BLOCK=config["BLOCK"], HAS_RESIDUAL=residual), capability, config["num_warps"])
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compiled_in_children(Path(__file__))
+
+
+@pytest.mark.parametrize("capability", COMPILE_TARGETS)
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kernel_compiles_for_gpu(case, capability, compiled):
+    dtype, dim, residual = case
+    assert compiled[f"{dtype}-{dim}-{residual}-sm{capability}"] == "ok"
+
+
+# ---------------------------------------------------------------- argument guards
+def guard_inputs(generator):
+    x, weight, residual = make_inputs((2, 100), torch.float32, generator)
+    return dict(x=x, weight=weight, eps=1e-5, residual=residual)
+
+
+def bad_x_dtype(a):
+    a["x"] = a["x"].to(torch.int32)
+
+
+def bad_x_stride(a):
+    a["x"] = torch.randn(2, 200)[:, ::2]
+
+
+def bad_weight_shape(a):
+    a["weight"] = a["weight"][:-1]
+
+
+def bad_eps(a):
+    a["eps"] = -1.0
+
+
+def bad_residual_shape(a):
+    a["residual"] = a["residual"][:1]
+
+
+def bad_residual_dtype(a):
+    a["residual"] = a["residual"].half()
+
+
+@pytest.mark.parametrize("corrupt, arg", [
+    (bad_x_dtype, "x"), (bad_x_stride, "x"), (bad_weight_shape, "weight"), (bad_eps, "eps"),
+    (bad_residual_shape, "residual"), (bad_residual_dtype, "residual"),
+])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_input_names_the_argument(corrupt, arg, backend, generator):
+    rms_norm(**guard_inputs(generator), backend=backend)  # control
+    args = guard_inputs(generator)
+    corrupt(args)
+    with pytest.raises(ValueError, match=f"^{arg}:"):
+        rms_norm(**args, backend=backend)
+
+
+def test_triton_rejects_a_dim_past_the_limit():
+    x, weight = torch.ones(1, MAX_KERNEL_DIM + 1), torch.ones(MAX_KERNEL_DIM + 1)
+    rms_norm(x, weight, 1e-5, backend="torch")  # control: the reference has no limit
+    with pytest.raises(ValueError, match=f"^x: expected a last dim of at most {MAX_KERNEL_DIM}"):
+        rms_norm(x, weight, 1e-5, backend="triton")
+
+
+def test_triton_rejects_bad_out(generator):
+    a = guard_inputs(generator)
+    rms_norm_triton(a["x"], a["weight"], 1e-5, out=torch.empty_like(a["x"]))  # control
+    with pytest.raises(ValueError, match="^out:"):
+        rms_norm_triton(a["x"], a["weight"], 1e-5, out=torch.empty_like(a["x"]).half())
+
+
+@pytest.mark.gpu
+def test_tensors_on_different_devices(generator):
+    a = {k: v.cuda() if torch.is_tensor(v) else v for k, v in guard_inputs(generator).items()}
+    rms_norm(**a)  # control
+    a["weight"] = a["weight"].cpu()
+    with pytest.raises(ValueError, match="^weight:"):
+        rms_norm(**a)
+
+
+if __name__ == "__main__":  # the compile child of the `compiled` fixture
+    main(compile_cases)
