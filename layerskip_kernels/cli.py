@@ -154,6 +154,9 @@ def build_parser():
     p = sub.add_parser("info", help="print a model's config, parameter count and bytes")
     _add_model_args(p)
     p.set_defaults(run=cmd_info)
+
+    from .training.cli import add_training_commands
+    add_training_commands(sub)
     return parser
 
 

@@ -1,0 +1,263 @@
+"""Experiment B: pretrain the default model from scratch with the LayerSkip recipe.
+
+A small GQA Llama and a byte-level BPE tokenizer (trained here with `tokenizers`), both on the
+Python source of the CPython standard library found at run time (sysconfig), with a fixed
+set of modules held out. Recipe: layer dropout (exp depth schedule, exp time curriculum, as
+the paper does from scratch) and the early-exit loss through the shared head. After
+training, the held-out code picks the recommended exit layer and draft length by measuring
+greedy self-speculative decoding, and they are written into config.json ("layerskip").
+
+    python bench/train_default_model.py --output runs/default_model --threads 2
+    python bench/train_default_model.py --output /tmp/tiny --steps 30 --dim 64 --layers 4 \
+        --heads 4 --hidden 128 --vocab 512 --seq-len 64 --batch-size 4   # smoke test
+
+At the defaults (3.5M parameters, 14 MB) training stops after at most 3000 steps or what
+--minutes 50 allows (measured after 10 steps); pass --minutes 0 and --steps N to reproduce
+a run exactly.
+
+Writes to --output: config.json + model.safetensors (lsk.load_model), tokenizer.json,
+trainer_state.* (resume by running the same command again), report.json and report.md.
+"""
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+import layerskip_kernels as lsk
+from layerskip_kernels.model import save_hf_directory
+from layerskip_kernels.training import (TrainConfig, Trainer, evaluate_exits, format_table,
+                                        new_model, plot_exits)
+from layerskip_kernels.training.trainer import STATE_JSON
+
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
+             "lib2to3", "turtledemo", "idlelib", "tkinter", "ensurepip", "encodings"}
+
+
+def stdlib_files(heldout_every):
+    """(train, held-out) lists of the standard library's .py files, in a fixed order; every
+    `heldout_every`-th file (sorted by path) is held out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not SKIP_DIRS & set(p.relative_to(root).parts[:-1])
+                   and not p.name.startswith("test_"))
+    heldout = files[heldout_every // 2::heldout_every]
+    held = set(heldout)
+    return [p for p in files if p not in held], heldout, root
+
+
+def read(path):
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def train_tokenizer(files, vocab_size, path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator((read(p) for p in files), trainer)
+    tok.save(str(path))
+    return lsk.load_tokenizer(path)
+
+
+def token_stream(tokenizer, files):
+    """BOS + ids of each file, concatenated into one int64 tensor."""
+    encodings = tokenizer.tokenizer.encode_batch([read(p) for p in files])
+    ids = []
+    for e in encodings:
+        ids.append(tokenizer.bos_id)
+        ids.extend(e.ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def held_out_prompts(tokenizer, files, n, prompt_tokens):
+    """The first prompt_tokens tokens of the first n held-out files long enough to have them
+    (a license header is skipped by starting after the module docstring when there is one)."""
+    prompts = []
+    for p in files:
+        text = read(p)
+        start = text.find('"""', text.find('"""') + 3) + 3 if text.lstrip().startswith('"""') else 0
+        ids = tokenizer.encode(text[start:].lstrip())
+        if len(ids) >= prompt_tokens + 64:
+            prompts.append(ids[:prompt_tokens])
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def measure(model, prompts, max_new_tokens, repeats=3, **kw):
+    """Greedy decoding of each prompt alone (the fastest of `repeats` runs: the CPU is
+    shared); total tokens/s and acceptance over all prompts."""
+    tokens, new, elapsed, accepted, drafted = [], 0, 0.0, 0, 0
+    for prompt in prompts:
+        runs = [lsk.generate(model, [prompt], max_new_tokens=max_new_tokens, **kw)
+                for _ in range(repeats)]
+        res = min(runs, key=lambda r: r.stats["time_s"])
+        tokens.append(res.tokens[0])
+        new, elapsed = new + res.stats["new_tokens"], elapsed + res.stats["time_s"]
+        accepted += res.stats.get("accepted", 0)
+        drafted += res.stats.get("drafted", 0)
+    return {"tokens_per_s": new / elapsed, "acceptance": accepted / max(drafted, 1),
+            "tokens": tokens}
+
+
+def choose_exit(model, prompts, args):
+    """Time autoregressive and each (exit layer, draft length); the fastest pair wins."""
+    measure(model, prompts[:1], 16, repeats=1)  # warm up
+    base = measure(model, prompts, args.max_new_tokens)
+    rows = []
+    for exit_layer in range(1, model.config.n_layers):
+        for k in args.speculations:
+            r = measure(model, prompts, args.max_new_tokens, strategy="self_speculative",
+                        exit_layer=exit_layer, num_speculations=k)
+            rows.append({"exit_layer": exit_layer, "num_speculations": k,
+                         "acceptance": r["acceptance"], "tokens_per_s": r["tokens_per_s"],
+                         "speedup": r["tokens_per_s"] / base["tokens_per_s"],
+                         "same_tokens": r["tokens"] == base["tokens"]})
+    best = max(rows, key=lambda r: r["speedup"])
+    return base["tokens_per_s"], rows, best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", default="runs/default_model")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--dim", type=int, default=192)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--p-max", type=float, default=0.2)
+    p.add_argument("--exit-curriculum", default="rotational")
+    p.add_argument("--rotation", type=int, default=2)
+    p.add_argument("--heldout-every", type=int, default=20, help="hold out every N-th module")
+    p.add_argument("--eval-windows", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--speculations", type=int, nargs="+", default=[3, 4, 6])
+    p.add_argument("--minutes", type=float, default=50, help="training time budget: after 10 steps, cut "
+                   "--steps to what fits (the schedules follow the new length)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--save-every", type=int, default=200)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    train_files, heldout_files, root = stdlib_files(args.heldout_every)
+    tokenizer_path = out / "tokenizer.json"
+    if tokenizer_path.exists():  # resuming: the tokenizer must stay the same
+        tokenizer = lsk.load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = train_tokenizer(train_files, args.vocab, tokenizer_path)
+    train_tokens = token_stream(tokenizer, train_files)
+    eval_tokens = token_stream(tokenizer, heldout_files)
+    print(f"stdlib {root}: {len(train_files)} train files ({len(train_tokens)} tokens), "
+          f"{len(heldout_files)} held out ({len(eval_tokens)} tokens), "
+          f"{time.time() - started:.0f} s", file=sys.stderr)
+
+    config = TrainConfig(
+        output=str(out), seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
+        lr=args.lr, warmup_steps=min(args.warmup, args.steps // 10 + 1), seed=args.seed,
+        p_max=args.p_max, dropout_depth="exp", dropout_time="exp", exit_scale="sum",
+        exit_curriculum=args.exit_curriculum, rotation=args.rotation,
+        save_every=args.save_every, threads=args.threads)
+    resuming = (out / STATE_JSON).exists()
+    if resuming:
+        model = lsk.load_model(out)
+    else:
+        model = new_model(dict(
+            vocab_size=tokenizer.vocab_size, dim=args.dim, n_layers=args.layers,
+            n_heads=args.heads, n_kv_heads=args.kv_heads, hidden_dim=args.hidden,
+            max_seq_len=max(1024, args.seq_len), tie_embeddings=True, norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_id, eos_token_id=[]), seed=args.seed)
+    trainer = Trainer(model, train_tokens, config)
+    if resuming:
+        trainer.load_state(out)
+    train_start, first_step = time.time(), trainer.step
+    if args.minutes and trainer.step < config.steps:
+        trainer.train(steps=10)
+        rate = (trainer.step - first_step) / (time.time() - train_start)
+        config.steps = max(trainer.step, min(config.steps, int(rate * args.minutes * 60)))
+        print(f"{rate:.3f} steps/s: training {config.steps} steps", file=sys.stderr)
+    trainer.train()
+    train_s = time.time() - train_start
+    steps_per_s = (trainer.step - first_step) / max(train_s, 1e-9)
+    trainer.save(out)
+
+    model = lsk.load_model(out)
+    exits = evaluate_exits(model, eval_tokens, seq_len=args.seq_len, max_windows=args.eval_windows)
+    prompts = held_out_prompts(tokenizer, heldout_files, args.prompts, args.prompt_tokens)
+    ar_tps, sweep, best = choose_exit(model, prompts, args)
+    model.config.exit_layer, model.config.num_speculations = best["exit_layer"], best["num_speculations"]
+    save_hf_directory(model, out)
+
+    weights = {p.data_ptr(): p for p in model.parameters()}.values()
+    report = {
+        "experiment": "B: LayerSkip pretraining from scratch on the CPython stdlib",
+        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "commit": _commit(), "args": vars(args),
+        "data": {"stdlib": str(root), "train_files": len(train_files),
+                 "heldout_files": [str(p.relative_to(root)) for p in heldout_files],
+                 "train_tokens": len(train_tokens), "heldout_tokens": len(eval_tokens)},
+        "parameters": sum(p.numel() for p in weights),
+        "weights_bytes": (out / "model.safetensors").stat().st_size,
+        "training": {"steps": trainer.step, "seconds": train_s, "steps_per_s": steps_per_s,
+                     "tokens_per_s": steps_per_s * args.batch_size * args.seq_len,
+                     "first_loss": trainer.history[0]["loss"] if trainer.history else None,
+                     "last_loss": trainer.history[-1]["loss"] if trainer.history else None},
+        "exits": exits, "autoregressive_tokens_per_s": ar_tps, "sweep": sweep,
+        "recommended": best, "total_seconds": time.time() - started,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    sweep_md = ["| E | k | acceptance | tokens/s | speedup | same tokens |",
+                "| ---: | ---: | ---: | ---: | ---: | :---: |"]
+    sweep_md += [f"| {r['exit_layer']} | {r['num_speculations']} | {100 * r['acceptance']:.1f}% "
+                 f"| {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['same_tokens']} |"
+                 for r in sweep]
+    (out / "report.md").write_text("\n".join([
+        "# Experiment B: LayerSkip default model, pretrained from scratch", "",
+        f"`{report['command']}`", "",
+        f"{report['parameters']} parameters, {report['weights_bytes'] / 1e6:.1f} MB; "
+        f"{trainer.step} steps, {steps_per_s:.3f} steps/s; autoregressive {ar_tps:.1f} tokens/s", "",
+        format_table(exits, "Held-out stdlib code, per exit"), "",
+        "### Greedy self-speculative decoding on held-out prompts", "", *sweep_md, "",
+        f"Recommended: exit_layer {best['exit_layer']}, num_speculations "
+        f"{best['num_speculations']} ({best['speedup']:.2f}x, acceptance "
+        f"{100 * best['acceptance']:.1f}%)", ""]))
+    try:
+        plot_exits({"default model": exits}, out / "exits.png")
+    except RuntimeError as error:
+        print(f"no plot: {error}", file=sys.stderr)
+    print((out / "report.md").read_text())
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
