@@ -87,11 +87,10 @@ def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, s
     return timed
 
 
-def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_layers=None,
-                  draft_lengths=(1, 2, 4, 8), speedups=(1.25, 1.5), with_transformers=True,
-                  progress=None):
-    timed = configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths,
-                           speedups, with_transformers)
+def time_interleaved(timed, repeats, warmup, progress=None):
+    """Run every (name, settings, callable) warmup + repeats times, round-robin; return the
+    result rows (median / min / max tokens/s, exactness against the first entry) and the
+    last run's outputs per name."""
     times = {name: [] for name, _, _ in timed}
     outputs, stats = {}, {}
     total = (warmup + repeats) * len(timed)
@@ -103,23 +102,30 @@ def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_
                 times[name].append(time.perf_counter() - start)
             if progress:
                 progress(rep * len(timed) + i + 1, total, name)
-    n_tokens = {name: sum(len(t) for t in outputs[name]) for name in times}
-    reference = outputs["ours autoregressive"]
-    base = n_tokens["ours autoregressive"] / statistics.median(times["ours autoregressive"])
-    hf_base = None
+    base_name = timed[0][0]
     results = []
     for name, settings, _ in timed:
-        rates = sorted(n_tokens[name] / t for t in times[name])
-        median = statistics.median(rates)
-        if name == "transformers generate":
-            hf_base = median
-        row = {"name": name, **settings, "tokens_per_s": median, "tokens_per_s_min": rates[0],
-               "tokens_per_s_max": rates[-1], "speedup_vs_ours_autoregressive": median / base,
-               "same_tokens_as_autoregressive": outputs[name] == reference}
-        for key in ("acceptance_rate", "tokens_per_round", "rounds"):
-            if key in stats[name]:
-                row[key] = stats[name][key]
+        n_tokens = sum(len(t) for t in outputs[name])
+        rates = sorted(n_tokens / t for t in times[name])
+        row = {"name": name, **settings, "tokens_per_s": statistics.median(rates),
+               "tokens_per_s_min": rates[0], "tokens_per_s_max": rates[-1],
+               "same_tokens_as_autoregressive": outputs[name] == outputs[base_name]}
+        row.update({key: stats[name][key] for key in ("acceptance_rate", "tokens_per_round",
+                                                      "rounds") if key in stats[name]})
         results.append(row)
+    for row in results:
+        row["speedup_vs_ours_autoregressive"] = row["tokens_per_s"] / results[0]["tokens_per_s"]
+    return results, outputs
+
+
+def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_layers=None,
+                  draft_lengths=(1, 2, 4, 8), speedups=(1.25, 1.5), with_transformers=True,
+                  progress=None):
+    timed = configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths,
+                           speedups, with_transformers)
+    results, _ = time_interleaved(timed, repeats, warmup, progress)
+    hf_base = next((r["tokens_per_s"] for r in results if r["name"] == "transformers generate"),
+                   None)
     for row in results:
         row["speedup_vs_transformers_generate"] = row["tokens_per_s"] / hf_base if hf_base else None
     return {"machine": machine_info(), "threads": torch.get_num_threads(),
@@ -127,6 +133,15 @@ def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_
                          "repeats": repeats, "warmup": warmup, "greedy": True,
                          "dtype": str(next(iter(model.parameters())).dtype)},
             "results": results}
+
+
+def compare(model, prompts, max_new_tokens, repeats=3, warmup=1, **speculative):
+    """Greedy autoregressive against self-speculative decoding, interleaved: result rows
+    and the outputs of each."""
+    timed = [("autoregressive", {}, _ours(model, prompts, max_new_tokens)),
+             ("self_speculative", speculative,
+              _ours(model, prompts, max_new_tokens, strategy="self_speculative", **speculative))]
+    return time_interleaved(timed, repeats, warmup)
 
 
 def format_table(report):

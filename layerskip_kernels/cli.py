@@ -7,17 +7,19 @@ from pathlib import Path
 
 import torch
 
+from .benchmark import compare
 from .decoding import generate
 from .decoding.generate import STRATEGIES
 from .model import load_model, load_tokenizer
-from .model.checkpoint import SUPPORTED_DTYPES
+from .model.checkpoint import DEFAULT_MODEL, SUPPORTED_DTYPES
 
 
 def _find_tokenizer(args):
     """--tokenizer, else a tokenizer.json in the model's directory, else none."""
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
-    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    model = Path(args.model or DEFAULT_MODEL)
+    model_dir = model if model.is_dir() else model.parent
     if (model_dir / "tokenizer.json").exists():
         return load_tokenizer(model_dir / "tokenizer.json")
     return None
@@ -34,7 +36,8 @@ def _speculations(value):
 
 
 def _add_model_args(p):
-    p.add_argument("--model", required=True, help="HF Llama directory or llama2.c .bin file")
+    p.add_argument("--model", help="HF Llama directory or llama2.c .bin file "
+                   "(default: the embedded LayerSkip-trained code model)")
     p.add_argument("--tokenizer", help="tokenizer.json, HF directory or llama2.c tokenizer .bin")
     p.add_argument("--dtype", default="float32", choices=list(SUPPORTED_DTYPES))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -43,10 +46,7 @@ def _add_model_args(p):
 
 def cmd_generate(args):
     tokenizer = _find_tokenizer(args)
-    if args.prompt and tokenizer is None:
-        sys.exit("error: --prompt needs a tokenizer: pass --tokenizer (or use --prompt-ids)")
-    prompts = [tokenizer.encode(text) for text in args.prompt or []]
-    prompts += [[int(i) for i in ids.split()] for ids in args.prompt_ids or []]
+    prompts = _prompts(args, tokenizer)
     if not prompts:
         sys.exit("error: give at least one --prompt or --prompt-ids")
     model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
@@ -93,6 +93,38 @@ def _printer(tokenizer, prompts):
     return show
 
 
+def _prompts(args, tokenizer):
+    if args.prompt and tokenizer is None:
+        raise ValueError("--prompt needs a tokenizer: pass --tokenizer (or use --prompt-ids)")
+    prompts = [tokenizer.encode(text) for text in args.prompt or []]
+    return prompts + [[int(i) for i in ids.split()] for ids in args.prompt_ids or []]
+
+
+def cmd_compare(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = _find_tokenizer(args)
+    prompts = _prompts(args, tokenizer) or [tokenizer.encode("def fib(n):") if tokenizer else [1]]
+    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    results, outputs = compare(model, prompts, args.max_new_tokens, args.repeats,
+                               exit_layer=args.exit_layer,
+                               num_speculations=_speculations(args.num_speculations))
+    for row in results:
+        print(f"== {row['name']} ==")
+        for prompt, tokens in zip(prompts, outputs[row["name"]]):
+            print(tokenizer.decode(prompt) + new_text(tokenizer, prompt, tokens) if tokenizer
+                  else " ".join(map(str, tokens)))
+    ar, spec = results
+    c = model.config
+    print(f"identical outputs: {'yes' if spec['same_tokens_as_autoregressive'] else 'NO'}")
+    print(f"autoregressive {ar['tokens_per_s']:.1f} tokens/s, self_speculative "
+          f"{spec['tokens_per_s']:.1f} tokens/s (exit layer "
+          f"{args.exit_layer or c.exit_layer}, k {args.num_speculations or c.num_speculations}, "
+          f"acceptance {spec['acceptance_rate']:.2f}): speedup {spec['speedup_vs_ours_autoregressive']:.2f}x "
+          f"(median of {args.repeats}, tokens/s range {spec['tokens_per_s_min']:.0f}-"
+          f"{spec['tokens_per_s_max']:.0f})")
+
+
 def cmd_info(args):
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     weights = {p.data_ptr(): p for p in model.parameters()}.values()  # tied weights once
@@ -125,6 +157,17 @@ def build_parser():
                    help="self_speculative's draft: layers [0, E), or the layer-skip subset")
     p.add_argument("--speedup", type=float, help="layer_skip's target speedup (>= 1)")
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("compare", help="autoregressive vs self-speculative: outputs and speedup")
+    _add_model_args(p)
+    p.add_argument("--prompt", action="append", help='prompt text (default: "def fib(n):")')
+    p.add_argument("--prompt-ids", action="append", help='token ids, e.g. "1 2 3" (repeatable)')
+    p.add_argument("--exit-layer", type=int, help="default: the model's recommendation")
+    p.add_argument("--num-speculations", help="k or 'auto' (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("bench", help="time every strategy, ours and transformers'")
     _add_model_args(p)

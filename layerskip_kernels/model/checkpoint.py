@@ -13,17 +13,20 @@ from .llama import Llama, LlamaConfig, rope_tables
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                     "float16": torch.float16}
 LLAMA2C_MAGIC = 0x616B3432  # "ak42": llama2.c versions 1 and later start with it
+# The embedded default: a LayerSkip-trained code model (bench/train_default_model.py).
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default_model"
 
 
-def load_model(path, dtype=torch.float32, device="cpu", backend="auto"):
-    """A Llama from an HF directory, an HF model in memory, or a llama2.c .bin file."""
+def load_model(path=None, dtype=torch.float32, device="cpu", backend="auto"):
+    """A Llama from an HF directory, an HF model in memory, or a llama2.c .bin file; with no
+    path, the embedded default model."""
     dtype = SUPPORTED_DTYPES.get(dtype, dtype)
     if dtype not in SUPPORTED_DTYPES.values():
         raise ValueError(f"dtype: expected one of {list(SUPPORTED_DTYPES)}, got {dtype}")
     if hasattr(path, "state_dict") and hasattr(path, "config"):
         model = from_transformers(path)
     else:
-        model = _load_file(Path(path))
+        model = _load_file(Path(DEFAULT_MODEL if path is None else path))
     model = model.to(device=device, dtype=dtype)
     model.backend = backend
     return model.eval().requires_grad_(False)

@@ -7,9 +7,11 @@ from pathlib import Path
 BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def load_tokenizer(path):
-    """A tokenizer from a llama2.c .bin file, a tokenizer.json, or an HF directory holding one."""
-    path = Path(path)
+def load_tokenizer(path=None):
+    """A tokenizer from a llama2.c .bin file, a tokenizer.json, or an HF directory holding one;
+    with no path, the embedded default model's."""
+    from .checkpoint import DEFAULT_MODEL
+    path = Path(DEFAULT_MODEL / "tokenizer.json" if path is None else path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
     if path.is_dir():
