@@ -8,8 +8,6 @@ flash_attn_with_kvcache when importable. GB/s counts the KV bytes read plus writ
     pytest bench/bench_attention_with_kvcache.py -k cpu --benchmark-disable   # quick CPU smoke
 """
 import importlib.util
-import math
-import platform
 
 import pytest
 import torch
@@ -69,36 +67,20 @@ def provider_fn(provider, inputs, cache_len):
         causal=True, rotary_interleaved=False)
 
 
-def run(benchmark, provider, model, B, Sq, cache_len, dtype, device):
+def run(measure, provider, model, B, Sq, cache_len, dtype, device):
     Hq, Hkv, D = HEADS[model]
     inputs = make_inputs(B, Sq, Hq, Hkv, D, cache_len, dtype, device)
-    fn = provider_fn(provider, inputs, cache_len)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def timed():
-        fn()
-        sync()
-
-    timed()  # compile / warm up outside the timing
-    benchmark(timed)
     elem = torch.tensor([], dtype=dtype).element_size()
     kv_bytes = 2 * B * Hkv * D * elem * ((cache_len + Sq) + Sq)  # K and V: read, then new rows
-    stats = getattr(benchmark, "stats", None)
-    seconds = stats.stats.median if stats else float("nan")
-    benchmark.extra_info.update(
-        provider=provider, model=model, B=B, Sq=Sq, cache_len=cache_len, Hq=Hq, Hkv=Hkv, D=D,
-        dtype=str(dtype), rope=provider != "sdpa", kv_bytes=kv_bytes,
-        gb_per_s=kv_bytes / seconds / 1e9 if seconds and not math.isnan(seconds) else None,
-        device=(torch.cuda.get_device_name() if device == "cuda"
-                else platform.processor() or platform.machine()),
-        torch=torch.__version__, triton=_version("triton"), flash_attn=_version("flash_attn"),
-    )
+    measure(provider_fn(provider, inputs, cache_len), kv_bytes, provider=provider, model=model,
+            B=B, Sq=Sq, cache_len=cache_len, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype),
+            rope=provider != "sdpa", flash_attn=_flash_attn_version())
 
 
-def _version(module):
-    if importlib.util.find_spec(module) is None:
+def _flash_attn_version():
+    if importlib.util.find_spec("flash_attn") is None:
         return None
-    return getattr(__import__(module), "__version__", None)
+    return __import__("flash_attn").__version__
 
 
 @needs_gpu
@@ -107,12 +89,12 @@ def _version(module):
 @pytest.mark.parametrize("cache_len", CACHES)
 @pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize("model", tuple(HEADS))
-def test_gpu(benchmark, model, B, cache_len, Sq, provider):
-    run(benchmark, provider, model, B, Sq, cache_len, torch.bfloat16, "cuda")
+def test_gpu(measure, model, B, cache_len, Sq, provider):
+    run(measure, provider, model, B, Sq, cache_len, torch.bfloat16, "cuda")
 
 
 @pytest.mark.parametrize("provider", ("torch", "sdpa"))
 @pytest.mark.parametrize("Sq", QUERIES)
-def test_cpu(benchmark, Sq, provider):
+def test_cpu(measure, Sq, provider):
     """Tiny shapes, in seconds: the quick mode's smoke test."""
-    run(benchmark, provider, "llama-3.2-1b", 1, Sq, 64, torch.float32, "cpu")
+    run(measure, provider, "llama-3.2-1b", 1, Sq, 64, torch.float32, "cpu")

@@ -8,10 +8,6 @@ HBM bandwidth.
     pytest bench/bench_draft_head.py                                # GPU grid
     pytest bench/bench_draft_head.py -k cpu --benchmark-disable     # quick CPU smoke
 """
-import importlib.util
-import math
-import platform
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +29,7 @@ def unfused(h, norm_weight, eps, lm_head_weight, k):
     return logits.argmax(-1) if k == 1 else logits.topk(k, dim=-1)
 
 
-def run(benchmark, provider, model, B, mode, dtype, device):
+def run(measure, provider, model, B, mode, dtype, device):
     dim, vocab = HEADS[model]
     h = torch.randn(B, dim, device=device, dtype=dtype)
     norm_weight = torch.randn(dim, device=device, dtype=dtype)
@@ -46,31 +42,9 @@ def run(benchmark, provider, model, B, mode, dtype, device):
         fn = lambda: draft_head_argmax(*args, backend=provider)  # noqa: E731
     else:
         fn = lambda: draft_head_topk(*args, k, backend=provider)  # noqa: E731
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def timed():
-        fn()
-        sync()
-
-    timed()  # compile / warm up outside the timing
-    benchmark(timed)
     nbytes = lm_head_weight.numel() * lm_head_weight.element_size()
-    stats = getattr(benchmark, "stats", None)
-    seconds = stats.stats.median if stats else float("nan")
-    benchmark.extra_info.update(
-        provider=provider, model=model, B=B, dim=dim, vocab=vocab, k=k, dtype=str(dtype),
-        weight_bytes=nbytes,
-        gb_per_s=nbytes / seconds / 1e9 if seconds and not math.isnan(seconds) else None,
-        device=(torch.cuda.get_device_name() if device == "cuda"
-                else platform.processor() or platform.machine()),
-        torch=torch.__version__, triton=_version("triton"),
-    )
-
-
-def _version(module):
-    if importlib.util.find_spec(module) is None:
-        return None
-    return getattr(__import__(module), "__version__", None)
+    measure(fn, nbytes, provider=provider, model=model, B=B, dim=dim, vocab=vocab, k=k,
+            dtype=str(dtype))
 
 
 @needs_gpu
@@ -78,12 +52,12 @@ def _version(module):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize("model", tuple(HEADS))
-def test_gpu(benchmark, model, B, mode, provider):
-    run(benchmark, provider, model, B, mode, torch.bfloat16, "cuda")
+def test_gpu(measure, model, B, mode, provider):
+    run(measure, provider, model, B, mode, torch.bfloat16, "cuda")
 
 
 @pytest.mark.parametrize("provider", ("torch", "unfused"))
 @pytest.mark.parametrize("mode", MODES)
-def test_cpu(benchmark, mode, provider):
+def test_cpu(measure, mode, provider):
     """Tiny shapes, in seconds: the quick mode's smoke test."""
-    run(benchmark, provider, "stories260K", 4, mode, torch.float32, "cpu")
+    run(measure, provider, "stories260K", 4, mode, torch.float32, "cpu")

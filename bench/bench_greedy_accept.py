@@ -7,10 +7,6 @@ of what is read (logits or tokens).
     pytest bench/bench_greedy_accept.py                             # GPU grid
     pytest bench/bench_greedy_accept.py -k cpu --benchmark-disable  # quick CPU smoke
 """
-import importlib.util
-import math
-import platform
-
 import pytest
 import torch
 
@@ -25,7 +21,7 @@ PROVIDERS = ("torch", "triton")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def run(benchmark, provider, model, B, k, source, dtype, device):
+def run(measure, provider, model, B, k, source, dtype, device):
     vocab = VOCABS[model]
     logits = torch.randn(B, k + 1, vocab, device=device, dtype=dtype)
     target = logits.argmax(-1)
@@ -34,31 +30,9 @@ def run(benchmark, provider, model, B, k, source, dtype, device):
     verify = logits if source == "logits" else target
     seqlens = torch.randint(0, 1000, (B,), device=device, dtype=torch.int32)
     active = torch.ones(B, dtype=torch.bool, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def timed():
-        greedy_accept(drafts, verify, seqlens, active, backend=provider)
-        sync()
-
-    timed()  # compile / warm up outside the timing
-    benchmark(timed)
-    nbytes = verify.numel() * verify.element_size()
-    stats = getattr(benchmark, "stats", None)
-    seconds = stats.stats.median if stats else float("nan")
-    benchmark.extra_info.update(
-        provider=provider, model=model, B=B, k=k, vocab=vocab, source=source, dtype=str(dtype),
-        bytes=nbytes,
-        gb_per_s=nbytes / seconds / 1e9 if seconds and not math.isnan(seconds) else None,
-        device=(torch.cuda.get_device_name() if device == "cuda"
-                else platform.processor() or platform.machine()),
-        torch=torch.__version__, triton=_version("triton"),
-    )
-
-
-def _version(module):
-    if importlib.util.find_spec(module) is None:
-        return None
-    return getattr(__import__(module), "__version__", None)
+    measure(lambda: greedy_accept(drafts, verify, seqlens, active, backend=provider),
+            verify.numel() * verify.element_size(), provider=provider, model=model, B=B, k=k,
+            vocab=vocab, source=source, dtype=str(dtype))
 
 
 @needs_gpu
@@ -67,11 +41,11 @@ def _version(module):
 @pytest.mark.parametrize("k", DRAFTS)
 @pytest.mark.parametrize("B", BATCHES)
 @pytest.mark.parametrize("model", ("llama-2", "llama-3"))
-def test_gpu(benchmark, model, B, k, source, provider):
-    run(benchmark, provider, model, B, k, source, torch.bfloat16, "cuda")
+def test_gpu(measure, model, B, k, source, provider):
+    run(measure, provider, model, B, k, source, torch.bfloat16, "cuda")
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_cpu(benchmark, source):
+def test_cpu(measure, source):
     """Tiny shapes, in seconds: the quick mode's smoke test."""
-    run(benchmark, "torch", "stories260K", 4, 4, source, torch.float32, "cpu")
+    run(measure, "torch", "stories260K", 4, 4, source, torch.float32, "cpu")

@@ -79,9 +79,29 @@ def _record_device(request, device_info):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from layerskip_kernels.benchmark import machine_info
-    machine_info.update(layerskip=machine_info(), triton=_version("triton"),
+    from layerskip_kernels.benchmark import machine_info as layerskip_machine_info
+    machine_info.update(layerskip=layerskip_machine_info(), triton=_version("triton"),
                         hbm_gb_per_s=hbm_bandwidth())
+
+
+@pytest.fixture
+def measure(benchmark):
+    """measure(fn, nbytes, **info): time fn, synchronising inside the timed call, after one
+    warm-up call (compiles, caches); record info, the bytes fn moves and GB/s."""
+    def run(fn, nbytes, **info):
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+        def timed():
+            fn()
+            sync()
+
+        timed()
+        benchmark(timed)
+        stats = getattr(benchmark, "stats", None)  # None with --benchmark-disable
+        seconds = stats.stats.median if stats else None
+        benchmark.extra_info.update(info, bytes=nbytes,
+                                    gb_per_s=nbytes / seconds / 1e9 if seconds else None)
+    return run
 
 
 @pytest.fixture

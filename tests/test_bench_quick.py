@@ -28,7 +28,7 @@ def _load(name):
 
 
 @pytest.mark.slow
-def test_quick_mode_runs_every_cpu_case_in_two_minutes():
+def test_quick_mode_runs_every_cpu_case_in_two_minutes(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "-k", "cpu",
                            "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
@@ -37,6 +37,20 @@ def test_quick_mode_runs_every_cpu_case_in_two_minutes():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
     assert elapsed < 120, f"quick mode took {elapsed:.0f} s"
+
+
+@pytest.mark.slow
+def test_benchmark_json_records_machine_and_bandwidth(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_rms_norm.py", "-k", "cpu",
+                           "-q", "-p", "no:cacheprovider", "--benchmark-max-time=0.01",
+                           f"--benchmark-json={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine_info"]["layerskip"]["torch"] == torch.__version__
+    info = report["benchmarks"][0]["extra_info"]
+    assert info["bytes"] > 0 and info["gb_per_s"] > 0 and info["device"]
 
 
 def test_roofline_help():
