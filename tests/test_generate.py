@@ -299,3 +299,13 @@ def test_triton_backend_generates_the_same_tokens(generator, strategy, extra):
         outputs[backend] = lsk.generate(model, prompts, max_new_tokens=6, strategy=strategy,
                                         eos_token_id=[], **extra).tokens
     assert outputs["triton"] == outputs["torch"]
+
+
+def test_training_runs_the_references_even_with_a_kernel_backend(generator):
+    """Kernels have no backward: with weights that want gradients, the head's norm must be
+    the differentiable reference whatever the backend."""
+    model = tiny_llama(generator).requires_grad_(True)
+    model.backend = "triton"
+    h = torch.randn(2, 3, model.config.dim, generator=generator)
+    model.head(h).sum().backward()
+    assert model.norm.weight.grad is not None and model.lm_head.weight.grad is not None

@@ -160,7 +160,13 @@ class Llama(nn.Module):
         cos, sin = rope_tables(config, config.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.backend = "auto"  # which ops backend the attention runs on
+        self.backend = "auto"  # the ops backend of attention, norms and the draft head
+
+    def _ops_backend(self):
+        """The kernels have no backward: while training (autograd on, weights that want
+        gradients), the references run."""
+        training = torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad
+        return "torch" if training else self.backend
 
     def new_cache(self, batch_size, max_seq_len=None):
         max_seq_len = max_seq_len or self.config.max_seq_len
@@ -174,8 +180,8 @@ class Llama(nn.Module):
         c = self.config
         plan = None if cache is None else ops.plan_attention(
             cache_seqlens, h.shape[1], cache.max_seq_len, c.n_heads, c.n_kv_heads, *rope,
-            backend=self.backend)
-        norm = ops.bound_rms_norm(self.backend, h.device)
+            backend=self._ops_backend())
+        norm = ops.bound_rms_norm(self._ops_backend(), h.device)
         for i in layers:
             kv = None if cache is None else (cache.k[i], cache.v[i])
             h = self.layers[i](h, rope, kv, plan, norm)
@@ -183,13 +189,13 @@ class Llama(nn.Module):
 
     def head(self, h):
         """The head every exit shares: final RMSNorm, then lm_head."""
-        norm = ops.bound_rms_norm(self.backend, h.device)
+        norm = ops.bound_rms_norm(self._ops_backend(), h.device)
         return F.linear(self.norm(h, norm=norm), self.lm_head.weight)
 
     def head_argmax(self, h):
         """The shared head's greedy tokens of h (..., dim); fused on a GPU, so the
         full-vocabulary logits are never written."""
-        draft_head = ops.bound_draft_head_argmax(self.backend, h.device)
+        draft_head = ops.bound_draft_head_argmax(self._ops_backend(), h.device)
         return draft_head(h, self.norm.weight, self.norm.eps, self.lm_head.weight)[0]
 
     def forward(self, tokens, cache=None, cache_seqlens=None, exit_layer=None):
