@@ -1,16 +1,13 @@
 """attention_with_kvcache: the reference and the Triton kernel (interpreted on the CPU) against a
 float64 oracle written here; the written cache rows apart from the output; the Triton kernels
 compiled for sm_80 / sm_90 without a GPU; every argument guard with a passing control."""
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TOLERANCES
+from triton_compile import COMPILE_TARGETS, compile_kernel, compiled_in_children, main
 
 from layerskip_kernels.ops.attention_with_kvcache import (
     attention_with_kvcache,
@@ -19,7 +16,6 @@ from layerskip_kernels.ops.attention_with_kvcache import (
 from layerskip_kernels.triton.attention_with_kvcache import attention_with_kvcache_triton
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- oracle and inputs
@@ -222,14 +218,10 @@ COMPILE_CASES = [  # (kernel, dtype, D, Sq, group, rope / split)
     for D in (64, 128)
     for Sq, group, variant in ((1, 4, False), (16, 8, True))  # a 16-row and a 128-row tile
 ] + [("merge", "fp16", 64, 1, 4, True), ("merge", "bf16", 128, 16, 8, True)]
-COMPILE_TARGETS = (80, 90)
 
 
 def compile_cases(capability):
-    """Run in the child: compile every COMPILE_CASES entry for sm_<capability>."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
+    """Run in the child (see triton_compile): compile every COMPILE_CASES entry."""
     from layerskip_kernels.triton import attention_with_kvcache as mod
 
     results = {}
@@ -242,37 +234,17 @@ def compile_cases(capability):
                               BLOCK_N=config["BLOCK_N"], BLOCK_NEW=config["BLOCK_NEW"])
         else:
             constexprs = dict(SQ=Sq, GROUP=group, HEAD_DIM=D, BLOCK_M=config["BLOCK_M"])
-        signature = {name: "i32" for name in fn.arg_names}
-        signature.update({name: f"*{dtype}" for name in
-                          ("Q", "K_CACHE", "V_CACHE", "K_NEW", "V_NEW", "OUT")})
-        signature.update({name: "*fp32" for name in ("COS", "SIN", "O_PART", "LSE_PART")})
-        signature.update(SEQLENS="*i32", scale_log2="fp32")
-        signature = {name: signature[name] for name in fn.arg_names}
-        signature.update({name: "constexpr" for name in constexprs})
+        types = {name: f"*{dtype}" for name in ("Q", "K_CACHE", "V_CACHE", "K_NEW", "V_NEW", "OUT")}
+        types.update({name: "*fp32" for name in ("COS", "SIN", "O_PART", "LSE_PART")})
+        types.update(SEQLENS="*i32", scale_log2="fp32")
         key = f"{kernel}-{dtype}-D{D}-Sq{Sq}-G{group}-sm{capability}"
-        try:
-            compiled = triton.compile(
-                triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                target=GPUTarget("cuda", capability, 32),
-                options={"num_warps": config["num_warps"]})
-            results[key] = "ok" if compiled.asm.get("cubin") else "no cubin"
-        except Exception as error:  # reported per case by the parent
-            results[key] = f"{type(error).__name__}: {error}"
+        results[key] = compile_kernel(fn, types, constexprs, capability, config["num_warps"])
     return results
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
-    children = [subprocess.Popen([sys.executable, __file__, str(cap)], env=env, cwd=ROOT,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for cap in COMPILE_TARGETS]
-    results = {}
-    for child in children:
-        stdout, stderr = child.communicate(timeout=600)
-        assert child.returncode == 0, stderr[-3000:]
-        results.update(json.loads(stdout.splitlines()[-1]))
-    return results
+    return compiled_in_children(Path(__file__))
 
 
 @pytest.mark.parametrize("capability", COMPILE_TARGETS)
@@ -518,4 +490,4 @@ def test_cuda_backend_raises_runtime_error_without_gpu(generator):
 
 
 if __name__ == "__main__":  # the compile child of the `compiled` fixture
-    print(json.dumps(compile_cases(int(sys.argv[1]))))
+    main(compile_cases)
