@@ -14,7 +14,6 @@ the trained weights (derived from stories260K: do not commit them).
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 import layerskip_kernels as lsk
+from layerskip_kernels.benchmark import machine_info
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.training import (TrainConfig, Trainer, evaluate_exits, format_table,
                                         plot_exits, tokenize_text)
@@ -117,7 +117,7 @@ def main(argv=None):
     ppl = [s["exits"]["exits"][-1]["perplexity"] for s in (before, after)]
     report = {
         "experiment": "A: LayerSkip continual pretraining of stories260K on TinyStories",
-        "command": " ".join([sys.executable, *sys.argv]), "commit": _commit(),
+        "command": " ".join([sys.executable, *sys.argv]), "commit": machine_info()["commit"],
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
         "args": vars(args), "train_tokens": len(train_tokens), "heldout_tokens": len(eval_tokens),
@@ -156,13 +156,6 @@ def main(argv=None):
         print(f"no plot: {error}", file=sys.stderr)
     print("\n".join(md))
 
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ trainer_state.* (resume by running the same command again), report.json and repo
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import sysconfig
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 
 import layerskip_kernels as lsk
+from layerskip_kernels.benchmark import machine_info
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.training import (TrainConfig, Trainer, evaluate_exits, format_table,
                                         new_model, plot_exits)
@@ -215,7 +215,7 @@ def main(argv=None):
         "command": " ".join([sys.executable, *sys.argv]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "commit": _commit(), "args": vars(args),
+        "commit": machine_info()["commit"], "args": vars(args),
         "data": {"stdlib": str(root), "train_files": len(train_files),
                  "heldout_files": [str(p.relative_to(root)) for p in heldout_files],
                  "train_tokens": len(train_tokens), "heldout_tokens": len(eval_tokens)},
@@ -250,13 +250,6 @@ def main(argv=None):
         print(f"no plot: {error}", file=sys.stderr)
     print((out / "report.md").read_text())
 
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":
