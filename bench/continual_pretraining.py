@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import layerskip_kernels as lsk
-from layerskip_kernels.benchmark import machine_info
+from layerskip_kernels.benchmark import best_of_runs, machine_info
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.training import (TrainConfig, Trainer, evaluate_exits, format_table,
                                         plot_exits, tokenize_text)
@@ -32,15 +32,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def measure_decoding(model, prompts, max_new_tokens, exit_layers, k):
     """Autoregressive, then self-speculative at each exit layer: greedy, one prompt at a time."""
     def run(**kw):
-        new, elapsed, accepted, drafted, tokens = 0, 0.0, 0, 0, []
-        for prompt in prompts:
-            res = min((lsk.generate(model, [prompt], max_new_tokens=max_new_tokens, **kw)
-                       for _ in range(2)), key=lambda r: r.stats["time_s"])  # shared CPU
-            new, elapsed = new + res.stats["new_tokens"], elapsed + res.stats["time_s"]
-            accepted += res.stats.get("accepted", 0)
-            drafted += res.stats.get("drafted", 0)
-            tokens.append(res.tokens[0])
-        return {"tokens_per_s": new / elapsed, "acceptance": accepted / max(drafted, 1)}, tokens
+        result = best_of_runs(model, prompts, max_new_tokens, repeats=2, **kw)
+        return result, result.pop("tokens")
 
     run(strategy="autoregressive")  # warm up
     base, base_tokens = run()

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import layerskip_kernels as lsk
-from layerskip_kernels.benchmark import machine_info
+from layerskip_kernels.benchmark import best_of_runs, machine_info
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.training import (TrainConfig, Trainer, evaluate_exits, format_table,
                                         new_model, plot_exits)
@@ -93,30 +93,14 @@ def held_out_prompts(tokenizer, files, n, prompt_tokens):
     return prompts
 
 
-def measure(model, prompts, max_new_tokens, repeats=3, **kw):
-    """Greedy decoding of each prompt alone (the fastest of `repeats` runs: the CPU is
-    shared); total tokens/s and acceptance over all prompts."""
-    tokens, new, elapsed, accepted, drafted = [], 0, 0.0, 0, 0
-    for prompt in prompts:
-        runs = [lsk.generate(model, [prompt], max_new_tokens=max_new_tokens, **kw)
-                for _ in range(repeats)]
-        res = min(runs, key=lambda r: r.stats["time_s"])
-        tokens.append(res.tokens[0])
-        new, elapsed = new + res.stats["new_tokens"], elapsed + res.stats["time_s"]
-        accepted += res.stats.get("accepted", 0)
-        drafted += res.stats.get("drafted", 0)
-    return {"tokens_per_s": new / elapsed, "acceptance": accepted / max(drafted, 1),
-            "tokens": tokens}
-
-
 def choose_exit(model, prompts, args):
     """Time autoregressive and each (exit layer, draft length); the fastest pair wins."""
-    measure(model, prompts[:1], 16, repeats=1)  # warm up
-    base = measure(model, prompts, args.max_new_tokens)
+    best_of_runs(model, prompts[:1], 16, repeats=1)  # warm up
+    base = best_of_runs(model, prompts, args.max_new_tokens)
     rows = []
     for exit_layer in range(1, model.config.n_layers):
         for k in args.speculations:
-            r = measure(model, prompts, args.max_new_tokens, strategy="self_speculative",
+            r = best_of_runs(model, prompts, args.max_new_tokens, strategy="self_speculative",
                         exit_layer=exit_layer, num_speculations=k)
             rows.append({"exit_layer": exit_layer, "num_speculations": k,
                          "acceptance": r["acceptance"], "tokens_per_s": r["tokens_per_s"],
