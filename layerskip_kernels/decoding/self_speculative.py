@@ -11,6 +11,7 @@ token x[p_b] (already emitted) is pending. A round:
 import torch
 
 from .autoregressive import drop_finished, logits_of, prefill
+from ..ops.greedy_accept import greedy_rule
 from .sampling import logits_to_probs, sample
 
 
@@ -73,9 +74,8 @@ def accept(drafts, draft_probs, logits, sampling, generator):
     temperature = sampling[0]
     B, k = drafts.shape
     if temperature == 0:
-        target = logits.argmax(-1)
-        m = (drafts == target[:, :k]).int().cumprod(-1).sum(-1)
-        return m, target.gather(1, m[:, None]).squeeze(1)
+        m, next_token = greedy_rule(drafts, logits)
+        return m.long(), next_token
     p = logits_to_probs(logits, *sampling)  # (B, k + 1, vocab)
     p_draft = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
     q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)

@@ -43,13 +43,20 @@ def _check_greedy_accept(drafts, verify_logits, cache_seqlens, active):
         check(t.device == drafts.device, name, f"device {drafts.device} (as drafts)", t.device)
 
 
-def greedy_accept_reference(drafts, verify_logits, cache_seqlens, active):
-    """Plain PyTorch: the CPU path and the oracle. Returns (accepted int32, next_token int64,
-    new_cache_seqlens int32), each (B,)."""
+def greedy_rule(drafts, verify_logits):
+    """The greedy acceptance rule: the longest prefix of drafts (B, k) equal to the full
+    model's argmax, and the full model's token after it. Returns (accepted int32,
+    next_token int64), each (B,)."""
     k = drafts.shape[1]
     target = verify_logits if verify_logits.dtype == torch.int64 else verify_logits.argmax(-1)
     accepted = (drafts == target[:, :k]).int().cumprod(-1).sum(-1, dtype=torch.int32)
-    next_token = target.gather(1, accepted.long()[:, None]).squeeze(1)
+    return accepted, target.gather(1, accepted.long()[:, None]).squeeze(1)
+
+
+def greedy_accept_reference(drafts, verify_logits, cache_seqlens, active):
+    """Plain PyTorch: the CPU path and the oracle. Returns (accepted int32, next_token int64,
+    new_cache_seqlens int32), each (B,)."""
+    accepted, next_token = greedy_rule(drafts, verify_logits)
     advance = torch.where(active, accepted + 1, torch.zeros_like(accepted))
     return accepted, next_token, cache_seqlens + advance
 
