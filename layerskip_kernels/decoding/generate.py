@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops._checks import fail
 from .autoregressive import Outputs, decode_autoregressive
 from .layer_skip import kept_layers
 from .self_speculative import ExitDraft, SkipDraft, decode_self_speculative
@@ -20,47 +21,43 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
-def _fail(arg, expected, actual):
-    raise ValueError(f"{arg}: expected {expected}, got {actual!r}")
-
-
 def _check_prompts(config, prompts, max_new_tokens, reserve):
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        _fail("prompts", "a non-empty list of token-id lists", prompts)
+        fail("prompts", "a non-empty list of token-id lists", prompts)
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            _fail(f"prompts[{i}]", "at least one token (BOS)", "an empty prompt")
+            fail(f"prompts[{i}]", "at least one token (BOS)", "an empty prompt")
         if min(prompt) < 0 or max(prompt) >= config.vocab_size:
-            _fail(f"prompts[{i}]", f"token ids in [0, {config.vocab_size})",
+            fail(f"prompts[{i}]", f"token ids in [0, {config.vocab_size})",
                   f"ids from {min(prompt)} to {max(prompt)}")
         if len(prompt) > config.max_seq_len:
-            _fail(f"prompts[{i}]", f"at most max_seq_len={config.max_seq_len} tokens",
+            fail(f"prompts[{i}]", f"at most max_seq_len={config.max_seq_len} tokens",
                   f"{len(prompt)} tokens")
     if max_new_tokens < 1:
-        _fail("max_new_tokens", ">= 1", max_new_tokens)
+        fail("max_new_tokens", ">= 1", max_new_tokens)
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens + reserve > config.max_seq_len:
-        _fail("max_new_tokens", f"longest prompt ({longest}) + max_new_tokens + {reserve} "
+        fail("max_new_tokens", f"longest prompt ({longest}) + max_new_tokens + {reserve} "
               f"draft slots <= max_seq_len={config.max_seq_len}", max_new_tokens)
 
 
 def _check_sampling(temperature, top_k, top_p):
     if temperature < 0:
-        _fail("temperature", ">= 0", temperature)
+        fail("temperature", ">= 0", temperature)
     if top_k < 0:
-        _fail("top_k", ">= 0 (0 = off)", top_k)
+        fail("top_k", ">= 0 (0 = off)", top_k)
     if not 0 < top_p <= 1:
-        _fail("top_p", "a value in (0, 1]", top_p)
+        fail("top_p", "a value in (0, 1]", top_p)
 
 
 def _check_exit_layer(config, exit_layer):
     if not isinstance(exit_layer, int) or not 1 <= exit_layer <= config.n_layers - 1:
-        _fail("exit_layer", f"an integer in [1, {config.n_layers - 1}]", exit_layer)
+        fail("exit_layer", f"an integer in [1, {config.n_layers - 1}]", exit_layer)
 
 
 def _check_speedup(speedup):
     if not isinstance(speedup, (int, float)) or speedup < 1:
-        _fail("speedup", "a number >= 1", speedup)
+        fail("speedup", "a number >= 1", speedup)
 
 
 def _stop_ids(model, eos_token_id):
@@ -93,19 +90,19 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     """
     c = model.config
     if strategy not in STRATEGIES:
-        _fail("strategy", f"one of {STRATEGIES}", strategy)
+        fail("strategy", f"one of {STRATEGIES}", strategy)
     _check_sampling(temperature, top_k, top_p)
     all_layers = range(c.n_layers)
     confidence, reserve = None, 0
     if strategy == "self_speculative":
         if draft not in DRAFTS:
-            _fail("draft", f"one of {DRAFTS}", draft)
+            fail("draft", f"one of {DRAFTS}", draft)
         if num_speculations is None:
             num_speculations = c.num_speculations
         if num_speculations == "auto":
             num_speculations, confidence = AUTO_DRAFT_CAP, AUTO_CONFIDENCE
         if not isinstance(num_speculations, int) or num_speculations < 1:
-            _fail("num_speculations", "an integer >= 1 or 'auto'", num_speculations)
+            fail("num_speculations", "an integer >= 1 or 'auto'", num_speculations)
         reserve = num_speculations + 1
     if strategy == "early_exit" or (strategy == "self_speculative" and draft == "early_exit"):
         exit_layer = c.exit_layer if exit_layer is None else exit_layer

@@ -8,12 +8,10 @@ so exit L-1 is the model's ordinary output, and it is always enabled.
 import torch
 import torch.nn.functional as F
 
+from ..ops._checks import fail
+
 EXIT_SCALES = ("sum", "uniform", "linear")
 EXIT_CURRICULA = ("none", "rotational", "gradual")
-
-
-def _fail(arg, expected, actual):
-    raise ValueError(f"{arg}: expected {expected}, got {actual!r}")
 
 
 def exit_scales(n_layers, kind="sum", enabled=None):
@@ -23,7 +21,7 @@ def exit_scales(n_layers, kind="sum", enabled=None):
     quadratic in depth), "linear" d, "uniform" 1.
     """
     if kind not in EXIT_SCALES:
-        _fail("exit scale", f"one of {EXIT_SCALES}", kind)
+        fail("exit scale", f"one of {EXIT_SCALES}", kind)
     depth = torch.arange(1, n_layers + 1, dtype=torch.float64)
     scales = {"sum": depth * (depth + 1) / 2, "linear": depth,
               "uniform": torch.ones_like(depth)}[kind]
@@ -42,12 +40,12 @@ def enabled_exits(n_layers, step, total_steps, curriculum="none", rotation=2):
                   each of L-1 even intervals, every exit from the middle of training on.
     """
     if curriculum not in EXIT_CURRICULA:
-        _fail("exit curriculum", f"one of {EXIT_CURRICULA}", curriculum)
+        fail("exit curriculum", f"one of {EXIT_CURRICULA}", curriculum)
     if curriculum == "none":
         enabled = [True] * n_layers
     elif curriculum == "rotational":
         if rotation < 1:
-            _fail("rotation", ">= 1", rotation)
+            fail("rotation", ">= 1", rotation)
         enabled = [l % rotation == step % rotation for l in range(n_layers)]
     else:
         half = max(total_steps / 2, 1)

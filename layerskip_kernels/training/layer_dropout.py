@@ -9,12 +9,10 @@ import math
 
 import torch
 
+from ..ops._checks import fail
+
 DEPTH_SCHEDULES = ("exp", "linear", "uniform")
 TIME_SCHEDULES = ("constant", "exp")
-
-
-def _fail(arg, expected, actual):
-    raise ValueError(f"{arg}: expected {expected}, got {actual!r}")
 
 
 def depth_schedule(n_layers, kind="exp"):
@@ -25,9 +23,9 @@ def depth_schedule(n_layers, kind="exp"):
     "uniform"  1 for every layer
     """
     if kind not in DEPTH_SCHEDULES:
-        _fail("depth schedule", f"one of {DEPTH_SCHEDULES}", kind)
+        fail("depth schedule", f"one of {DEPTH_SCHEDULES}", kind)
     if n_layers < 1:
-        _fail("n_layers", ">= 1", n_layers)
+        fail("n_layers", ">= 1", n_layers)
     if kind == "uniform":
         return torch.ones(n_layers, dtype=torch.float64)
     if n_layers == 1:  # one layer is both first and last: never drop the whole model
@@ -40,7 +38,7 @@ def time_schedule(step, total_steps, kind="constant"):
     """S(t): "constant" 1 (continual pretraining, finetuning); "exp" exp(t*ln2/(T-1)) - 1,
     from 0 at the first step to 1 at the last (pretraining from scratch)."""
     if kind not in TIME_SCHEDULES:
-        _fail("time schedule", f"one of {TIME_SCHEDULES}", kind)
+        fail("time schedule", f"one of {TIME_SCHEDULES}", kind)
     if kind == "constant" or total_steps <= 1:
         return 1.0
     return math.expm1(min(step, total_steps - 1) * math.log(2) / (total_steps - 1))
@@ -49,7 +47,7 @@ def time_schedule(step, total_steps, kind="constant"):
 def dropout_rates(n_layers, p_max, step=0, total_steps=1, depth="exp", time="constant"):
     """p(l, t) = S(t) * D(l) * p_max for every layer l, a float64 tensor (n_layers,)."""
     if not 0 <= p_max <= 1:
-        _fail("p_max", "a probability in [0, 1]", p_max)
+        fail("p_max", "a probability in [0, 1]", p_max)
     return time_schedule(step, total_steps, time) * depth_schedule(n_layers, depth) * p_max
 
 
@@ -66,7 +64,7 @@ def run_layers_with_dropout(model, h, rates=None, generator=None, keep_hidden=No
     drop = model.training and rates is not None and bool((torch.as_tensor(rates) > 0).any())
     if drop:
         if len(rates) != n_layers:
-            _fail("rates", f"{n_layers} per-layer probabilities", f"{len(rates)} values")
+            fail("rates", f"{n_layers} per-layer probabilities", f"{len(rates)} values")
         # One draw for all decisions, on the CPU so a seed gives the same drops on any device.
         draws = torch.rand(n_layers, h.shape[0], generator=generator, dtype=torch.float64)
         keep = draws >= torch.as_tensor(rates, dtype=torch.float64)[:, None]
