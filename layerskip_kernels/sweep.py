@@ -18,7 +18,8 @@ from .model import load_model
 
 CSV_FIELDS = ("name", "strategy", "exit_layer", "num_speculations", "tokens_per_s",
               "tokens_per_s_min", "tokens_per_s_max", "speedup_vs_ours_autoregressive",
-              "acceptance_rate", "tokens_per_round", "same_tokens_as_autoregressive")
+              "acceptance_rate", "tokens_per_round", "speedup_if_all_accepted",
+              "same_tokens_as_autoregressive")
 
 
 def parse_ints(text, arg):
@@ -119,6 +120,7 @@ def main_sweep(args):
               f"{best['tokens_per_s']:.1f} tokens/s "
               f"({best['tokens_per_s_min']:.1f}-{best['tokens_per_s_max']:.1f}), "
               f"x{best['speedup_vs_ours_autoregressive']:.2f} over autoregressive, "
-              f"acceptance {best['acceptance_rate']:.2f}")
+              f"acceptance {best['acceptance_rate']:.2f} (x{best['speedup_if_all_accepted']:.2f} "
+              "if every draft were accepted)")
     print("wrote " + ", ".join(map(str, wrote)))
     return report

@@ -146,6 +146,14 @@ def test_sweep_on_stories(stories_path, tmp_path, capsys):
     assert grid == {(e, k) for e in ("1", "2") for k in ("1", "2", "auto")}
     assert all(r["same_tokens_as_autoregressive"] == "True" for r in rows
                if r["strategy"] != "early_exit")  # greedy self-speculation is lossless
+    for r in rows:  # the ceiling scales the measured speedup to k + 1 tokens per round
+        if r["num_speculations"] in ("1", "2"):
+            k, speedup = int(r["num_speculations"]), float(r["speedup_vs_ours_autoregressive"])
+            assert float(r["speedup_if_all_accepted"]) == pytest.approx(
+                speedup * (k + 1) / float(r["tokens_per_round"]))
+            assert float(r["speedup_if_all_accepted"]) >= speedup
+        else:
+            assert r["speedup_if_all_accepted"] == ""
     assert json.loads((tmp_path / "sweep.json").read_text())["settings"]["exit_layers"] == [1, 2]
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "sweep_heatmap.png").read_bytes()[:4] == b"\x89PNG"
