@@ -301,6 +301,68 @@ def test_triton_backend_generates_the_same_tokens(generator, strategy, extra):
     assert outputs["triton"] == outputs["torch"]
 
 
+DECISIVE_PROMPTS, DECISIVE_TOKENS = [[1, 2, 3, 4, 5], [6, 7]], 12
+DECISIVE_MARGIN = 0.08  # smallest top-1 minus top-2 logit gap, in standard deviations of the logits
+
+
+def decisive_llama():
+    """A random Llama (GQA 4/2, head_dim 64 as the CUDA kernels need) whose greedy tokens on
+    DECISIVE_PROMPTS have no near-ties, so fp16 kernels must reproduce them exactly: seed 26
+    was picked for that, and test_decisive_llama_has_no_near_ties keeps it honest. Weights
+    are fp16 values, so the fp16 model differs from the float32 one only in its arithmetic."""
+    generator = torch.Generator().manual_seed(26)
+    config = lsk.LlamaConfig(vocab_size=VOCAB, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                             head_dim=64, hidden_dim=256, max_seq_len=64)
+    model = lsk.Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.3 if "norm" in name else 0.1
+            noise = scale * torch.randn(p.shape, generator=generator)
+            p.copy_((noise + ("norm" in name)).half().float())
+    return model.eval().requires_grad_(False)
+
+
+def greedy_margins(model, prompts, outputs):
+    """Per generated token: (top-1 - top-2 logit) / std of the logits, from one forward pass."""
+    margins = []
+    for prompt, output in zip(prompts, outputs):
+        logits = model(torch.tensor([prompt + output]))[0, len(prompt) - 1:-1].float()
+        top2 = logits.topk(2, dim=-1).values
+        margins += ((top2[:, 0] - top2[:, 1]) / logits.std(-1)).tolist()
+    return margins
+
+
+def test_decisive_llama_has_no_near_ties():
+    model = decisive_llama()
+    tokens = lsk.generate(model, DECISIVE_PROMPTS, max_new_tokens=DECISIVE_TOKENS,
+                          eos_token_id=[]).tokens
+    assert min(greedy_margins(model, DECISIVE_PROMPTS, tokens)) > DECISIVE_MARGIN
+    assert len(set(sum(tokens, []))) > 8  # not one repeated token
+    # fp16 arithmetic moves a logit by far less than half the smallest gap.
+    ids = torch.tensor([DECISIVE_PROMPTS[0] + tokens[0]])
+    exact, half = model(ids)[0], model.half()(ids)[0].float()
+    assert ((exact - half).abs().amax(-1) / exact.std(-1)).max() < DECISIVE_MARGIN / 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("strategy,extra", [
+    ("autoregressive", {}), ("self_speculative", {"exit_layer": 2, "num_speculations": 3})])
+def test_gpu_backends_generate_the_float32_cpu_tokens(backend, strategy, extra):
+    """The whole model on each GPU backend in fp16 against the float32 CPU reference: exact
+    tokens, as the decisive model has no near-ties."""
+    if backend == "cuda" and not lsk.cuda_available():
+        pytest.skip("layerskip_kernels._C was not built with CUDA")
+    model = decisive_llama()
+    expected = lsk.generate(model, DECISIVE_PROMPTS, max_new_tokens=DECISIVE_TOKENS,
+                            eos_token_id=[]).tokens
+    model = model.to("cuda", torch.float16)
+    model.backend = backend
+    got = lsk.generate(model, DECISIVE_PROMPTS, max_new_tokens=DECISIVE_TOKENS, strategy=strategy,
+                       eos_token_id=[], **extra).tokens
+    assert got == expected
+
+
 def test_training_runs_the_references_even_with_a_kernel_backend(generator):
     """Kernels have no backward: with weights that want gradients, the head's norm must be
     the differentiable reference whatever the backend."""
