@@ -16,17 +16,21 @@ def seed(generator):
     return int(torch.randint(0, 2**31 - 1, (), generator=generator))
 
 
+def randomized(config, generator, scale, norm_scale):
+    """An inference-mode Llama with N(0, scale) weights and N(1, norm_scale) norm weights."""
+    model = lsk.Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = norm_scale if "norm" in name else scale
+            p.copy_(std * torch.randn(p.shape, generator=generator) + ("norm" in name))
+    return model.eval().requires_grad_(False)
+
+
 def tiny_llama(generator, n_layers=4, max_seq_len=48):
     """A random Llama (norms random too) whose greedy output is not one repeated token."""
     config = lsk.LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=n_layers, n_heads=4,
                              n_kv_heads=2, hidden_dim=45, max_seq_len=max_seq_len)
-    model = lsk.Llama(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if "norm" in name else 0.15
-            noise = scale * torch.randn(p.shape, generator=generator)
-            p.copy_(noise + (1.0 if "norm" in name else 0.0))
-    return model.eval().requires_grad_(False)
+    return randomized(config, generator, scale=0.15, norm_scale=0.3)
 
 
 def truncated(model, n_layers):
@@ -287,11 +291,7 @@ def test_triton_backend_generates_the_same_tokens(generator, strategy, extra):
     interpreter, against the PyTorch reference; head_dim 64 as the kernels require."""
     config = lsk.LlamaConfig(vocab_size=VOCAB, dim=128, n_layers=2, n_heads=2, n_kv_heads=1,
                              hidden_dim=64, max_seq_len=32)
-    model = lsk.Llama(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(0.2 * torch.randn(p.shape, generator=generator) + ("norm" in name))
-    model.eval().requires_grad_(False)
+    model = randomized(config, generator, scale=0.2, norm_scale=0.2)
     prompts = [[1, 2, 3], [4]]
     outputs = {}
     for backend in ("torch", "triton"):
@@ -310,16 +310,12 @@ def decisive_llama():
     DECISIVE_PROMPTS have no near-ties, so fp16 kernels must reproduce them exactly: seed 26
     was picked for that, and test_decisive_llama_has_no_near_ties keeps it honest. Weights
     are fp16 values, so the fp16 model differs from the float32 one only in its arithmetic."""
-    generator = torch.Generator().manual_seed(26)
     config = lsk.LlamaConfig(vocab_size=VOCAB, dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
                              head_dim=64, hidden_dim=256, max_seq_len=64)
-    model = lsk.Llama(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.3 if "norm" in name else 0.1
-            noise = scale * torch.randn(p.shape, generator=generator)
-            p.copy_((noise + ("norm" in name)).half().float())
-    return model.eval().requires_grad_(False)
+    model = randomized(config, torch.Generator().manual_seed(26), scale=0.1, norm_scale=0.3)
+    for p in model.parameters():
+        p.copy_(p.half())
+    return model
 
 
 def greedy_margins(model, prompts, outputs):
