@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import layerskip_kernels as lsk
-from layerskip_kernels.benchmark import best_of_runs, machine_info
+from layerskip_kernels.benchmark import best_of_runs, machine_info, speedup_if_all_accepted
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.training import (TrainConfig, Trainer, evaluate_exits, format_table,
                                         new_model, plot_exits)
@@ -106,8 +106,8 @@ def choose_exit(model, prompts, args):
             rows.append({"exit_layer": exit_layer, "num_speculations": k,
                          "acceptance": r["acceptance"], "tokens_per_s": r["tokens_per_s"],
                          "speedup": speedup, "same_tokens": r["tokens"] == base["tokens"],
-                         # the same rounds with all k drafts accepted (see benchmark.py)
-                         "speedup_if_all_accepted": speedup * (k + 1) / (1 + r["acceptance"] * k)})
+                         "speedup_if_all_accepted": speedup_if_all_accepted(
+                             speedup, k, tokens_per_round=1 + r["acceptance"] * k)})
     best = max(rows, key=lambda r: r["speedup"])
     return base["tokens_per_s"], rows, best
 

@@ -133,12 +133,16 @@ def time_interleaved(timed, repeats, warmup, progress=None):
         row["speedup_vs_ours_autoregressive"] = row["tokens_per_s"] / results[0]["tokens_per_s"]
         k = row.get("num_speculations")
         if isinstance(k, int) and row.get("tokens_per_round"):
-            # The same rounds with every draft accepted (k + 1 tokens each): the most a
-            # better-trained exit could give at this (E, k), as a round's cost barely
-            # depends on how many drafts it accepts.
-            row["speedup_if_all_accepted"] = (row["speedup_vs_ours_autoregressive"] * (k + 1)
-                                              / row["tokens_per_round"])
+            row["speedup_if_all_accepted"] = speedup_if_all_accepted(
+                row["speedup_vs_ours_autoregressive"], k, row["tokens_per_round"])
     return results, outputs
+
+
+def speedup_if_all_accepted(speedup, num_speculations, tokens_per_round):
+    """A measured self-speculative speedup scaled to rounds that accept every draft (k + 1
+    tokens each): the most a better-trained exit could give at this (E, k), as a round's
+    cost barely depends on how many drafts it accepts."""
+    return speedup * (num_speculations + 1) / tokens_per_round
 
 
 def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_layers=None,
