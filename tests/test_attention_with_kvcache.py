@@ -264,7 +264,7 @@ def bad_dtype(args):
 
 
 def bad_cache_dtype(args):
-    args[1] = args[1].half()
+    args[1] = args[1].to(torch.bfloat16 if args[1].dtype != torch.bfloat16 else torch.float32)
 
 
 def bad_shape(args):
@@ -273,7 +273,7 @@ def bad_shape(args):
 
 def bad_last_dim_stride(args):
     q = args[0]
-    args[0] = torch.zeros(*q.shape[:-1], 2 * q.shape[-1])[..., ::2]
+    args[0] = q.new_zeros(*q.shape[:-1], 2 * q.shape[-1])[..., ::2]
 
 
 def cache_overflow(args):
@@ -447,12 +447,16 @@ def test_cuda_graph_replay_reads_lengths_on_the_device(generator):
 
 
 @pytest.mark.gpu
-def test_cuda_backend_routes_float32_to_triton(generator):
+def test_auto_routes_float32_past_the_cuda_kernel(generator):
+    """The CUDA kernel is fp16 / bf16: "auto" runs float32 on the next backend, and naming
+    "cuda" for it is a ValueError that names q."""
     args = to_cuda(make_inputs(2, 5, 8, 2, 64, [3, 70], torch.float32, True, generator))
     want, _, _ = oracle(*without_nan([a.cpu() if torch.is_tensor(a) else a for a in args]))
-    out = attention_with_kvcache(*args, backend="cuda")
+    out = attention_with_kvcache(*args, backend="auto")
     atol, rtol = TOLERANCES[torch.float32]
     torch.testing.assert_close(out.double().cpu(), want, atol=atol, rtol=rtol)
+    with pytest.raises(ValueError, match="^q: expected float16 or bfloat16 for backend cuda"):
+        attention_with_kvcache(*args, backend="cuda")
 
 
 @pytest.mark.gpu
@@ -461,13 +465,13 @@ def test_cuda_backend_routes_float32_to_triton(generator):
     (bad_last_dim_stride, "q"), (bad_rotary, "rotary_cos"),
 ])
 def test_cuda_bad_input_names_the_argument(corrupt, arg, generator):
-    """The shared Python checks run before the cuda dispatch (float32 inputs, as the Triton
-    guards: the corruptions assume them; the control then runs on the float32 route)."""
-    attention_with_kvcache(*to_cuda(guard_inputs(generator)), backend="cuda")  # control
-    args = guard_inputs(generator)
+    """The shared Python checks run before the cuda dispatch. The inputs are corrupted on the
+    GPU: moving a strided tensor there would make it contiguous again."""
+    attention_with_kvcache(*to_cuda(guard_inputs(generator, torch.float16)), backend="cuda")
+    args = to_cuda(guard_inputs(generator, torch.float16))
     corrupt(args)
     with pytest.raises(ValueError, match=f"^{arg}:"):
-        attention_with_kvcache(*to_cuda(args), backend="cuda")
+        attention_with_kvcache(*args, backend="cuda")
 
 
 @pytest.mark.gpu

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check
-from .backend import resolve_backend, triton_available
+from .backend import Impl, Op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-KERNEL_HEAD_DIMS = (64, 128)
-MAX_KERNEL_QUERIES = 16
+TRITON_HEAD_DIMS = (64, 128)
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)  # tensor-core MMA
+MAX_KERNEL_QUERIES = 16  # decode and verify; a prompt runs the model's prefill path
 
 
 def _check_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
@@ -94,10 +96,9 @@ def plan_attention(cache_seqlens, Sq, max_seq_len, n_heads, n_kv_heads, rotary_c
                    rotary_sin=None, backend="auto"):
     """Prepare the attention of Sq new tokens per row, once for all layers of a forward."""
     device = cache_seqlens.device
-    name = resolve_backend(backend, device, available=tuple(_BACKENDS))
     tables = None if rotary_cos is None else (rotary_cos, rotary_sin)
-    if name != "torch":
-        return AttentionPlan(name, cache_seqlens, tables)
+    if backend != "torch" and (device.type == "cuda" or backend != "auto"):
+        return AttentionPlan(backend, cache_seqlens, tables)  # kernels picked per call
     B = cache_seqlens.shape[0]
     positions = cache_seqlens.long()[:, None] + torch.arange(Sq, device=device)
     longest = int(positions.max())
@@ -112,15 +113,19 @@ def plan_attention(cache_seqlens, Sq, max_seq_len, n_heads, n_kv_heads, rotary_c
     bias = bias.expand(B, n_kv_heads, n_heads // n_kv_heads, Sq, keys).reshape(
         B * n_kv_heads, -1, keys)
     rotary = None if tables is None else rotary_factors(rotary_cos[positions], rotary_sin[positions])
-    return AttentionPlan(name, cache_seqlens, tables, positions, keys, rotary, bias)
+    return AttentionPlan("torch", cache_seqlens, tables, positions, keys, rotary, bias)
 
 
 def attend(q, k_cache, v_cache, k_new, v_new, plan, softmax_scale=None):
     """Write the new K/V and attend, for one layer, with a plan from plan_attention()."""
     if plan.backend != "torch":
-        return attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, plan.cache_seqlens,
-                                      *(plan.rotary_tables or (None, None)), softmax_scale,
-                                      backend=plan.backend)
+        args = (q, k_cache, v_cache, k_new, v_new, plan.cache_seqlens,
+                *(plan.rotary_tables or (None, None)), softmax_scale)
+        name = ATTENTION.prefer(plan.backend, q.device, args)
+        if name != "torch":
+            return ATTENTION.impls[name].run(*args)
+        plan = plan_attention(plan.cache_seqlens, q.shape[1], k_cache.shape[1], q.shape[2],
+                              k_cache.shape[2], *(plan.rotary_tables or (None, None)), "torch")
     B, Sq, Hq, D = q.shape
     if plan.rotary is not None:
         q, k_new = rotate(q, plan.rotary), rotate(k_new, plan.rotary)
@@ -153,17 +158,10 @@ def _launch_triton(*args, **kwargs):
 
 def _launch_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos=None,
                  rotary_sin=None, softmax_scale=None, num_splits=None, out=None):
-    """CUDA backend (csrc/attention_with_kvcache.cu), arguments already checked by the op.
-
-    The kernel is fp16 / bf16 only (tensor-core MMA): float32 runs on the Triton kernel, or on
-    the reference where Triton cannot run. num_splits: None picks it from B * Hkv and the SM
-    count. out: an optional (B, Sq, Hq, D) tensor of q's dtype. Returns (B, Sq, Hq, D).
+    """CUDA backend (csrc/attention_with_kvcache.cu): arguments checked by the op, and within
+    _cuda_limits. num_splits: None picks it from B * Hkv and the SM count. out: an optional
+    (B, Sq, Hq, D) tensor of q's dtype. Returns (B, Sq, Hq, D).
     """
-    if q.dtype == torch.float32:
-        fallback = (_launch_triton if triton_available(q.device)
-                    else attention_with_kvcache_reference)
-        return fallback(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos, rotary_sin,
-                        softmax_scale)
     from .. import _ext
     B, Sq, Hq, D = q.shape
     Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -172,11 +170,8 @@ def _launch_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos=No
     check(out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, "out",
           f"{q.dtype} of shape {tuple(q.shape)} with a contiguous last dim",
           f"{out.dtype} {tuple(out.shape)} strides {out.stride()}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new),
-                    ("v_new", v_new), ("out", out)):  # the kernel moves 16-byte units
-        check(t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3]), name,
-              "16-byte aligned rows for backend cuda (data_ptr and strides multiples of 8)",
-              f"data_ptr {t.data_ptr()} strides {t.stride()}")
+    check(_aligned(out), "out", "16-byte aligned rows (data_ptr and strides multiples of 8)",
+          f"data_ptr {out.data_ptr()} strides {out.stride()}")
     if rotary_cos is not None:
         dtype = rotary_cos.dtype if rotary_cos.dtype in _ext.DTYPE_CODES else torch.float32
         rotary_cos, rotary_sin = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous()
@@ -216,8 +211,38 @@ def _launch_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos=No
     return out
 
 
-_BACKENDS = {"torch": attention_with_kvcache_reference, "triton": _launch_triton,
-             "cuda": _launch_cuda}
+def _aligned(t):
+    """The CUDA kernel moves 16-byte units: every (b, s, h) row must start on one."""
+    return t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3])
+
+
+def _kernel_limits(head_dims):
+    def limits(q, *_):
+        D, Sq = q.shape[-1], q.shape[1]
+        if D not in head_dims:
+            return "q", f"head_dim in {head_dims}", D
+        if Sq > MAX_KERNEL_QUERIES:
+            return "q", f"at most {MAX_KERNEL_QUERIES} queries per row", Sq
+        return None
+    return limits
+
+
+def _cuda_limits(q, k_cache, v_cache, k_new, v_new, *_):
+    if q.dtype not in CUDA_DTYPES:
+        return "q", "float16 or bfloat16", q.dtype
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new),
+                    ("v_new", v_new)):
+        if not _aligned(t):
+            return (name, "16-byte aligned rows (data_ptr and strides multiples of 8)",
+                    f"data_ptr {t.data_ptr()} strides {t.stride()}")
+    return _kernel_limits(CUDA_HEAD_DIMS)(q)
+
+
+ATTENTION = Op("attention_with_kvcache", {
+    "cuda": Impl(_launch_cuda, _cuda_limits),
+    "triton": Impl(_launch_triton, _kernel_limits(TRITON_HEAD_DIMS)),
+    "torch": Impl(attention_with_kvcache_reference),
+})
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
@@ -232,11 +257,5 @@ def attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
     """
     _check_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
                                   rotary_cos, rotary_sin)
-    name = resolve_backend(backend, q.device, available=tuple(_BACKENDS))
-    if name != "torch":
-        D, Sq = q.shape[-1], q.shape[1]
-        check(D in KERNEL_HEAD_DIMS, "q", f"head_dim in {KERNEL_HEAD_DIMS} for backend {name}", D)
-        check(Sq <= MAX_KERNEL_QUERIES, "q", f"at most {MAX_KERNEL_QUERIES} queries per row "
-              f"for backend {name}", Sq)
-    return _BACKENDS[name](q, k_cache, v_cache, k_new, v_new, cache_seqlens,
-                           rotary_cos, rotary_sin, softmax_scale)
+    return ATTENTION(backend, q.device, (q, k_cache, v_cache, k_new, v_new, cache_seqlens,
+                                         rotary_cos, rotary_sin, softmax_scale))

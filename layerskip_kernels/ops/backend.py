@@ -1,46 +1,106 @@
-"""The one place that decides which implementation of an op runs."""
-import functools
+"""The one place that decides which implementation of an op runs.
+
+Each op lists its backends, fastest first, as `Impl`s: a launcher (its arguments already
+checked by the op) and `limits(*args)`, which returns None when the backend can run that call
+or else (argument, what the backend needs, what came). The backends:
+
+  "cuda"    csrc/ kernels through layerskip_kernels._C: CUDA tensors, when _C was built
+  "triton"  Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
+  "torch"   the PyTorch reference: every device and every shape
+
+How a call picks a backend:
+  backend="auto"    on a GPU, the first backend in the op's order that runs there and whose
+                    limits take this call (so "torch" when no kernel does); on a CPU, "torch".
+  backend=<name>    that backend; a ValueError naming the argument it cannot take, or a
+                    RuntimeError when it cannot run on the device at all.
+  a preference      (a model's backend, `Op.prefer`): that backend when it takes the call,
+                    else as "auto". Never raises: "torch" takes every call.
+"""
 import importlib.util
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 from .._ext import cuda_available
 from ._checks import check
 
-PREFERENCE = ("cuda", "triton", "torch")  # fastest first, for backend="auto" on a GPU
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_available(device) -> bool:
     """Triton runs on CUDA tensors, or on CPU tensors under its interpreter."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return _TRITON_INSTALLED and (device.type == "cuda"
+                                  or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _usable(name, device) -> bool:
+def _why_not_on(name, device):
+    """None when backend `name` can run on `device`, else why not."""
     if name == "torch":
-        return True
+        return None
     if name == "triton":
-        return triton_available(device)
-    return device.type == "cuda" and cuda_available()
+        return None if triton_available(device) else (
+            "triton is not installed, or the tensors are on the CPU without TRITON_INTERPRET=1")
+    return None if device.type == "cuda" and cuda_available() else (
+        "the CUDA extension is not built or no GPU is visible")
 
 
-def resolve_backend(backend, device, available) -> str:
-    """'auto' is cuda > triton > torch on a GPU and torch on a CPU; a named backend must run."""
-    if backend == "auto":
+@dataclass(frozen=True)
+class Impl:
+    run: Callable
+    limits: Callable | None = None  # (*args) -> None | (argument, expected, actual)
+
+    def why_not(self, args):
+        return None if self.limits is None else self.limits(*args)
+
+
+class Op:
+    """One op's backends, fastest first (the reference "torch" last)."""
+
+    def __init__(self, name: str, impls: dict):
+        self.name, self.impls = name, impls
+
+    @property
+    def backends(self):
+        return tuple(self.impls)
+
+    def resolve(self, backend, device, args):
+        """The backend name for this call: see the module docstring."""
+        if backend == "auto":
+            return self._auto(device, args)
+        check(backend in self.impls, "backend", f"'auto' or one of {self.backends}",
+              repr(backend))
+        reason = _why_not_on(backend, device)
+        if reason:
+            raise RuntimeError(f"backend {backend!r} cannot run on {device}: {reason}")
+        limit = self.impls[backend].why_not(args)
+        if limit:
+            arg, expected, actual = limit
+            check(False, arg, f"{expected} for backend {backend}", actual)
+        return backend
+
+    def prefer(self, preference, device, args):
+        """`preference` when it runs this call, else what "auto" picks."""
+        impl = self.impls.get(preference)
+        if impl and not _why_not_on(preference, device) and not impl.why_not(args):
+            return preference
+        return self._auto(device, args)
+
+    def _auto(self, device, args):
         if device.type != "cuda":
             return "torch"
-        return next(name for name in PREFERENCE if name in available and _usable(name, device))
-    check(backend in available, "backend", f"'auto' or one of {available}", repr(backend))
-    if not _usable(backend, device):
-        why = {"triton": "triton is not installed, or the tensors are on the CPU without "
-                         "TRITON_INTERPRET=1",
-               "cuda": "the CUDA extension is not built or no GPU is visible"}[backend]
-        raise RuntimeError(f"backend {backend!r} cannot run on {device}: {why}")
-    return backend
+        return next(name for name, impl in self.impls.items()
+                    if not _why_not_on(name, device) and not impl.why_not(args))
+
+    def __call__(self, backend, device, args):
+        """Run the call on the backend `resolve` picks."""
+        return self.impls[self.resolve(backend, device, args)].run(*args)
 
 
-def bind(op, reference, available, backend, device):
-    """What a trusted caller (the model, on tensors it built) calls many times: the reference
-    without per-call checks on the torch backend, else the checked op on the resolved one."""
-    name = resolve_backend(backend, device, available)
-    return reference if name == "torch" else functools.partial(op, backend=name)
+def bind(op, preference, device):
+    """What a trusted caller (the model, on tensors it built) calls many times: the reference,
+    with no per-call checks, where the preference resolves to it on this device; else the op's
+    launcher picked per call by `Op.prefer`."""
+    if preference == "torch" or (device.type != "cuda" and (
+            preference not in op.impls or _why_not_on(preference, device))):
+        return op.impls["torch"].run
+    return lambda *args: op.impls[op.prefer(preference, device, args)].run(*args)

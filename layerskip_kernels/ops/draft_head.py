@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check
-from .backend import bind, resolve_backend
+from .backend import Impl, Op, bind
 from .rms_norm import MAX_KERNEL_DIM, SUPPORTED_DTYPES, rms_norm_reference
 
 MAX_KERNEL_TOPK = 64
@@ -74,17 +74,18 @@ def _triton_argmax(h, norm_weight, eps, lm_head_weight):
     return draft_head_argmax_triton(h, norm_weight, eps, lm_head_weight)
 
 
-_ARGMAX_BACKENDS = {"torch": draft_head_argmax_reference, "triton": _triton_argmax}
-_TOPK_BACKENDS = {"torch": draft_head_topk_reference, "triton": _triton_topk}
+def _kernel_limits(h, norm_weight, eps, lm_head_weight, k=1):
+    if h.shape[-1] > MAX_KERNEL_DIM:
+        return "h", f"a last dim of at most {MAX_KERNEL_DIM}", h.shape[-1]
+    if k > MAX_KERNEL_TOPK:
+        return "k", f"at most {MAX_KERNEL_TOPK}", k
+    return None
 
 
-def _resolve(backends, backend, h, k):
-    name = resolve_backend(backend, h.device, available=tuple(backends))
-    if name != "torch":
-        check(h.shape[-1] <= MAX_KERNEL_DIM, "h",
-              f"a last dim of at most {MAX_KERNEL_DIM} for backend {name}", h.shape[-1])
-        check(k <= MAX_KERNEL_TOPK, "k", f"at most {MAX_KERNEL_TOPK} for backend {name}", k)
-    return backends[name]
+DRAFT_HEAD_ARGMAX = Op("draft_head_argmax", {"triton": Impl(_triton_argmax, _kernel_limits),
+                                             "torch": Impl(draft_head_argmax_reference)})
+DRAFT_HEAD_TOPK = Op("draft_head_topk", {"triton": Impl(_triton_topk, _kernel_limits),
+                                         "torch": Impl(draft_head_topk_reference)})
 
 
 def draft_head_argmax(h, norm_weight, eps, lm_head_weight, backend="auto"):
@@ -94,7 +95,7 @@ def draft_head_argmax(h, norm_weight, eps, lm_head_weight, backend="auto"):
     (vocab, dim) of h's dtype. Returns (tokens (...,) int64, max_logit (...,) float32).
     """
     _check_draft_head(h, norm_weight, eps, lm_head_weight)
-    return _resolve(_ARGMAX_BACKENDS, backend, h, 1)(h, norm_weight, eps, lm_head_weight)
+    return DRAFT_HEAD_ARGMAX(backend, h.device, (h, norm_weight, eps, lm_head_weight))
 
 
 def draft_head_topk(h, norm_weight, eps, lm_head_weight, k, backend="auto"):
@@ -104,10 +105,9 @@ def draft_head_topk(h, norm_weight, eps, lm_head_weight, k, backend="auto"):
     order. Kernel backends take k <= 64.
     """
     _check_draft_head(h, norm_weight, eps, lm_head_weight, k)
-    return _resolve(_TOPK_BACKENDS, backend, h, k)(h, norm_weight, eps, lm_head_weight, k)
+    return DRAFT_HEAD_TOPK(backend, h.device, (h, norm_weight, eps, lm_head_weight, k))
 
 
 def bound_draft_head_argmax(backend, device):
-    """draft_head_argmax bound to a backend once, for repeated calls: see backend.bind."""
-    return bind(draft_head_argmax, draft_head_argmax_reference, tuple(_ARGMAX_BACKENDS), backend,
-                device)
+    """draft_head_argmax bound to a backend preference once: see backend.bind."""
+    return bind(DRAFT_HEAD_ARGMAX, backend, device)

@@ -14,7 +14,7 @@ materialises the logits.
 import torch
 
 from ._checks import check
-from .backend import resolve_backend
+from .backend import Impl, Op
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -66,7 +66,8 @@ def _launch_triton(*args, **kwargs):
     return greedy_accept_triton(*args, **kwargs)
 
 
-_BACKENDS = {"torch": greedy_accept_reference, "triton": _launch_triton}
+GREEDY_ACCEPT = Op("greedy_accept", {"triton": Impl(_launch_triton),
+                                     "torch": Impl(greedy_accept_reference)})
 
 
 def greedy_accept(drafts, verify_logits, cache_seqlens, active, backend="auto"):
@@ -78,5 +79,4 @@ def greedy_accept(drafts, verify_logits, cache_seqlens, active, backend="auto"):
     Returns (accepted (B,) int32, next_token (B,) int64, new_cache_seqlens (B,) int32).
     """
     _check_greedy_accept(drafts, verify_logits, cache_seqlens, active)
-    name = resolve_backend(backend, drafts.device, available=tuple(_BACKENDS))
-    return _BACKENDS[name](drafts, verify_logits, cache_seqlens, active)
+    return GREEDY_ACCEPT(backend, drafts.device, (drafts, verify_logits, cache_seqlens, active))

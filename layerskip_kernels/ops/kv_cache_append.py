@@ -8,9 +8,8 @@ import torch
 
 from .. import _ext
 from ._checks import check
-from .backend import resolve_backend
+from .backend import Impl, Op
 
-BACKENDS = ("torch", "cuda")
 
 
 def _check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, check_bounds=False):
@@ -49,16 +48,21 @@ def kv_cache_append_reference(k_cache, v_cache, k_new, v_new, cache_seqlens):
     v_cache[rows, pos] = v_new
 
 
-def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, backend="auto",
-                    check_bounds=False):
-    """Append k_new/v_new to the caches in place at rows cache_seqlens[b] + i; returns None."""
-    _check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, check_bounds)
-    backend = resolve_backend(backend, k_cache.device, BACKENDS)
-    if backend == "torch":
-        return kv_cache_append_reference(k_cache, v_cache, k_new, v_new, cache_seqlens)
+def _launch_cuda(k_cache, v_cache, k_new, v_new, cache_seqlens):
     B, Smax, H, D = k_cache.shape
     with torch.cuda.device(k_cache.device):
         _ext._C.kv_cache_append(
             k_cache.data_ptr(), v_cache.data_ptr(), k_new.data_ptr(), v_new.data_ptr(),
             cache_seqlens.data_ptr(), B, Smax, k_new.shape[1], H, D,
             _ext.DTYPE_CODES[k_cache.dtype], torch.cuda.current_stream().cuda_stream)
+
+
+KV_CACHE_APPEND = Op("kv_cache_append", {"cuda": Impl(_launch_cuda),
+                                         "torch": Impl(kv_cache_append_reference)})
+
+
+def kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, backend="auto",
+                    check_bounds=False):
+    """Append k_new/v_new to the caches in place at rows cache_seqlens[b] + i; returns None."""
+    _check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, check_bounds)
+    KV_CACHE_APPEND(backend, k_cache.device, (k_cache, v_cache, k_new, v_new, cache_seqlens))

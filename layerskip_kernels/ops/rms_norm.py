@@ -11,7 +11,7 @@ In float32 the two agree bit for bit; in fp16 / bf16 this op is the more accurat
 import torch
 
 from ._checks import check
-from .backend import bind, resolve_backend
+from .backend import Impl, Op, bind
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL_DIM = 65536  # one row per program, held in registers
@@ -50,7 +50,14 @@ def _launch_triton(*args, **kwargs):
     return rms_norm_triton(*args, **kwargs)
 
 
-_BACKENDS = {"torch": rms_norm_reference, "triton": _launch_triton}
+def _kernel_limits(x, *_):
+    if x.shape[-1] > MAX_KERNEL_DIM:
+        return "x", f"a last dim of at most {MAX_KERNEL_DIM}", x.shape[-1]
+    return None
+
+
+RMS_NORM = Op("rms_norm", {"triton": Impl(_launch_triton, _kernel_limits),
+                           "torch": Impl(rms_norm_reference)})
 
 
 def rms_norm(x, weight, eps, residual=None, backend="auto"):
@@ -60,13 +67,9 @@ def rms_norm(x, weight, eps, residual=None, backend="auto"):
     new residual stream (a new tensor; x and residual are not modified).
     """
     _check_rms_norm(x, weight, eps, residual)
-    name = resolve_backend(backend, x.device, available=tuple(_BACKENDS))
-    if name != "torch":
-        check(x.shape[-1] <= MAX_KERNEL_DIM, "x",
-              f"a last dim of at most {MAX_KERNEL_DIM} for backend {name}", x.shape[-1])
-    return _BACKENDS[name](x, weight, eps, residual)
+    return RMS_NORM(backend, x.device, (x, weight, eps, residual))
 
 
 def bound_rms_norm(backend, device):
-    """rms_norm bound to a backend once, for repeated calls: see backend.bind."""
-    return bind(rms_norm, rms_norm_reference, tuple(_BACKENDS), backend, device)
+    """rms_norm bound to a backend preference once, for repeated calls: see backend.bind."""
+    return bind(RMS_NORM, backend, device)
