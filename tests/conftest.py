@@ -1,12 +1,14 @@
-"""Shared test settings. Triton's CPU interpreter must be chosen before triton is imported."""
+"""Shared test settings. Triton kernels run compiled on a GPU and in Triton's CPU interpreter
+elsewhere; the interpreter must be chosen before triton is imported (torch does not import it)."""
 import os
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -35,6 +37,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_device():
+    """Where the Triton kernels under test run: the GPU when there is one (compiled), else the
+    CPU (interpreted)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture
