@@ -63,7 +63,8 @@ def test_ragged_batch_equals_each_prompt_alone(generator, model_and_vocab, lengt
     prompts = random_prompts(generator, lengths, vocab)
     if vocab == 512:
         prompts[0][0] = 1  # one row starts from BOS as real prompts do
-    kw = dict(max_new_tokens=13, strategy=strategy, exit_layer=2, eos_token_id=[])
+    kw = dict(max_new_tokens=13, strategy=strategy, eos_token_id=[])
+    kw.update(exit_layer=2) if strategy == "early_exit" else None
     batch = lsk.generate(model, prompts, **kw)
     assert [len(t) for t in batch.tokens] == [13] * len(prompts)
     for prompt, tokens in zip(prompts, batch.tokens):
@@ -158,7 +159,8 @@ def test_eos_from_config(generator):
 def test_stats(generator, strategy):
     model = tiny_llama(generator)
     res = lsk.generate(model, random_prompts(generator, (2, 7, 1)), max_new_tokens=5,
-                       strategy=strategy, exit_layer=2, eos_token_id=[])
+                       strategy=strategy, eos_token_id=[],
+                       exit_layer=2 if strategy == "early_exit" else None)
     assert isinstance(res, lsk.GenerationResult)
     assert res.stats["tokens_per_s"] > 0
     assert res.stats["new_tokens"] == sum(len(t) for t in res.tokens) == 15
@@ -181,6 +183,14 @@ BAD_ARGS = [
     (dict(strategy="early_exit", exit_layer=0), "exit_layer"),
     (dict(strategy="early_exit", exit_layer=4), "exit_layer"),
     (dict(strategy="early_exit", exit_layer=None), "exit_layer"),
+    (dict(strategy="autoregressive", exit_layer=2), "exit_layer"),
+    (dict(strategy="autoregressive", num_speculations=3), "num_speculations"),
+    (dict(strategy="early_exit", exit_layer=2, speedup=1.5), "speedup"),
+    (dict(strategy="self_speculative", draft="layer_skip", speedup=1.5, exit_layer=2),
+     "exit_layer"),
+    (dict(cuda_graphs="yes"), "cuda_graphs"),
+    (dict(prompts=torch.tensor([[1.0, 2.0]])), "prompts"),
+    (dict(prompts=torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3)), "attention_mask"),
     (dict(temperature=-0.5), "temperature"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
@@ -191,7 +201,7 @@ BAD_ARGS = [
 @pytest.mark.parametrize("bad, match", BAD_ARGS)
 def test_bad_arguments_fail_before_any_work(generator, monkeypatch, bad, match):
     model = tiny_llama(generator)
-    kw = dict(prompts=[[1, 2, 3]], max_new_tokens=5, exit_layer=2, temperature=1.0, seed=0)
+    kw = dict(prompts=[[1, 2, 3]], max_new_tokens=5, temperature=1.0, seed=0)
     assert len(lsk.generate(model, **kw).tokens[0]) == 5  # passing control
     assert len(lsk.generate(model, **{**kw, "prompts": [[1] * 43]}).tokens[0]) == 5  # 43 + 5 = 48
 
@@ -367,3 +377,32 @@ def test_training_runs_the_references_even_with_a_kernel_backend(generator):
     h = torch.randn(2, 3, model.config.dim, generator=generator)
     model.head(h).sum().backward()
     assert model.norm.weight.grad is not None and model.lm_head.weight.grad is not None
+
+
+def test_tensor_prompts_with_attention_mask_equal_id_lists(generator):
+    """Left- and right-padded 2-D prompts, as transformers' generate takes them."""
+    model = tiny_llama(generator)
+    prompts = random_prompts(generator, (5, 2, 7))
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        span = slice(7 - len(prompt), 7) if row % 2 else slice(0, len(prompt))  # left / right
+        ids[row, span], mask[row, span] = torch.tensor(prompt), 1
+    want = lsk.generate(model, prompts, max_new_tokens=6, eos_token_id=[]).tokens
+    got = lsk.generate(model, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[]).tokens
+    assert got == want
+    full = lsk.generate(model, ids[:1], max_new_tokens=6, eos_token_id=[]).tokens
+    assert full == lsk.generate(model, [ids[0].tolist()], max_new_tokens=6, eos_token_id=[]).tokens
+
+
+def test_self_speculative_defaults_without_a_recommendation(generator):
+    """A model whose config recommends no (E, k) drafts from a quarter of its depth with k = 4,
+    and says so in the stats."""
+    model = tiny_llama(generator)
+    assert model.config.exit_layer is None and model.config.num_speculations is None
+    prompts = random_prompts(generator, (3, 6))
+    res = lsk.generate(model, prompts, max_new_tokens=8, strategy="self_speculative",
+                       eos_token_id=[])
+    assert res.stats["exit_layer"] == 1 and res.stats["num_speculations"] == 4
+    assert res.stats["defaulted"] == ["num_speculations", "exit_layer"]
+    assert res.tokens == lsk.generate(model, prompts, max_new_tokens=8, eos_token_id=[]).tokens

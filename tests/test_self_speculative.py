@@ -437,8 +437,9 @@ def no_work_model(generator, monkeypatch):
     ("num_speculations", {"num_speculations": 0}),
     ("num_speculations", {"num_speculations": "x"}),
     ("num_speculations", {"num_speculations": -3}),
-    ("speedup", {"draft": "layer_skip", "speedup": 0.5}),
-    ("speedup", {"draft": "layer_skip"}),
+    ("speedup", {"draft": "layer_skip", "speedup": 0.5, "exit_layer": None}),
+    ("speedup", {"draft": "layer_skip", "exit_layer": None}),
+    ("exit_layer", {"draft": "layer_skip", "speedup": 1.5}),  # not used by a layer-skip draft
     ("draft", {"draft": "nope"}),
     ("max_new_tokens", {"max_new_tokens": 17}),  # 10 + 17 + 5 + 1 > 32
     ("max_new_tokens", {"max_new_tokens": 14, "num_speculations": "auto"}),  # 10 + 14 + 9
@@ -454,8 +455,8 @@ def test_bad_arguments_raise_before_any_work(no_work_model, arg, kw):
     {"exit_layer": 1}, {"exit_layer": 3},
     {"num_speculations": 1, "max_new_tokens": 20},  # 10 + 20 + 1 + 1 = 32: just fits
     {"num_speculations": "auto", "max_new_tokens": 13},  # 10 + 13 + 8 + 1 = 32
-    {"draft": "layer_skip", "speedup": 1},
-    {"draft": "layer_skip", "speedup": 1.5, "exit_layer": 0},  # exit_layer unused here
+    {"draft": "layer_skip", "speedup": 1, "exit_layer": None},
+    {"draft": "layer_skip", "speedup": 1.5, "exit_layer": None},
 ])
 def test_good_arguments_control(generator, kw):
     model = random_llama(generator, n_layers=4, max_seq_len=32)

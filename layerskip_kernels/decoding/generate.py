@@ -13,12 +13,36 @@ STRATEGIES = ("autoregressive", "early_exit", "self_speculative", "layer_skip")
 DRAFTS = ("early_exit", "layer_skip")
 AUTO_DRAFT_CAP = 8  # num_speculations="auto": the longest a round may draft
 AUTO_CONFIDENCE = 0.5  # ... and it stops once no row's draft is this sure of its token
+DEFAULT_NUM_SPECULATIONS = 4  # self_speculative on a model that recommends no k
+
+
+def default_exit_layer(n_layers):
+    """self_speculative's exit layer on a model that recommends none: a quarter of the depth."""
+    return max(1, n_layers // 4)
 
 
 @dataclass
 class GenerationResult:
     tokens: list[list[int]]  # the new tokens of each prompt
     stats: dict = field(default_factory=dict)
+
+
+def _prompt_lists(prompts, attention_mask):
+    """Token-id lists from a list of lists, or from a 2-D tensor of ids and its attention mask
+    (1 = token, 0 = padding, on either side), as transformers' generate takes them."""
+    if not torch.is_tensor(prompts):
+        if attention_mask is not None:
+            fail("attention_mask", "None when prompts are lists of ids", "a mask")
+        return prompts
+    if prompts.dim() != 2 or prompts.dtype not in (torch.int32, torch.int64):
+        fail("prompts", "a 2-D integer tensor (batch, length) or a list of id lists",
+             f"{prompts.dtype} {tuple(prompts.shape)}")
+    if attention_mask is None:
+        return prompts.tolist()
+    if attention_mask.shape != prompts.shape:
+        fail("attention_mask", f"shape {tuple(prompts.shape)} (as prompts)",
+             tuple(attention_mask.shape))
+    return [row[keep].tolist() for row, keep in zip(prompts.cpu(), attention_mask.cpu().bool())]
 
 
 def _check_prompts(config, prompts, max_new_tokens, reserve):
@@ -60,6 +84,21 @@ def _check_speedup(speedup):
         fail("speedup", "a number >= 1", speedup)
 
 
+def _check_applicable(strategy, draft, exit_layer, num_speculations, speedup):
+    """An argument the strategy does not use is an error, not silently ignored."""
+    uses_exit = strategy == "early_exit" or (strategy == "self_speculative"
+                                            and draft == "early_exit")
+    uses_speedup = strategy == "layer_skip" or (strategy == "self_speculative"
+                                               and draft == "layer_skip")
+    for name, value, used in (("exit_layer", exit_layer, uses_exit),
+                              ("num_speculations", num_speculations,
+                               strategy == "self_speculative"),
+                              ("speedup", speedup, uses_speedup)):
+        if value is not None and not used:
+            fail(name, f"None with strategy={strategy!r}"
+                 + (f" and draft={draft!r}" if strategy == "self_speculative" else ""), value)
+
+
 def _stop_ids(model, eos_token_id):
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
@@ -69,8 +108,10 @@ def _stop_ids(model, eos_token_id):
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit_layer=None,
              num_speculations=None, speedup=None, temperature=0.0, top_k=0, top_p=1.0,
-             seed=None, eos_token_id=None, draft="early_exit", stream=None):
-    """Generate up to max_new_tokens for each prompt (a ragged batch of token-id lists).
+             seed=None, eos_token_id=None, draft="early_exit", stream=None, cuda_graphs=None,
+             attention_mask=None):
+    """Generate up to max_new_tokens for each prompt: a ragged batch of token-id lists, or a
+    2-D tensor of ids with an optional attention_mask (1 = token, 0 = padding).
 
     strategy:
       "autoregressive"    all layers, one token per step;
@@ -82,23 +123,33 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
                           [0, exit_layer) (draft="early_exit") or the layer-skip subset for
                           `speedup` (draft="layer_skip"), verify them with all layers in one
                           pass; lossless: the output is that of "autoregressive".
-    exit_layer and num_speculations default to the model's recommendation (config).
+    exit_layer and num_speculations default to the model's recommendation (config); for
+    self_speculative on a model without one, to a quarter of the depth and k = 4 (stats list
+    what was defaulted). An argument the strategy does not use is a ValueError.
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the distribution.
     A row stops after a token of eos_token_id (int or list; default: the model config's),
     which is kept in its output. stream(row, tokens), if given, is called with each row's
-    tokens as they are accepted.
+    tokens as they are accepted. cuda_graphs: None replays captured steps on CUDA, eagerly
+    elsewhere; False always runs eagerly (stats["cuda_graphs"] says which ran).
     """
     c = model.config
     if strategy not in STRATEGIES:
         fail("strategy", f"one of {STRATEGIES}", strategy)
+    if strategy == "self_speculative" and draft not in DRAFTS:
+        fail("draft", f"one of {DRAFTS}", draft)
+    _check_applicable(strategy, draft, exit_layer, num_speculations, speedup)
     _check_sampling(temperature, top_k, top_p)
+    if cuda_graphs not in (None, True, False):
+        fail("cuda_graphs", "None, True or False", cuda_graphs)
+    prompts = _prompt_lists(prompts, attention_mask)
     all_layers = range(c.n_layers)
-    confidence, reserve = None, 0
+    confidence, reserve, defaulted = None, 0, []
     if strategy == "self_speculative":
-        if draft not in DRAFTS:
-            fail("draft", f"one of {DRAFTS}", draft)
         if num_speculations is None:
             num_speculations = c.num_speculations
+        if num_speculations is None:
+            num_speculations = DEFAULT_NUM_SPECULATIONS
+            defaulted.append("num_speculations")
         if num_speculations == "auto":
             num_speculations, confidence = AUTO_DRAFT_CAP, AUTO_CONFIDENCE
         if not isinstance(num_speculations, int) or num_speculations < 1:
@@ -106,6 +157,9 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
         reserve = num_speculations + 1
     if strategy == "early_exit" or (strategy == "self_speculative" and draft == "early_exit"):
         exit_layer = c.exit_layer if exit_layer is None else exit_layer
+        if exit_layer is None and strategy == "self_speculative" and c.n_layers > 1:
+            exit_layer = default_exit_layer(c.n_layers)
+            defaulted.append("exit_layer")
         _check_exit_layer(c, exit_layer)
     if strategy == "layer_skip" or (strategy == "self_speculative" and draft == "layer_skip"):
         _check_speedup(speedup)
@@ -130,11 +184,12 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     tokens = outputs.tokens
     new_tokens = sum(len(t) for t in tokens)
     stats.update(strategy=strategy, new_tokens=new_tokens, time_s=elapsed,
-                 tokens_per_s=new_tokens / elapsed)
+                 tokens_per_s=new_tokens / elapsed, cuda_graphs=False)
     if strategy == "self_speculative":
         stats.update(acceptance_rate=stats["accepted"] / max(stats["drafted"], 1),
                      tokens_per_round=(stats["accepted"] + stats["row_rounds"])
                      / max(stats["row_rounds"], 1),
                      exit_layer=exit_layer if draft == "early_exit" else None,
-                     num_speculations="auto" if confidence else num_speculations)
+                     num_speculations="auto" if confidence else num_speculations,
+                     defaulted=defaulted)
     return GenerationResult(tokens, stats)
