@@ -142,23 +142,32 @@ def projected_speedup(a, k, c, v=1.0):
 
 
 def roofline_case(model, batch, exit_layer, draft_lengths, context, bandwidth, graphs, iters):
-    from layerskip_kernels.decoding.self_speculative import ExitDraft
+    """Each step of generate() on a decode state of `batch` rows holding `context` tokens:
+    the rows are masked inactive, so replays redo the same work without advancing."""
+    from layerskip_kernels.decoding.autoregressive import decode_step
+    from layerskip_kernels.decoding.self_speculative import ExitDraft, greedy_round
+    from layerskip_kernels.decoding.state import DecodeState
     c, device = model.config, model.embed_tokens.weight.device
     L, E = c.n_layers, exit_layer
-    cache = model.new_cache(batch, context + max(draft_lengths) + 1)
-    cache.k.normal_(), cache.v.normal_()  # never time on zeros
-    seqlens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    tokens = torch.randint(0, c.vocab_size, (batch, max(draft_lengths) + 1), device=device)
-    drafter = ExitDraft(model, E, batch, max(draft_lengths))
-    drafter.exit_cache.normal_()
+    state = DecodeState(model, batch, context + max(draft_lengths) + 1, max(draft_lengths),
+                        graphs=False)
+    rows = state.rows(batch)
+    state.cache.k.normal_(), state.cache.v.normal_(), state.exit_cache.normal_()  # never zeros
+    rows.cache_seqlens.fill_(context)
+    rows.tokens.random_(0, c.vocab_size)
+    drafter = ExitDraft(model, E)
     layer_b, head_b, kv_b = byte_counts(model, batch, context)
     floor = lambda layers, kv: (layers * layer_b + head_b + kv * kv_b) / bandwidth / 1e6  # noqa
     row = {"batch": batch, "exit_layer": E, "context": context, "weight_bytes_full": L * layer_b + head_b}
-    steps = {"ar": (lambda: model(tokens[:, :1], cache, seqlens), L, L),
-             "draft": (lambda: model(tokens[:, :1], cache, seqlens, exit_layer=E), E, E)}
+    tokens = rows.tokens[:, None].expand(batch, max(draft_lengths) + 1).contiguous()
+    steps = {"ar": (lambda: decode_step(model, rows, range(L)), L, L),
+             "draft": (lambda: model.head_argmax(drafter.hidden(rows.tokens, 0, rows)), E, E)}
     for k in draft_lengths:
-        steps[f"full_k{k}"] = (lambda k=k: model(tokens[:, :k + 1], cache, seqlens), L, L)
-        steps[f"verify_k{k}"] = (lambda k=k: drafter.verify(tokens[:, 0], k, cache, seqlens), L, L)
+        steps[f"full_k{k}"] = (lambda k=k: model(tokens[:, :k + 1], state.cache,
+                                                 rows.cache_seqlens), L, L)
+        steps[f"verify_k{k}"] = (lambda k=k: model.head_argmax(drafter.verify(rows.tokens, k,
+                                                                              rows)), L, L)
+        steps[f"round_k{k}"] = (lambda k=k: greedy_round(drafter, rows, k), L + k * E, L + k * E)
     for name, (fn, layers, kv_layers) in steps.items():
         ms, note = time_step(fn, graphs, iters)
         row[f"{name}_ms"] = ms
@@ -174,7 +183,7 @@ def roofline_case(model, batch, exit_layer, draft_lengths, context, bandwidth, g
             str(a): {"leviathan": projected_speedup(a, k, row["c"]),
                      "measured_verify": projected_speedup(a, k, row["c"], row[f"v_k{k}"])}
             for a in ACCEPTANCES}
-    del cache, drafter
+    del state, drafter
     return row
 
 

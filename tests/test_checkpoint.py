@@ -58,10 +58,10 @@ def test_stories_pair_permutation_matters(stories_path, generator):
     tokens = torch.randint(0, 512, (2, 9), generator=generator)
     with torch.no_grad():
         ref = model(tokens)
-        for layer in model.layers:
-            for proj, heads in ((layer.self_attn.q_proj, 8), (layer.self_attn.k_proj, 4)):
-                w = proj.weight.clone()
-                proj.weight.copy_(w.view(heads, 2, 4, 64).transpose(1, 2).reshape(w.shape))
+        for layer in model.layers:  # fused rows: 8 q heads, then 4 k heads, of head_dim 8
+            w = layer.self_attn.qkv_proj.weight
+            for rows in (w[:64], w[64:96]):
+                rows.copy_(rows.view(-1, 2, 4, 64).transpose(1, 2).reshape(rows.shape))
         assert rel_err(model(tokens), ref) > 1e-2
 
 

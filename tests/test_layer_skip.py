@@ -77,12 +77,14 @@ def hand_run(model, prompt, max_new_tokens, layers):
     cache = KVCache(model.config, 1, len(prompt) + max_new_tokens,
                                     torch.float32, "cpu")
     seqlens = torch.zeros(1, dtype=torch.int32)
+    step = model.step(cache, seqlens, len(prompt))
     h = model.run_layers(model.embed_tokens(torch.tensor([prompt])), range(model.config.n_layers),
-                         cache, seqlens)
+                         step, cache)
     seqlens += len(prompt)
     out = [int(model.head(h)[0, -1].argmax())]
     while len(out) < max_new_tokens:
-        h = model.run_layers(model.embed_tokens(torch.tensor([[out[-1]]])), layers, cache, seqlens)
+        step = model.step(cache, seqlens, 1)
+        h = model.run_layers(model.embed_tokens(torch.tensor([[out[-1]]])), layers, step, cache)
         seqlens += 1
         out.append(int(model.head(h)[0, -1].argmax()))
     return out

@@ -6,10 +6,8 @@ import torch
 
 import layerskip_kernels as lsk
 from layerskip_kernels.decoding import self_speculative
-from layerskip_kernels.decoding.autoregressive import logits_of, prefill
 from layerskip_kernels.decoding.sampling import logits_to_probs
-from layerskip_kernels.decoding.autoregressive import Outputs
-from layerskip_kernels.decoding.self_speculative import ExitDraft, accept, decode_self_speculative
+from layerskip_kernels.decoding.self_speculative import accept
 
 VOCAB = 101  # odd on purpose
 GREEDY = (0.0, 0, 1.0)  # (temperature, top_k, top_p) as `accept` takes them
@@ -228,7 +226,9 @@ def test_stale_cache_slots_are_never_read(generator, q_len):
     model = random_llama(generator, n_layers=3)
     prompts = random_prompts(generator, (3, 9, 6))
     clean = model.new_cache(len(prompts), 40)
-    _, lengths = prefill(model, clean, prompts, range(3))
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+    padded = torch.tensor([p + [0] * (9 - len(p)) for p in prompts])
+    model.prefill(padded, lengths, clean)
     dirty = model.new_cache(len(prompts), 40)
     dirty.k.copy_(clean.k)
     dirty.v.copy_(clean.v)
@@ -237,8 +237,8 @@ def test_stale_cache_slots_are_never_read(generator, q_len):
     dirty.k[:, stale] = 1e4
     dirty.v[:, stale] = -1e4
     tokens = torch.randint(0, VOCAB, (len(prompts), q_len), generator=generator)
-    expected = logits_of(model, tokens, range(3), clean, lengths)
-    got = logits_of(model, tokens, range(3), dirty, lengths)
+    expected = model(tokens, clean, lengths)
+    got = model(tokens, dirty, lengths)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     # ... and the slots the step wrote hold the same KV in both caches.
     written = (torch.arange(40)[None, :] >= lengths[:, None]) & \
@@ -295,16 +295,9 @@ def sampling_p_values(counts, law):
 
 
 def sampled_speculative(model, prompts, n, E, k, sampling, seed):
-    """decode_self_speculative with an ExitDraft and a cache sized as generate sizes it."""
-    cache = model.new_cache(len(prompts), max(map(len, prompts)) + n + k + 1)
-    drafter = ExitDraft(model, E, len(prompts), k)
-    outputs = Outputs(len(prompts), set(), n)
-    with torch.inference_mode():
-        stats = decode_self_speculative(model, cache, prompts, outputs, sampling,
-                                        torch.Generator().manual_seed(seed), drafter, k)
-    tokens = outputs.tokens
-    stats["acceptance_rate"] = stats["accepted"] / stats["drafted"]
-    return lsk.GenerationResult(tokens, stats)
+    temperature, top_k, top_p = sampling
+    return speculative(model, prompts, n, exit_layer=E, num_speculations=k,
+                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
 def resample_from_p_on_rejection(drafts, draft_probs, logits, sampling, generator):

@@ -1,26 +1,36 @@
-"""Plain decoding, one token per step, through all layers, an exit layer or a skip set."""
+"""Plain decoding, one token per step, through all layers, an exit layer or a skip set; and
+what every strategy shares: the prefill, the outputs, and the loop over a batch's rows."""
 import torch
 
 from .sampling import sample
 
 
-def logits_of(model, tokens, layers, cache, cache_seqlens):
-    """Logits (B, S, vocab) of tokens (B, S) through `layers`, then the shared head."""
-    return model.head(model.run_layers(model.embed_tokens(tokens), layers, cache, cache_seqlens))
-
-
-def prefill(model, cache, prompts, layers):
-    """Run the ragged prompts as one right-padded batch; return each row's last logits and
-    its cache length. Padding writes cache slots past a row's length: they are never read
-    and the next tokens overwrite them."""
-    device = cache.k.device
+def prefill(model, rows, prompts, layers, sampling, generator):
+    """Run the ragged prompts (one right-padded batch) into rows.cache; set each row's cache
+    length and first token (emitted by the caller); rows past the prompts stay inactive."""
+    device = rows.tokens.device
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
     tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt, device=device)
-    logits = logits_of(model, tokens, layers, cache, torch.zeros_like(lengths))
-    last = logits[torch.arange(len(prompts), device=device), lengths.long() - 1]
-    return last, lengths
+    logits = model.prefill(tokens, lengths, rows.cache, layers)
+    n = len(prompts)
+    rows.tokens[:n] = sample(logits, *sampling, generator)
+    rows.cache_seqlens.zero_()[:n] = lengths
+    rows.active.zero_()[:n] = True
+
+
+def decode_step(model, rows, layers, sampling=(0.0, 0, 1.0), generator=None):
+    """One token per row through `layers`: write each row's pending token to the cache, emit
+    the next one into rows.tokens, advance the live rows. Greedy steps never sync with the
+    host, so they replay from a CUDA graph."""
+    step = model.step(rows.cache, rows.cache_seqlens, 1)
+    h = model.run_layers(model.embed_tokens(rows.tokens[:, None]), layers, step, rows.cache)
+    if sampling[0] == 0:
+        rows.tokens.copy_(model.head_argmax(h[:, 0]))
+    else:
+        rows.tokens.copy_(sample(model.head(h[:, 0]), *sampling, generator))
+    rows.cache_seqlens.add_(rows.active)
 
 
 class Outputs:
@@ -45,29 +55,53 @@ class Outputs:
             self.stream(row, out[start:])
 
 
-def drop_finished(outputs, rows, cache, *per_row):
-    """Remove the rows that finished from the batch (rows[i] is batch row i's prompt index):
-    the cache and each per-row tensor shrink, so finished rows stop costing work."""
-    keep = [i for i, row in enumerate(rows) if not outputs.done[row]]
-    if len(keep) == len(rows):
-        return rows, per_row
-    index = torch.tensor(keep, dtype=torch.long, device=cache.k.device)
-    cache.keep_rows(index)
-    return [rows[i] for i in keep], tuple(t[index] for t in per_row)
+class Batch:
+    """Which prompt each row of a DecodeState serves, and the rows' life: finished rows are
+    masked on the device, and moved out once the live ones fit a smaller bucket."""
+
+    def __init__(self, state, prompts, outputs):
+        self.state, self.outputs = state, outputs
+        self.prompts = list(range(len(prompts)))  # row i serves prompt self.prompts[i]
+        self.rows = state.rows(state.bucket(len(prompts)))
+
+    @property
+    def live(self):
+        return [i for i, p in enumerate(self.prompts) if not self.outputs.done[p]]
+
+    def emit(self, per_row):
+        """Give each row its new tokens (a list per row, from the one host sync of a step);
+        mask the rows that finished."""
+        finished = []
+        for i, (prompt, tokens) in enumerate(zip(self.prompts, per_row)):
+            if not self.outputs.done[prompt]:
+                self.outputs.extend(prompt, tokens)
+                finished += [i] if self.outputs.done[prompt] else []
+        if finished:
+            self.rows.active[finished] = False
+
+    def compact(self):
+        """Move the live rows to the front when they fit a smaller bucket."""
+        live = self.live
+        n = self.state.bucket(len(live))
+        if n < self.rows.n:
+            self.state.move_rows(live)
+            self.prompts = [self.prompts[i] for i in live]
+            self.rows = self.state.rows(n)
+            self.rows.active[len(live):] = False
+            self.rows.cache_seqlens[len(live):] = 0
 
 
-def decode_autoregressive(model, cache, prompts, outputs, sampling, generator, prefill_layers,
-                          decode_layers):
+def decode_autoregressive(model, batch, sampling, generator, layers):
     """Early exit runs layers [0, E) throughout; layer skipping prefills with every layer and
     decodes with its skip set."""
-    logits, cache_seqlens = prefill(model, cache, prompts, prefill_layers)
-    rows = list(range(len(prompts)))
-    while True:
-        tokens = sample(logits, *sampling, generator)
-        for row, token in zip(rows, tokens.tolist()):
-            outputs.extend(row, [token])
-        if all(outputs.done):
-            return {}
-        rows, (tokens, cache_seqlens) = drop_finished(outputs, rows, cache, tokens, cache_seqlens)
-        logits = logits_of(model, tokens[:, None], decode_layers, cache, cache_seqlens)[:, -1]
-        cache_seqlens += 1
+    greedy = sampling[0] == 0
+    while not all(batch.outputs.done):
+        batch.compact()
+        rows = batch.rows
+        step = lambda: decode_step(model, rows, layers, sampling, generator)  # noqa: E731
+        if greedy:
+            batch.state.graphs.run(("step", rows.n, tuple(layers)), step)
+        else:
+            step()
+        batch.emit([[t] for t in rows.tokens.tolist()])
+    return {}

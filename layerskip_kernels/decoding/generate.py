@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops._checks import fail
-from .autoregressive import Outputs, decode_autoregressive
+from .autoregressive import Batch, Outputs, decode_autoregressive, prefill
 from .layer_skip import kept_layers
 from .self_speculative import ExitDraft, SkipDraft, decode_self_speculative
+from .state import decode_state
 
 STRATEGIES = ("autoregressive", "early_exit", "self_speculative", "layer_skip")
 DRAFTS = ("early_exit", "layer_skip")
@@ -168,23 +169,31 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device)
     generator.manual_seed(seed) if seed is not None else generator.seed()
-    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new_tokens + reserve)
-    outputs = Outputs(len(prompts), _stop_ids(model, eos_token_id), max_new_tokens, stream)
-    common = (model, cache, prompts, outputs, (temperature, top_k, top_p), generator)
+    sampling = (temperature, top_k, top_p)
+    graphs = cuda_graphs is not False and device.type == "cuda"
     start = time.perf_counter()
+    state = decode_state(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens
+                         + reserve, max(reserve - 1, 0), graphs)
+    outputs = Outputs(len(prompts), _stop_ids(model, eos_token_id), max_new_tokens, stream)
+    batch = Batch(state, prompts, outputs)
+    prefill_layers = range(exit_layer) if strategy == "early_exit" else all_layers
+    prefill(model, batch.rows, prompts, prefill_layers, sampling, generator)
+    batch.emit([[t] for t in batch.rows.tokens.tolist()])
+    capture_s = state.graphs.capture_s
     if strategy == "self_speculative":
-        drafter = (ExitDraft(model, exit_layer, len(prompts), num_speculations)
-                   if draft == "early_exit" else SkipDraft(model, kept_layers(c.n_layers, speedup)))
-        stats = decode_self_speculative(*common, drafter, num_speculations, confidence)
+        drafter = (ExitDraft(model, exit_layer) if draft == "early_exit"
+                   else SkipDraft(model, kept_layers(c.n_layers, speedup)))
+        stats = decode_self_speculative(model, batch, sampling, generator, drafter,
+                                        num_speculations, confidence)
     else:
-        prefill_layers = range(exit_layer) if strategy == "early_exit" else all_layers
         layers = kept_layers(c.n_layers, speedup) if strategy == "layer_skip" else prefill_layers
-        stats = decode_autoregressive(*common, prefill_layers, layers)
+        stats = decode_autoregressive(model, batch, sampling, generator, layers)
     elapsed = time.perf_counter() - start
     tokens = outputs.tokens
     new_tokens = sum(len(t) for t in tokens)
     stats.update(strategy=strategy, new_tokens=new_tokens, time_s=elapsed,
-                 tokens_per_s=new_tokens / elapsed, cuda_graphs=False)
+                 tokens_per_s=new_tokens / elapsed, **_graph_stats(state, capture_s, graphs,
+                                                                    temperature, confidence))
     if strategy == "self_speculative":
         stats.update(acceptance_rate=stats["accepted"] / max(stats["drafted"], 1),
                      tokens_per_round=(stats["accepted"] + stats["row_rounds"])
@@ -193,3 +202,21 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
                      num_speculations="auto" if confidence else num_speculations,
                      defaulted=defaulted)
     return GenerationResult(tokens, stats)
+
+
+def _graph_stats(state, capture_before, graphs, temperature, confidence):
+    """Which path ran: "cuda_graphs" is True when steps replayed from CUDA graphs."""
+    g = state.graphs
+    replayed = any(graph is not None for graph in g.captured.values())
+    if not graphs:
+        note = "eager: not on a CUDA device" if not g.enabled else "eager: cuda_graphs=False"
+    elif temperature > 0:
+        note = "eager: sampling runs eagerly (a seed stays reproducible)"
+    elif confidence is not None:
+        note = "eager: an adaptive draft length decides on the host"
+    elif g.notes:
+        note = "eager: capture failed: " + "; ".join(g.notes.values())
+    else:
+        note = "cuda graphs"
+    return {"cuda_graphs": replayed and note == "cuda graphs", "path": note,
+            "capture_s": g.capture_s - capture_before}

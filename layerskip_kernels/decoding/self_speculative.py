@@ -2,7 +2,7 @@
 all layers verify the drafts in one pass, over one shared KV cache, for a ragged batch.
 
 At the start of a round every layer holds valid KV for positions [0, p_b) of row b, and
-token x[p_b] (already emitted) is pending. A round:
+token x[p_b] (already emitted, rows.tokens) is pending. A round:
   draft   k tokens, each through the draft layers at positions p_b .. p_b + k - 1;
   verify  positions p_b .. p_b + k with the remaining layers in one pass;
   accept  m_b drafts and one token from the full model;
@@ -10,9 +10,8 @@ token x[p_b] (already emitted) is pending. A round:
 """
 import torch
 
-from .autoregressive import drop_finished, logits_of, prefill
 from ..ops.greedy_accept import greedy_rule
-from .sampling import logits_to_probs, sample
+from .sampling import logits_to_probs
 
 
 class ExitDraft:
@@ -20,28 +19,26 @@ class ExitDraft:
     verification, and so are their outputs (the exit cache), so verification runs layers
     [0, E) only on the last draft and layers [E, L) on the k + 1 pending positions."""
 
-    def __init__(self, model, exit_layer, batch_size, max_drafts):
+    def __init__(self, model, exit_layer):
         self.model, self.exit_layer = model, exit_layer
-        self.draft_layers = range(exit_layer)
-        weight = model.embed_tokens.weight
-        self.exit_cache = torch.empty(batch_size, max_drafts + 1, model.config.dim,
-                                      dtype=weight.dtype, device=weight.device)
 
-    def hidden(self, tokens, i, cache, positions):
-        """The draft's hidden state (B, dim) for tokens (B,) at positions, the i-th of this
-        round, before the shared head."""
-        h = self.model.run_layers(self.model.embed_tokens(tokens[:, None]), self.draft_layers,
-                                  cache, positions)[:, 0]
-        self.exit_cache[:len(h), i] = h  # the batch shrinks as rows finish
+    def hidden(self, tokens, i, rows):
+        """The draft's hidden state (n, dim) of tokens (n,), the i-th of this round (at
+        positions p + i), before the shared head; kept in the exit cache."""
+        model = self.model
+        step = model.step(rows.cache, rows.cache_seqlens + i, 1)
+        h = model.run_layers(model.embed_tokens(tokens[:, None]), range(self.exit_layer), step,
+                             rows.cache)[:, 0]
+        rows.exit_cache[:, i] = h
         return h
 
-    def verify(self, last_draft, k, cache, cache_seqlens):
-        """Full-model logits (B, k + 1, vocab) at positions p .. p + k."""
-        self.hidden(last_draft, k, cache, cache_seqlens + k)
-        layers = range(self.exit_layer, self.model.config.n_layers)
-        pending = self.exit_cache[:len(last_draft), :k + 1]
-        h = self.model.run_layers(pending, layers, cache, cache_seqlens)
-        return self.model.head(h)
+    def verify(self, last_draft, k, rows):
+        """Full-model hidden states (n, k + 1, dim) at positions p .. p + k."""
+        self.hidden(last_draft, k, rows)
+        model = self.model
+        step = model.step(rows.cache, rows.cache_seqlens, k + 1)
+        return model.run_layers(rows.exit_cache[:, :k + 1], range(self.exit_layer,
+                                model.config.n_layers), step, rows.cache)
 
 
 class SkipDraft:
@@ -50,32 +47,60 @@ class SkipDraft:
 
     def __init__(self, model, kept_layers):
         self.model, self.draft_layers = model, kept_layers
-        self.pending = None
 
-    def hidden(self, tokens, i, cache, positions):
-        self.pending = [tokens] if i == 0 else self.pending + [tokens]
-        h = self.model.embed_tokens(tokens[:, None])
-        return self.model.run_layers(h, self.draft_layers, cache, positions)[:, 0]
+    def hidden(self, tokens, i, rows):
+        model = self.model
+        step = model.step(rows.cache, rows.cache_seqlens + i, 1)
+        return model.run_layers(model.embed_tokens(tokens[:, None]), self.draft_layers, step,
+                                rows.cache)[:, 0]
 
-    def verify(self, last_draft, k, cache, cache_seqlens):
-        tokens = torch.stack(self.pending + [last_draft], dim=1)
-        return logits_of(self.model, tokens, range(self.model.config.n_layers), cache,
-                         cache_seqlens)
+    def verify(self, last_draft, k, rows):
+        model = self.model
+        tokens = torch.cat([rows.tokens[:, None], rows.drafts[:, :k]], 1)  # last_draft included
+        step = model.step(rows.cache, rows.cache_seqlens, k + 1)
+        return model.run_layers(model.embed_tokens(tokens), range(model.config.n_layers), step,
+                                rows.cache)
+
+
+def finish_round(rows, k, accepted, next_token):
+    """What the host reads (drafts, next token, accepted count), and the rollback: live rows
+    advance by accepted + 1, so positions past that are stale, never read, later overwritten."""
+    rows.emitted[:, :k] = rows.drafts[:, :k]
+    rows.emitted[:, k] = next_token
+    rows.emitted[:, k + 1] = accepted
+    rows.cache_seqlens.add_(torch.where(rows.active, accepted + 1, 0).to(torch.int32))
+    rows.tokens.copy_(next_token)
+
+
+def greedy_round(drafter, rows, k):
+    """Draft k tokens, verify them in one pass and accept on the device: the longest prefix
+    of drafts equal to the full model's argmax, then the full model's token. No host sync:
+    the round replays from a CUDA graph."""
+    model, current = drafter.model, rows.tokens
+    for i in range(k):
+        current = model.head_argmax(drafter.hidden(current, i, rows))
+        rows.drafts[:, i] = current
+    target = model.head_argmax(drafter.verify(current, k, rows))  # (n, k + 1)
+    accepted, next_token, _ = model.kernels.greedy_accept(rows.drafts[:, :k], target,
+                                                          rows.cache_seqlens, rows.active)
+    finish_round(rows, k, accepted, next_token)
 
 
 def accept(drafts, draft_probs, logits, sampling, generator):
-    """Accepted draft count m (B,) and the full model's next token (B,).
+    """Accepted draft count m (B,) and the full model's next token (B,), from the drafts
+    (B, k), the draft's probabilities (B, k, vocab) (None when greedy) and the full model's
+    logits (B, k + 1, vocab).
 
     Greedy: accept the longest prefix where the full model's argmax equals the draft, then
     take the full model's token. Sampling: accept draft d_i with probability
     min(1, p(d_i) / q(d_i)); at the first rejection sample from norm(max(0, p - q)); if all k
-    are accepted, sample the bonus token from p. This leaves the output distribution p.
+    are accepted, sample the bonus token from p. This leaves the output distribution p
+    (Leviathan et al., 2023).
     """
-    temperature = sampling[0]
-    B, k = drafts.shape
-    if temperature == 0:
+    if sampling[0] == 0:
         m, next_token = greedy_rule(drafts, logits)
         return m.long(), next_token
+    B, k = drafts.shape
     p = logits_to_probs(logits, *sampling)  # (B, k + 1, vocab)
     p_draft = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
     q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
@@ -90,55 +115,49 @@ def accept(drafts, draft_probs, logits, sampling, generator):
     return m, torch.multinomial(residual, 1, generator=generator).squeeze(1)
 
 
-def speculative_round(drafter, tokens, cache, cache_seqlens, num_speculations, sampling,
-                      generator, confidence=None):
-    """Draft up to num_speculations tokens after `tokens` (B,), verify them in one pass and
-    accept: returns drafts (B, k), accepted counts m (B,) and the full model's next token (B,).
-    With `confidence`, drafting stops once no row's draft is at least that sure."""
-    model, drafts, draft_probs, current = drafter.model, [], [], tokens
-    for i in range(num_speculations):
-        h = drafter.hidden(current, i, cache, cache_seqlens + i)
-        if sampling[0] == 0 and confidence is None:
-            current = model.head_argmax(h)  # fused on a GPU: no full-vocabulary logits
+def sampled_round(drafter, rows, k, sampling, generator, confidence=None):
+    """A round that samples (temperature > 0), or drafts only while the draft is sure
+    (`confidence`: stop once no row's draft has that probability); accepts with accept().
+    Runs eagerly (host decisions, the sampler's generator). Returns the drafts made."""
+    model, current, draft_probs = drafter.model, rows.tokens, []
+    for i in range(k):
+        logits = model.head(drafter.hidden(current, i, rows))
+        if sampling[0] == 0:
+            current = logits.argmax(-1)
         else:
-            draft_logits = model.head(h)
-            if sampling[0] == 0:
-                current = draft_logits.argmax(-1)
-            else:
-                draft_probs.append(logits_to_probs(draft_logits, *sampling))
-                current = torch.multinomial(draft_probs[-1], 1, generator=generator).squeeze(1)
-        drafts.append(current)
-        if confidence is not None and bool((draft_logits.softmax(-1).amax(-1) < confidence).all()):
+            draft_probs.append(logits_to_probs(logits, *sampling))
+            current = torch.multinomial(draft_probs[-1], 1, generator=generator).squeeze(1)
+        rows.drafts[:, i] = current
+        if confidence is not None and bool((logits.softmax(-1).amax(-1) < confidence).all()):
+            k = i + 1
             break
-    drafts = torch.stack(drafts, dim=1)
-    verify_logits = drafter.verify(current, drafts.shape[1], cache, cache_seqlens)
+    logits = model.head(drafter.verify(current, k, rows))  # (n, k + 1, vocab)
     draft_probs = torch.stack(draft_probs, dim=1) if draft_probs else None
-    m, next_token = accept(drafts, draft_probs, verify_logits, sampling, generator)
-    return drafts, m, next_token
+    accepted, next_token = accept(rows.drafts[:, :k], draft_probs, logits, sampling, generator)
+    finish_round(rows, k, accepted, next_token)
+    return k
 
 
-def decode_self_speculative(model, cache, prompts, outputs, sampling, generator, drafter,
-                            num_speculations, confidence=None):
-    """The cache must hold num_speculations + 1 positions past the longest output."""
-    logits, cache_seqlens = prefill(model, cache, prompts, range(model.config.n_layers))
-    tokens = sample(logits, *sampling, generator)
-    for row, token in enumerate(tokens.tolist()):
-        outputs.extend(row, [token])
+def decode_self_speculative(model, batch, sampling, generator, drafter, num_speculations,
+                            confidence=None):
+    """Rounds until every row is done: greedy fixed-k rounds replay from CUDA graphs, rounds
+    that sample or draft adaptively run eagerly. One host sync per round."""
     stats = {"rounds": 0, "row_rounds": 0, "drafted": 0, "accepted": 0}
-    rows = list(range(len(prompts)))
-    while not all(outputs.done):
-        rows, (tokens, cache_seqlens) = drop_finished(outputs, rows, cache, tokens, cache_seqlens)
-        drafts, m, tokens = speculative_round(drafter, tokens, cache, cache_seqlens,
-                                              num_speculations, sampling, generator, confidence)
-        # The rollback: positions past p + m + 1 are stale, never read, later overwritten.
-        cache_seqlens += (m + 1).int()
-        k = drafts.shape[1]
-        # One host sync per round: everything the host needs, in one transfer.
-        emitted = torch.cat([drafts, tokens[:, None], m[:, None]], dim=1).tolist()
-        for row, (*row_drafts, next_token, m_row) in zip(rows, emitted):
-            outputs.extend(row, row_drafts[:m_row] + [next_token])
-            stats["accepted"] += m_row
+    eager = sampling[0] != 0 or confidence is not None
+    while not all(batch.outputs.done):
+        batch.compact()
+        rows, live = batch.rows, batch.live
+        if eager:
+            k = sampled_round(drafter, rows, num_speculations, sampling, generator, confidence)
+        else:
+            k = num_speculations
+            batch.state.graphs.run(("round", rows.n, k, type(drafter).__name__,
+                                    getattr(drafter, "exit_layer", None)),
+                                   lambda: greedy_round(drafter, rows, k))
+        emitted = rows.emitted[:, :k + 2].tolist()  # the round's one host sync
+        batch.emit([drafts[:m] + [token] for *drafts, token, m in emitted])
+        stats["accepted"] += sum(emitted[i][k + 1] for i in live)
         stats["rounds"] += 1
-        stats["row_rounds"] += len(rows)
-        stats["drafted"] += k * len(rows)
+        stats["row_rounds"] += len(live)
+        stats["drafted"] += k * len(live)
     return stats

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .llama import Llama, LlamaConfig, rope_tables
+from .llama import Llama, LlamaConfig, hf_state_dict
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                     "float16": torch.float16}
@@ -90,10 +90,10 @@ def load_hf_directory(path):
 
 
 def from_transformers(hf_model):
-    """Wrap an in-memory transformers LlamaForCausalLM; our parameters ARE its tensors."""
-    model = _from_state_dict(config_from_hf(hf_model.config.to_dict()), hf_model.state_dict())
-    dtype = hf_model.get_input_embeddings().weight.dtype
-    return model.to(dtype)  # rope tables only: the weights already have this dtype
+    """A Llama with the weights of an in-memory transformers LlamaForCausalLM. Q/K/V and
+    gate/up are concatenated into our fused projections (copies); the other tensors are
+    shared with hf_model, not copied."""
+    return _from_state_dict(config_from_hf(hf_model.config.to_dict()), hf_model.state_dict())
 
 
 def _from_state_dict(config, state):
@@ -111,7 +111,6 @@ def _from_state_dict(config, state):
         raise ValueError(f"checkpoint weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = rope_tables(config, config.max_seq_len)  # were on meta
     return model
 
 
@@ -184,7 +183,7 @@ def save_hf_directory(model, path):
         hf["layerskip"] = {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations}
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     state = {f"model.{k}" if k != "lm_head.weight" else k: v.contiguous()
-             for k, v in model.state_dict().items()}
+             for k, v in hf_state_dict(model).items()}
     if c.tie_embeddings:
         state.pop("lm_head.weight")
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})

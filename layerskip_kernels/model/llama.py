@@ -1,7 +1,8 @@
 """A minimal Llama whose forward can stop after any layer and apply the shared head.
 
-Module names follow Hugging Face's LlamaForCausalLM (without its "model." prefix), so an HF
-state dict loads as is and an in-memory transformers model can lend us its tensors.
+Q, K and V share one projection (qkv_proj), gate and up another (gate_up_proj), as in
+gpt-fast: one GEMM each. Checkpoints keep Hugging Face's names: a load_state_dict pre-hook
+fuses them (model.layers.N.self_attn.q_proj.weight, ...) and `hf_state_dict` splits them again.
 """
 import math
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from ..ops.kernels import Kernels
 from ..ops.attention_with_kvcache import rotary_factors, rotate
 
 
@@ -53,10 +54,15 @@ class KVCache:
     def max_seq_len(self):
         return self.k.shape[2]
 
-    def keep_rows(self, rows):
-        """Shrink the batch to `rows` (a 1-D index): one copy, after which finished rows
-        cost nothing."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+    def layer(self, i, rows=None):
+        """Layer i's (k, v), (batch, max_seq_len, n_kv_heads, head_dim), of the first `rows`
+        rows: a contiguous view, so a smaller batch runs in the same buffers."""
+        return self.k[i, :rows], self.v[i, :rows]
+
+    def move_rows(self, index):
+        """Rows `index` (1-D, on the cache's device) become rows 0..len(index)-1."""
+        n = len(index)
+        self.k[:, :n], self.v[:, :n] = self.k[:, index], self.v[:, index]
 
 
 def rope_tables(config, max_seq_len, device=None):
@@ -82,15 +88,24 @@ def _llama3_scaled(inv_freq, s):
     return torch.where(wavelen < high_wavelen, inv_freq, scaled)
 
 
+def _fuse(state, prefix, parts, fused):
+    """load_state_dict pre-hook body: concatenate Hugging Face's separate projections."""
+    names = [prefix + p for p in parts]
+    if all(n in state for n in names):
+        state[prefix + fused] = torch.cat([state.pop(n) for n in names])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x, residual=None, norm=ops.rms_norm_reference):
-        """norm(x [+ residual]); with a residual, also returns the sum (the new residual
-        stream). `norm` is the ops.rms_norm bound to the model's backend."""
+    def forward(self, x, residual=None, norm=None):
+        """(norm(h), h) with h = x + residual (h = x without one); `norm` is the forward's
+        ops.rms_norm, which fuses the add."""
+        if residual is None:
+            return norm(x, self.weight, self.eps), x
         return norm(x, self.weight, self.eps, residual)
 
 
@@ -98,39 +113,34 @@ class Attention(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self._register_load_state_dict_pre_hook(
+            lambda state, prefix, *_: _fuse(state, prefix, ("q_proj.weight", "k_proj.weight",
+                                                            "v_proj.weight"), "qkv_proj.weight"))
 
-    def forward(self, x, rope, kv=None, plan=None):
+    def forward(self, x, step, kv):
         B, S, _ = x.shape
-        # F.linear on the weights: the Linear modules only name them as HF does (and a module
-        # call costs more than the matmul of a small model's decode step).
-        q = F.linear(x, self.q_proj.weight).view(B, S, self.n_heads, self.head_dim)
-        k = F.linear(x, self.k_proj.weight).view(B, S, self.n_kv_heads, self.head_dim)
-        v = F.linear(x, self.v_proj.weight).view(B, S, self.n_kv_heads, self.head_dim)
-        if kv is None:  # training and evaluation: no cache, positions 0..S-1
-            factors = rotary_factors(rope[0][:S], rope[1][:S])
-            q, k = rotate(q, factors), rotate(k, factors)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=self.n_kv_heads != self.n_heads).transpose(1, 2)
-        else:
-            out = ops.attend(q, kv[0], kv[1], k, v, plan)
-        return F.linear(out.reshape(B, S, -1), self.o_proj.weight)
+        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim,
+                                          self.n_kv_heads * self.head_dim,
+                                          self.n_kv_heads * self.head_dim], dim=-1)
+        out = step.attend(q.view(B, S, self.n_heads, self.head_dim),
+                          k.view(B, S, self.n_kv_heads, self.head_dim),
+                          v.view(B, S, self.n_kv_heads, self.head_dim), kv)
+        return self.o_proj(out.reshape(B, S, -1))
 
 
 class FeedForward(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.gate_up_proj = nn.Linear(c.dim, 2 * c.hidden_dim, bias=False)
         self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
+        self._register_load_state_dict_pre_hook(
+            lambda state, prefix, *_: _fuse(state, prefix, ("gate_proj.weight", "up_proj.weight"),
+                                            "gate_up_proj.weight"))
 
-    def forward(self, x):
-        gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight)
+    def forward(self, x, step):
+        return self.down_proj(step.silu_mul(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):
@@ -141,10 +151,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = FeedForward(c)
 
-    def forward(self, x, rope, kv=None, plan=None, norm=ops.rms_norm_reference):
-        a = self.self_attn(self.input_layernorm(x, norm=norm), rope, kv, plan)
-        y, h = self.post_attention_layernorm(a, residual=x, norm=norm)  # h = x + a, fused
-        return h + self.mlp(y)
+    def forward(self, x, residual, step, kv=None):
+        """The block's output is delta + residual, returned apart so that the next norm fuses
+        the add. residual None: x is the whole input."""
+        y, residual = self.input_layernorm(x, residual, step.norm)
+        a = self.self_attn(y, step, kv)
+        y, residual = self.post_attention_layernorm(a, residual, step.norm)
+        return self.mlp(y, step), residual
 
 
 class Llama(nn.Module):
@@ -157,49 +170,106 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config, config.max_seq_len)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.backend = "auto"  # the ops backend of attention, norms and the draft head
+        self.kernels = Kernels()  # the ops' backend preference: "auto", "cuda", "triton", "torch"
+        self._rope = None
 
-    def _ops_backend(self):
-        """The kernels have no backward: while training (autograd on, weights that want
-        gradients), the references run."""
-        training = torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad
-        return "torch" if training else self.backend
+    @property
+    def backend(self):
+        return self.kernels.preference
+
+    @backend.setter
+    def backend(self, preference):
+        self.kernels = Kernels(preference)
+
+    def rope(self, n):
+        """RoPE cos / sin tables (>= n rows, float32) on the weights' device, grown on demand
+        (doubling, at most max_seq_len rows): a config's context can be far longer than any
+        call needs."""
+        device, cos = self.embed_tokens.weight.device, self._rope and self._rope[0]
+        if cos is None or len(cos) < n or cos.device != device:
+            rows = max(n, min(self.config.max_seq_len, 2 * len(cos) if cos is not None else 256))
+            self._rope = rope_tables(self.config, rows, device)
+        return self._rope
 
     def new_cache(self, batch_size, max_seq_len=None):
         max_seq_len = max_seq_len or self.config.max_seq_len
-        return KVCache(self.config, batch_size, max_seq_len, self.embed_tokens.weight.dtype,
-                       self.embed_tokens.weight.device)
+        weight = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_seq_len, weight.dtype, weight.device)
 
-    def run_layers(self, h, layers, cache=None, cache_seqlens=None):
-        """The given layers (e.g. range(E), or a skip set) on hidden states h (B, S, dim). With
-        a cache, row b's S positions are cache_seqlens[b] + i; the caller advances it."""
-        rope = (self.rope_cos, self.rope_sin)
-        c = self.config
-        plan = None if cache is None else ops.plan_attention(
-            cache_seqlens, h.shape[1], cache.max_seq_len, c.n_heads, c.n_kv_heads, *rope,
-            backend=self._ops_backend())
-        norm = ops.bound_rms_norm(self._ops_backend(), h.device)
+    def training_graph(self):
+        """Autograd is recording through weights that want gradients: the kernels, which have
+        no backward, give way to the references."""
+        return torch.is_grad_enabled() and self.embed_tokens.weight.requires_grad
+
+    def step(self, cache=None, cache_seqlens=None, queries=1):
+        """What the layers of one forward share: see ops.kernels.Kernels.step."""
+        n = cache.max_seq_len if cache is not None else queries
+        return self.kernels.step(self.config, self.rope(n), cache_seqlens, queries,
+                                 self.training_graph())
+
+    def run_layers(self, h, layers, step=None, cache=None, each=None):
+        """The given layers (e.g. range(E), or a skip set) on hidden states h (B, S, dim).
+        step: from self.step() (default: positions 0..S-1, no cache). With `cache`, layer i
+        reads and writes cache.layer(i) for the first B rows. each(i, run, h), if given,
+        applies layer i as it likes: run(h) is the layer's output on h (layer dropout runs it
+        on some rows; exit evaluation keeps every hidden state)."""
+        step = step or self.step(queries=h.shape[1])
+        rows = h.shape[0]
+        kv = (lambda i: cache.layer(i, rows)) if cache is not None else (lambda i: None)
+        if each is not None:
+            for i in layers:
+                run = lambda x, i=i: torch.add(*self.layers[i](x, None, step, kv(i)))  # noqa: E731
+                h = each(i, run, h)
+            return h
+        delta, residual = h, None
         for i in layers:
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            h = self.layers[i](h, rope, kv, plan, norm)
-        return h
+            delta, residual = self.layers[i](delta, residual, step, kv(i))
+        return delta if residual is None else delta + residual
 
     def head(self, h):
         """The head every exit shares: final RMSNorm, then lm_head."""
-        norm = ops.bound_rms_norm(self._ops_backend(), h.device)
-        return F.linear(self.norm(h, norm=norm), self.lm_head.weight)
+        norm = self.kernels.rms_norm(h, self.norm.weight, self.training_graph())
+        return self.lm_head(self.norm(h, norm=norm)[0])
 
     def head_argmax(self, h):
         """The shared head's greedy tokens of h (..., dim); fused on a GPU, so the
         full-vocabulary logits are never written."""
-        draft_head = ops.bound_draft_head_argmax(self._ops_backend(), h.device)
-        return draft_head(h, self.norm.weight, self.norm.eps, self.lm_head.weight)[0]
+        argmax = self.kernels.draft_head_argmax(h, self.norm.weight, self.lm_head.weight,
+                                                self.training_graph())
+        return argmax(h, self.norm.weight, self.norm.eps, self.lm_head.weight)[0]
 
     def forward(self, tokens, cache=None, cache_seqlens=None, exit_layer=None):
-        """Logits (B, S, vocab) of tokens (B, S) after layers [0, exit_layer) (all by default)."""
+        """Logits (B, S, vocab) of tokens (B, S) after layers [0, exit_layer) (all by default).
+        With a cache, row b's tokens go to positions cache_seqlens[b] + i; the caller advances
+        cache_seqlens."""
         layers = range(self.config.n_layers if exit_layer is None else exit_layer)
-        h = F.embedding(tokens, self.embed_tokens.weight)
-        return self.head(self.run_layers(h, layers, cache, cache_seqlens))
+        step = self.step(cache, cache_seqlens, tokens.shape[1])
+        return self.head(self.run_layers(self.embed_tokens(tokens), layers, step, cache))
+
+    def prefill(self, tokens, lengths, cache, layers=None):
+        """A right-padded ragged batch of prompts (B, S) written to cache rows [0, B) at
+        positions 0..S-1 (causal attention over the prompt, SDPA); returns each row's last
+        logits (B, vocab). Padding fills cache slots past a row's length, never read."""
+        layers = range(self.config.n_layers) if layers is None else layers
+        step = self.kernels.prefill_step(self.rope(tokens.shape[1]), tokens.shape[1])
+        h = self.run_layers(self.embed_tokens(tokens), layers, step, cache)
+        last = h[torch.arange(len(h), device=h.device), lengths.long() - 1]
+        return self.head(last)
+
+
+def hf_state_dict(model):
+    """model's weights under Hugging Face Llama names (fused projections split again)."""
+    c, state = model.config, {}
+    for name, tensor in model.state_dict().items():
+        prefix = name.rsplit(".", 2)[0] + "."
+        if name.endswith("qkv_proj.weight"):
+            parts = tensor.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
+                                  c.n_kv_heads * c.head_dim])
+            state.update(zip((prefix + p for p in ("q_proj.weight", "k_proj.weight",
+                                                    "v_proj.weight")), parts))
+        elif name.endswith("gate_up_proj.weight"):
+            state.update(zip((prefix + p for p in ("gate_proj.weight", "up_proj.weight")),
+                             tensor.chunk(2)))
+        else:
+            state[name] = tensor
+    return state

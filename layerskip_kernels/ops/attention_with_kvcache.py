@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import check
 from .backend import Impl, Op
@@ -82,50 +83,44 @@ def rotate(x, factors):
 
 @dataclass
 class AttentionPlan:
-    """What every layer of one forward shares, as it depends on the positions only."""
-    backend: str
+    """The reference path's work that every layer of one forward shares: it depends on the
+    positions only."""
     cache_seqlens: torch.Tensor  # (B,) int32
-    rotary_tables: tuple | None  # (cos, sin) of shape (>= Smax, D/2), for kernel backends
-    positions: torch.Tensor | None = None  # (B, Sq) int64: where the new tokens go
-    keys: int = 0  # cache slots [0, keys) hold every key any query may see
-    rotary: tuple | None = None  # rotary_factors() at the positions, (B, Sq, 1, D)
-    bias: torch.Tensor | None = None  # (B * Hkv, G * Sq, keys): 0 where visible, else -inf
+    positions: torch.Tensor  # (B, Sq) int64: where the new tokens go
+    keys: int  # cache slots [0, keys) hold every key any query may see
+    rotary: tuple | None  # rotary_factors() at the positions, (B, Sq, 1, D)
+    hidden: torch.Tensor  # (B, 1, 1, Sq, keys) bool: True where query i must not see key j
+    stale: torch.Tensor  # (B, 1, keys, 1) bool: keys past every query of the row
 
 
-def plan_attention(cache_seqlens, Sq, max_seq_len, n_heads, n_kv_heads, rotary_cos=None,
-                   rotary_sin=None, backend="auto"):
-    """Prepare the attention of Sq new tokens per row, once for all layers of a forward."""
+def plan_attention(cache_seqlens, Sq, max_seq_len, rotary_cos=None, rotary_sin=None):
+    """Prepare the reference attention of Sq new tokens per row, once for all layers.
+
+    On a CPU the keys past the longest row are sliced off (reading the lengths on the host);
+    elsewhere every slot is kept and masked, with no host sync, so a CUDA graph can capture it.
+    """
     device = cache_seqlens.device
-    tables = None if rotary_cos is None else (rotary_cos, rotary_sin)
-    if backend != "torch" and (device.type == "cuda" or backend != "auto"):
-        return AttentionPlan(backend, cache_seqlens, tables)  # kernels picked per call
-    B = cache_seqlens.shape[0]
     positions = cache_seqlens.long()[:, None] + torch.arange(Sq, device=device)
-    longest = int(positions.max())
-    check(longest < max_seq_len and int(cache_seqlens.min()) >= 0, "cache_seqlens",
-          f"0 <= cache_seqlens and cache_seqlens + Sq <= Smax={max_seq_len} (cache full)",
-          f"{longest + 1} slots needed")
-    # Keys past the longest row are never attended: slicing them off is the CPU fast path.
-    # Rounding up to a multiple of 64 keeps the matmul shapes few, so oneDNN reuses kernels.
-    keys = min(max_seq_len, (longest // 64 + 1) * 64)
-    hidden = torch.arange(keys, device=device) > positions[:, None, None, :, None]
-    bias = torch.zeros(hidden.shape, device=device).masked_fill_(hidden, float("-inf"))
-    bias = bias.expand(B, n_kv_heads, n_heads // n_kv_heads, Sq, keys).reshape(
-        B * n_kv_heads, -1, keys)
-    rotary = None if tables is None else rotary_factors(rotary_cos[positions], rotary_sin[positions])
-    return AttentionPlan("torch", cache_seqlens, tables, positions, keys, rotary, bias)
+    keys = max_seq_len
+    if device.type == "cpu" and len(positions):
+        longest = int(positions.max())
+        check(longest < max_seq_len and int(cache_seqlens.min()) >= 0, "cache_seqlens",
+              f"0 <= cache_seqlens and cache_seqlens + Sq <= Smax={max_seq_len} (cache full)",
+              f"{longest + 1} slots needed")
+        # A multiple of 64 keeps the matmul shapes few, so oneDNN reuses its kernels.
+        keys = min(max_seq_len, (longest // 64 + 1) * 64)
+    slots = torch.arange(keys, device=device)
+    hidden = slots > positions[:, None, None, :, None]
+    stale = (slots >= cache_seqlens.long()[:, None] + Sq)[:, None, :, None]
+    rotary = None if rotary_cos is None else rotary_factors(rotary_cos[positions],
+                                                            rotary_sin[positions])
+    return AttentionPlan(cache_seqlens, positions, keys, rotary, hidden, stale)
 
 
 def attend(q, k_cache, v_cache, k_new, v_new, plan, softmax_scale=None):
-    """Write the new K/V and attend, for one layer, with a plan from plan_attention()."""
-    if plan.backend != "torch":
-        args = (q, k_cache, v_cache, k_new, v_new, plan.cache_seqlens,
-                *(plan.rotary_tables or (None, None)), softmax_scale)
-        name = ATTENTION.prefer(plan.backend, q.device, args)
-        if name != "torch":
-            return ATTENTION.impls[name].run(*args)
-        plan = plan_attention(plan.cache_seqlens, q.shape[1], k_cache.shape[1], q.shape[2],
-                              k_cache.shape[2], *(plan.rotary_tables or (None, None)), "torch")
+    """The reference attention of one layer with a plan from plan_attention(): write the new
+    K/V, then attend. Cache slots a query must not see are masked exactly (a NaN there cannot
+    reach the output), as flash-attn's semantics promise."""
     B, Sq, Hq, D = q.shape
     if plan.rotary is not None:
         q, k_new = rotate(q, plan.rotary), rotate(k_new, plan.rotary)
@@ -133,21 +128,34 @@ def attend(q, k_cache, v_cache, k_new, v_new, plan, softmax_scale=None):
     k_cache[rows, plan.positions] = k_new
     v_cache[rows, plan.positions] = v_new
     Hkv, keys = k_cache.shape[2], plan.keys
+    G = Hq // Hkv
     # Each KV head serves its group of query heads x Sq queries as one matrix of rows.
-    q = q.float().view(B, Sq, Hkv, -1, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, -1, D)
+    q = q.float().view(B, Sq, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B * Hkv, G * Sq, D)
     k = k_cache[:, :keys].float().permute(0, 2, 3, 1).reshape(B * Hkv, D, keys)
-    v = v_cache[:, :keys].float().transpose(1, 2).reshape(B * Hkv, keys, D)
+    v = torch.where(plan.stale, 0.0, v_cache[:, :keys].float().transpose(1, 2))
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
-    probs = torch.softmax(torch.baddbmm(plan.bias, q, k, alpha=scale), dim=-1)
-    out = torch.bmm(probs, v).view(B, Hkv, -1, Sq, D).permute(0, 3, 1, 2, 4)
-    return out.reshape(B, Sq, Hq, D).to(k_new.dtype)
+    scores = torch.bmm(q, k).mul_(scale)
+    scores.view(B, Hkv, G, Sq, keys).masked_fill_(plan.hidden, float("-inf"))
+    out = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * Hkv, keys, D))
+    return out.view(B, Hkv, G, Sq, D).permute(0, 3, 1, 2, 4).reshape(B, Sq, Hq, D).to(k_new.dtype)
+
+
+def causal_attention(q, k, v, rotary, kv=None):
+    """S new tokens per row at positions 0..S-1 (a prompt, or training without a cache):
+    RoPE with rotary_factors() of those positions, then causal SDPA (flash or cuDNN on a GPU).
+    With kv = (k_cache, v_cache), the rotated keys and the values fill cache rows [0, S)."""
+    q, k = rotate(q, rotary), rotate(k, rotary)
+    if kv is not None:
+        kv[0][:, :k.shape[1]], kv[1][:, :v.shape[1]] = k, v
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
 
 
 def attention_with_kvcache_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
                                      rotary_cos=None, rotary_sin=None, softmax_scale=None):
     """Plain PyTorch: the CPU path and the oracle the kernels are tested against."""
-    plan = plan_attention(cache_seqlens, q.shape[1], k_cache.shape[1], q.shape[2],
-                          k_cache.shape[2], rotary_cos, rotary_sin, backend="torch")
+    plan = plan_attention(cache_seqlens, q.shape[1], k_cache.shape[1], rotary_cos, rotary_sin)
     return attend(q, k_cache, v_cache, k_new, v_new, plan, softmax_scale)
 
 

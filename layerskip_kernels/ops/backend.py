@@ -94,13 +94,3 @@ class Op:
     def __call__(self, backend, device, args):
         """Run the call on the backend `resolve` picks."""
         return self.impls[self.resolve(backend, device, args)].run(*args)
-
-
-def bind(op, preference, device):
-    """What a trusted caller (the model, on tensors it built) calls many times: the reference,
-    with no per-call checks, where the preference resolves to it on this device; else the op's
-    launcher picked per call by `Op.prefer`."""
-    if preference == "torch" or (device.type != "cuda" and (
-            preference not in op.impls or _why_not_on(preference, device))):
-        return op.impls["torch"].run
-    return lambda *args: op.impls[op.prefer(preference, device, args)].run(*args)

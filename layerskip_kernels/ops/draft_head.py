@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check
-from .backend import Impl, Op, bind
+from .backend import Impl, Op
 from .rms_norm import MAX_KERNEL_DIM, SUPPORTED_DTYPES, rms_norm_reference
 
 MAX_KERNEL_TOPK = 64
@@ -106,8 +106,3 @@ def draft_head_topk(h, norm_weight, eps, lm_head_weight, k, backend="auto"):
     """
     _check_draft_head(h, norm_weight, eps, lm_head_weight, k)
     return DRAFT_HEAD_TOPK(backend, h.device, (h, norm_weight, eps, lm_head_weight, k))
-
-
-def bound_draft_head_argmax(backend, device):
-    """draft_head_argmax bound to a backend preference once: see backend.bind."""
-    return bind(DRAFT_HEAD_ARGMAX, backend, device)

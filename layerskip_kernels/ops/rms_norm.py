@@ -11,7 +11,7 @@ In float32 the two agree bit for bit; in fp16 / bf16 this op is the more accurat
 import torch
 
 from ._checks import check
-from .backend import Impl, Op, bind
+from .backend import Impl, Op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL_DIM = 65536  # one row per program, held in registers
@@ -68,8 +68,3 @@ def rms_norm(x, weight, eps, residual=None, backend="auto"):
     """
     _check_rms_norm(x, weight, eps, residual)
     return RMS_NORM(backend, x.device, (x, weight, eps, residual))
-
-
-def bound_rms_norm(backend, device):
-    """rms_norm bound to a backend preference once, for repeated calls: see backend.bind."""
-    return bind(RMS_NORM, backend, device)

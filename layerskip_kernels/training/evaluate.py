@@ -26,7 +26,7 @@ def evaluate_exits(model, tokens, seq_len=256, batch_size=8, max_windows=None):
     n_layers = model.config.n_layers
     loss_sum = torch.zeros(n_layers, dtype=torch.float64)
     agree = torch.zeros(n_layers, dtype=torch.long)
-    rope, scored = (model.rope_cos, model.rope_sin), 0
+    scored = 0
     for first in range(0, n_windows, batch_size):
         rows = range(first, min(first + batch_size, n_windows))
         batch = torch.stack([tokens[r * seq_len:r * seq_len + seq_len + 1] for r in rows])
@@ -34,11 +34,15 @@ def evaluate_exits(model, tokens, seq_len=256, batch_size=8, max_windows=None):
         targets = batch[:, 1:].flatten()
         h = F.embedding(batch[:, :-1], model.embed_tokens.weight)
         predictions = []
-        for i, layer in enumerate(model.layers):
-            h = layer(h, rope)
+
+        def score(i, run, h):
+            h = run(h)
             logits = model.head(h).float().flatten(0, 1)
             loss_sum[i] += F.cross_entropy(logits, targets, reduction="sum").item()
             predictions.append(logits.argmax(-1))
+            return h
+
+        model.run_layers(h, range(n_layers), each=score)
         for i, p in enumerate(predictions):
             agree[i] += (p == predictions[-1]).sum().item()
         scored += targets.numel()

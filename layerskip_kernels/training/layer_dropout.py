@@ -59,7 +59,6 @@ def run_layers_with_dropout(model, h, rates=None, generator=None, keep_hidden=No
     Returns the final hidden state and a dict {l: hidden state after layer l} for the
     0-based layers in keep_hidden (the early-exit loss reads them).
     """
-    rope = (model.rope_cos, model.rope_sin)
     n_layers = len(model.layers)
     drop = model.training and rates is not None and bool((torch.as_tensor(rates) > 0).any())
     if drop:
@@ -69,12 +68,15 @@ def run_layers_with_dropout(model, h, rates=None, generator=None, keep_hidden=No
         draws = torch.rand(n_layers, h.shape[0], generator=generator, dtype=torch.float64)
         keep = draws >= torch.as_tensor(rates, dtype=torch.float64)[:, None]
     hidden = {}
-    for i, layer in enumerate(model.layers):
+
+    def each(i, run, h):
         if not drop or bool(keep[i].all()):
-            h = layer(h, rope)
+            h = run(h)
         elif bool(keep[i].any()):
             rows = keep[i].nonzero().squeeze(1).to(h.device)
-            h = h.index_copy(0, rows, layer(h.index_select(0, rows), rope))
+            h = h.index_copy(0, rows, run(h.index_select(0, rows)))
         if keep_hidden is not None and i in keep_hidden:
             hidden[i] = h
-    return h, hidden
+        return h
+
+    return model.run_layers(h, range(n_layers), each=each), hidden

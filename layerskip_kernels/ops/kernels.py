@@ -1,0 +1,113 @@
+"""The ops a model calls, bound to its backend preference and resolved once per call shape.
+
+`Kernels(preference)` is built with the model (`model.backend = "triton"` rebuilds it). Each op
+picks its backend the first time it sees a shape (the key: op, device, dtype and the sizes
+that limit kernels) through `Op.prefer`, then it is a dict look-up. The launchers run without
+the public ops' argument checks: the model builds these tensors itself. While training
+(autograd on) every op runs its PyTorch reference, as the kernels have no backward.
+
+Under torch.compile the chosen backend is called through its torch.library custom op
+(ops/library.py), which the compiler sees as one opaque, schema-described call.
+"""
+import torch
+import torch.nn.functional as F
+
+from . import library
+from ._checks import check
+from .attention_with_kvcache import (ATTENTION, attend, causal_attention, plan_attention,
+                                     rotary_factors)
+from .draft_head import DRAFT_HEAD_ARGMAX
+from .greedy_accept import GREEDY_ACCEPT
+from .rms_norm import RMS_NORM
+
+PREFERENCES = ("auto", "cuda", "triton", "torch")
+
+
+def silu_mul_reference(gate_up):
+    """silu(gate) * up of gate_up = [gate | up] (..., 2 * hidden), in its dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class Kernels:
+    def __init__(self, preference="auto"):
+        check(preference in PREFERENCES, "backend", f"one of {PREFERENCES}", repr(preference))
+        self.preference = preference
+        self._picked = {}
+
+    def pick(self, op, key, args, training=False):
+        """op's launcher for calls like args(), a function giving an example call's arguments
+        (called only when the pick is not known yet); key: the sizes that limit kernels."""
+        if training:
+            return op.impls["torch"].run
+        if torch.compiler.is_compiling():
+            example = args()
+            return library.custom_op(op, op.prefer(self.preference, example[0].device, example))
+        key = (op.name, *key)
+        run = self._picked.get(key)
+        if run is None:
+            example = args()
+            name = op.prefer(self.preference, example[0].device, example)
+            run = self._picked[key] = op.impls[name].run
+        return run
+
+    def rms_norm(self, x, weight, training=False):
+        return self.pick(RMS_NORM, (x.device, x.dtype, x.shape[-1]),
+                         lambda: (x, weight, 0.0, None), training)
+
+    def draft_head_argmax(self, h, norm_weight, lm_head_weight, training=False):
+        rows = h.numel() // h.shape[-1]
+        return self.pick(DRAFT_HEAD_ARGMAX, (h.device, h.dtype, rows, *lm_head_weight.shape),
+                         lambda: (h, norm_weight, 0.0, lm_head_weight), training)
+
+    def greedy_accept(self, drafts, target, cache_seqlens, active):
+        args = (drafts, target, cache_seqlens, active)
+        key = (drafts.device, target.dtype, *drafts.shape, *target.shape)
+        return self.pick(GREEDY_ACCEPT, key, lambda: args)(*args)
+
+    def step(self, config, rope, cache_seqlens, queries, training=False):
+        """What every layer of one forward shares: Decode with cache_seqlens (queries new
+        tokens per row at cache_seqlens + i), else Causal (positions 0..queries-1, no cache)."""
+        if cache_seqlens is None:
+            return Causal(self, rotary_factors(rope[0][:queries], rope[1][:queries]), training)
+        return Decode(self, config, rope, cache_seqlens, queries)
+
+    def prefill_step(self, rope, length):
+        """A prompt of `length` positions from 0, written to the cache (see Causal)."""
+        return Causal(self, rotary_factors(rope[0][:length], rope[1][:length]))
+
+
+class Causal:
+    """Positions 0..S-1: a prompt (the layers' kv = cache rows to fill) or a training batch."""
+
+    def __init__(self, kernels, rotary, training=False):
+        self.kernels, self.rotary, self.training = kernels, rotary, training
+
+    def attend(self, q, k, v, kv):
+        return causal_attention(q, k, v, self.rotary, kv)
+
+    def norm(self, x, weight, eps, residual=None):
+        return self.kernels.rms_norm(x, weight, self.training)(x, weight, eps, residual)
+
+    def silu_mul(self, gate_up):
+        return silu_mul_reference(gate_up)
+
+
+class Decode(Causal):
+    """`queries` new tokens per row written at cache_seqlens[b] + i, attending to the cache."""
+
+    def __init__(self, kernels, config, rope, cache_seqlens, queries):
+        super().__init__(kernels, None)
+        self.config, self.rope, self.cache_seqlens, self.queries = (config, rope, cache_seqlens,
+                                                                     queries)
+        self.plan = None  # the reference path's shared work, made by the first layer using it
+
+    def attend(self, q, k, v, kv):
+        args = (q, kv[0], kv[1], k, v, self.cache_seqlens, *self.rope, None)
+        run = self.kernels.pick(ATTENTION, (q.device, q.dtype, self.queries), lambda: args)
+        if run is not ATTENTION.impls["torch"].run:
+            return run(*args)
+        if self.plan is None:
+            self.plan = plan_attention(self.cache_seqlens, self.queries, kv[0].shape[1],
+                                       *self.rope)
+        return attend(q, kv[0], kv[1], k, v, self.plan)
