@@ -21,6 +21,7 @@ class ExitDraft:
 
     def __init__(self, model, exit_layer):
         self.model, self.exit_layer = model, exit_layer
+        self.key = ("exit", exit_layer)  # what a captured round depends on
 
     def hidden(self, tokens, i, rows):
         """The draft's hidden state (n, dim) of tokens (n,), the i-th of this round (at
@@ -47,6 +48,7 @@ class SkipDraft:
 
     def __init__(self, model, kept_layers):
         self.model, self.draft_layers = model, kept_layers
+        self.key = ("skip", tuple(kept_layers))
 
     def hidden(self, tokens, i, rows):
         model = self.model
@@ -151,8 +153,7 @@ def decode_self_speculative(model, batch, sampling, generator, drafter, num_spec
             k = sampled_round(drafter, rows, num_speculations, sampling, generator, confidence)
         else:
             k = num_speculations
-            batch.state.graphs.run(("round", rows.n, k, type(drafter).__name__,
-                                    getattr(drafter, "exit_layer", None)),
+            batch.state.graphs.run(("round", rows.n, k, drafter.key),
                                    lambda: greedy_round(drafter, rows, k))
         emitted = rows.emitted[:, :k + 2].tolist()  # the round's one host sync
         batch.emit([drafts[:m] + [token] for *drafts, token, m in emitted])

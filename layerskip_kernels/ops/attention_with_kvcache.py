@@ -137,7 +137,8 @@ def attend(q, k_cache, v_cache, k_new, v_new, plan, softmax_scale=None):
     scores = torch.bmm(q, k).mul_(scale)
     scores.view(B, Hkv, G, Sq, keys).masked_fill_(plan.hidden, float("-inf"))
     out = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * Hkv, keys, D))
-    return out.view(B, Hkv, G, Sq, D).permute(0, 3, 1, 2, 4).reshape(B, Sq, Hq, D).to(k_new.dtype)
+    out = out.view(B, Hkv, G, Sq, D).permute(0, 3, 1, 2, 4).to(k_new.dtype)
+    return out.reshape(B, Sq, Hq, D).contiguous()  # as the kernels return it
 
 
 def causal_attention(q, k, v, rotary, kv=None):
