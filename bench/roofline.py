@@ -11,11 +11,19 @@ drafts emits (1 - a^(k+1)) / (1 - a) tokens and costs k*c + v full steps, with c
 step and v = verify / AR step; Leviathan's formula takes v = 1, ours measures v, and also
 reports v_model = (L-E)/L * full(k+1) / full(1) + E/L for comparison.
 
+End to end: generate() itself, greedy autoregressive from --prompt-len random tokens for
+--new-tokens tokens, as a user calls it (CUDA graphs replayed, every host step counted): ms
+per decoded token beside the same floor, at B = 1 and with a ragged batch of --batches'
+largest size (per-row throughput against B = 1).
+
 Measured: generate() on a model whose layers >= E are damped (o_proj and down_proj scaled by
 --damp, so the exit agrees with the last layer and acceptance is high), through
-layerskip_kernels.benchmark.run_benchmark (eager, interleaved repeats).
+layerskip_kernels.benchmark.run_benchmark (interleaved repeats): self-speculative at E and
+k in --draft-lengths against our autoregressive, against the projection from this run's
+measured c and v at the measured acceptance, and against transformers' generate and
+assistant_early_exit on the same weights (--transformers).
 
-    python bench/roofline.py --output roofline.json            # all shapes, about a minute
+    python bench/roofline.py --output roofline.json            # all shapes, a few minutes
     python bench/roofline.py --models llama-3.2-1b --batches 1 --output r.json
 """
 import argparse
@@ -187,16 +195,53 @@ def roofline_case(model, batch, exit_layer, draft_lengths, context, bandwidth, g
     return row
 
 
-def measured_run(model, exit_layer, draft_lengths, factor, new_tokens, repeats, batch):
-    """Damp the upper layers, then time generate() with benchmark.run_benchmark."""
+def e2e_run(model, batch, prompt_len, new_tokens, bandwidth, ragged=False, seed=1):
+    """generate(), greedy autoregressive, as a user runs it: a warm-up call (captures the
+    graphs), then the timed call. Decode ms per token excludes the prefill; the floor is the
+    weight bytes (+ the KV read at the mean context) over this run's bandwidth."""
+    import layerskip_kernels as lsk
+    g = torch.Generator().manual_seed(seed)
+    lengths = ([prompt_len] * batch if not ragged else
+               torch.randint(prompt_len // 2, prompt_len + 1, (batch,), generator=g).tolist())
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
+               for n in lengths]
+    kw = dict(max_new_tokens=new_tokens, eos_token_id=[])
+    warm = lsk.generate(model, prompts, **kw)
+    res = lsk.generate(model, prompts, **kw)
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    steps = new_tokens - 1  # the first token comes from the prefill
+    decode_ms = (res.stats["time_s"] - res.stats["prefill_s"]) * 1e3 / steps
+    layer_b, head_b, kv_b = byte_counts(model, batch, prompt_len + new_tokens // 2)
+    floor_ms = (model.config.n_layers * (layer_b + kv_b) + head_b) / bandwidth / 1e6
+    return {"batch": batch, "ragged": ragged, "prompt_lengths": lengths,
+            "new_tokens": new_tokens, "tokens_per_s": res.stats["tokens_per_s"],
+            "decode_ms_per_step": decode_ms, "prefill_ms": res.stats["prefill_s"] * 1e3,
+            "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / decode_ms,
+            "per_row_tokens_per_s": batch / decode_ms * 1e3, "path": res.stats["path"],
+            "capture_s": warm.stats["capture_s"]}
+
+
+def measured_run(model, exit_layer, draft_lengths, factor, new_tokens, repeats, batch,
+                 prompt_len=32, with_transformers=False, steps=None):
+    """Damp the upper layers, then time generate() with benchmark.run_benchmark. `steps` (a
+    roofline_case row of this batch) turns each measured acceptance into the projection from
+    the measured c and v."""
     from layerskip_kernels.benchmark import run_benchmark
     damp_upper_layers(model, exit_layer, factor)
-    prompts = torch.randint(0, model.config.vocab_size, (batch, 32),
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len),
                             generator=torch.Generator().manual_seed(1)).tolist()
     report = run_benchmark(model, prompts, new_tokens, repeats, warmup=1,
                            exit_layers=[exit_layer], draft_lengths=draft_lengths, speedups=(),
-                           with_transformers=False)
-    return {"damp": factor, "exit_layer": exit_layer, "batch": batch, "timing": "eager",
+                           with_transformers=with_transformers)
+    for row in report["results"]:
+        k = row.get("num_speculations")
+        if steps and isinstance(k, int) and f"v_k{k}" in steps and row.get("acceptance_rate"):
+            row["projected_speedup"] = projected_speedup(
+                min(row["acceptance_rate"], 0.999), k, steps["c"], steps[f"v_k{k}"])
+            row["pct_of_projection"] = 100 * row["speedup_vs_ours_autoregressive"] / row[
+                "projected_speedup"]
+    return {"damp": factor, "exit_layer": exit_layer, "batch": batch,
+            "timing": "cuda graphs" if torch.cuda.is_available() else "eager",
             **report["settings"], "results": report["results"]}
 
 
@@ -220,6 +265,12 @@ def parse_args(argv=None):
     p.add_argument("--measured-batch", type=int, default=1)
     p.add_argument("--measured-new-tokens", type=int, default=64)
     p.add_argument("--measured-repeats", type=int, default=3)
+    p.add_argument("--measured-prompt-len", type=int, default=512)
+    p.add_argument("--transformers", action=argparse.BooleanOptionalAction, default=True,
+                   help="time transformers' generate and assistant_early_exit in the measured run")
+    p.add_argument("--prompt-len", type=int, default=512, help="end-to-end prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=128, help="end-to-end new tokens")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end generate() runs")
     p.add_argument("--output", default="roofline.json")
     args = p.parse_args(argv)
     for name in args.models.split(","):
@@ -242,17 +293,26 @@ def main(argv=None):
     with torch.inference_mode():
         for name in args.models.split(","):
             start = time.perf_counter()
-            longest = max(args.context, 32 + args.measured_new_tokens) + max(args.draft_lengths) + 1
-            model = random_model(name, "cuda", max_seq_len=longest)
+            longest = max(args.context, args.prompt_len + args.new_tokens,
+                          args.measured_prompt_len + args.measured_new_tokens)
+            model = random_model(name, "cuda", max_seq_len=longest + max(args.draft_lengths) + 1)
             E = max(1, round(model.config.n_layers * args.exit_fraction))
             rows = [roofline_case(model, b, E, args.draft_lengths, args.context, bandwidth,
                                   not args.no_graphs, args.iters) for b in args.batches]
-            report["models"][name] = {"config": SHAPES[name], "rows": rows}
+            e2e = [] if args.no_e2e else [
+                e2e_run(model, 1, args.prompt_len, args.new_tokens, bandwidth),
+                e2e_run(model, max(args.batches), args.prompt_len, args.new_tokens, bandwidth,
+                        ragged=True)]
+            report["models"][name] = {"config": SHAPES[name], "rows": rows, "e2e": e2e}
             print(format_rows(name, rows, args.draft_lengths), flush=True)
+            print(format_e2e(e2e), flush=True)
             if name == args.measured_model:  # last use of these weights: damp them in place
+                steps = next(r for r in rows if r["batch"] == args.measured_batch) \
+                    if args.measured_batch in args.batches else None
                 report["measured"] = {"model": name, **measured_run(
                     model, E, args.draft_lengths, args.damp, args.measured_new_tokens,
-                    args.measured_repeats, args.measured_batch)}
+                    args.measured_repeats, args.measured_batch, args.measured_prompt_len,
+                    args.transformers, steps)}
             print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
             del model
             gc.collect(), torch.cuda.empty_cache()
@@ -283,13 +343,27 @@ def format_rows(name, rows, draft_lengths):
     return "\n".join(lines + [f"  timing: {', '.join(sorted(notes))}"])
 
 
+def format_e2e(rows):
+    lines = ["  end to end, generate() autoregressive (ms per decoded token, floor, % of floor):"]
+    for r in rows:
+        lines.append(f"  B={r['batch']}{' ragged' if r['ragged'] else ''}: "
+                     f"{r['decode_ms_per_step']:.2f} ms ({r['floor_ms']:.2f}, "
+                     f"{r['pct_of_floor']:.0f}%), {r['per_row_tokens_per_s']:.0f} tok/s per row, "
+                     f"prefill {r['prefill_ms']:.0f} ms, capture {r['capture_s']:.1f} s, {r['path']}")
+    return "\n".join(lines)
+
+
 def format_measured(m):
     lines = [f"measured ({m['model']}, layers >= {m['exit_layer']} damped x{m['damp']}, "
-             f"batch {m['batch']}, eager):"]
+             f"batch {m['batch']}, {m['timing']}):"]
     for r in m["results"]:
+        projection = (f"  {r['pct_of_projection']:.0f}% of x{r['projected_speedup']:.2f}"
+                      if "projected_speedup" in r else "")
+        hf = r.get("speedup_vs_transformers_generate")
         lines.append(f"  {r['name']:<45} {r['tokens_per_s']:8.1f} tok/s  x{r['speedup_vs_ours_autoregressive']:.2f}"
                      f"  accept {r.get('acceptance_rate', float('nan')):.2f}"
-                     f"  exact {r['same_tokens_as_autoregressive']}")
+                     f"  exact {r['same_tokens_as_autoregressive']}"
+                     + (f"  x{hf:.2f} vs HF generate" if hf else "") + projection)
     return "\n".join(lines)
 
 

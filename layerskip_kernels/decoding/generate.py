@@ -179,6 +179,7 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     prefill_layers = range(exit_layer) if strategy == "early_exit" else all_layers
     prefill(model, batch.rows, prompts, prefill_layers, sampling, generator)
     batch.emit([[t] for t in batch.rows.tokens.tolist()])
+    prefill_s = time.perf_counter() - start
     capture_s = state.graphs.capture_s
     if strategy == "self_speculative":
         drafter = (ExitDraft(model, exit_layer) if draft == "early_exit"
@@ -191,7 +192,7 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     elapsed = time.perf_counter() - start
     tokens = outputs.tokens
     new_tokens = sum(len(t) for t in tokens)
-    stats.update(strategy=strategy, new_tokens=new_tokens, time_s=elapsed,
+    stats.update(strategy=strategy, new_tokens=new_tokens, time_s=elapsed, prefill_s=prefill_s,
                  tokens_per_s=new_tokens / elapsed, **_graph_stats(state, capture_s, graphs,
                                                                     temperature, confidence))
     if strategy == "self_speculative":
