@@ -18,7 +18,7 @@ import torch
 
 from .decoding import generate
 from .decoding.generate import AUTO_DRAFT_CAP
-from .model import load_model, save_hf_directory
+from .model import save_hf_directory
 
 
 def machine_info():

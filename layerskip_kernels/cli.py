@@ -306,7 +306,8 @@ def _check_applicable(args):
     """A flag the chosen decoding does not use is an error (checked before anything loads)."""
     s, draft = args.strategy, args.draft or "early_exit"
     if args.draft is not None and s != "self_speculative":
-        raise UsageError(f"--draft: applies only to --strategy self_speculative, got --strategy {s}")
+        raise UsageError("--draft: applies only to --strategy self_speculative, "
+                         f"got --strategy {s}")
     uses_exit = s == "early_exit" or (s == "self_speculative" and draft == "early_exit")
     uses_speedup = s == "layer_skip" or (s == "self_speculative" and draft == "layer_skip")
     for flag, value, used, where in (
@@ -494,11 +495,13 @@ def cmd_sweep(args):
 def add_model_args(p, backend=True):
     p.add_argument("--model", metavar="PATH", help="HF Llama directory or llama2.c .bin file "
                    "(default: the embedded LayerSkip-trained code model)")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, HF directory or llama2.c tokenizer .bin "
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.json, HF directory or llama2.c tokenizer .bin "
                    "(default: tokenizer.json beside the model, if any)")
     p.add_argument("--dtype", metavar="NAME", default="float32", type=dtype_arg,
                    help=f"weights dtype: {', '.join(DTYPES)} (auto: the checkpoint's)")
-    p.add_argument("--device", metavar="DEVICE", default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
+    p.add_argument("--device", metavar="DEVICE",
+                   default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
     if backend:
         p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
                        help="kernel backend preference")
@@ -510,7 +513,8 @@ def add_debug(p):
 
 
 def _add_decoding_args(p):
-    p.add_argument("--prompt", metavar="TEXT", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt", metavar="TEXT",
+                   action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", metavar="IDS", action="append",
                    help='token ids, e.g. "1 2 3" (repeatable)')
     p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=128,
@@ -550,12 +554,14 @@ def build_parser():
     p.add_argument("--draft", choices=["early_exit", "layer_skip"],
                    help="self_speculative's draft: layers [0, E), or the layer-skip subset "
                    "(default: early_exit)")
-    p.add_argument("--speedup", metavar="R", type=float_in(1), help="layer_skip's target speedup (>= 1)")
+    p.add_argument("--speedup", metavar="R",
+                   type=float_in(1), help="layer_skip's target speedup (>= 1)")
     p.add_argument("--temperature", metavar="T", type=float_in(0), default=0.0,
                    help="0 is greedy; > 0 samples")
     p.add_argument("--top-k", metavar="K", type=int_at_least(0),
                    help="sampling only: keep the k likeliest tokens (default: 0 = off)")
-    p.add_argument("--top-p", metavar="P", type=float_in(0, 1, low_open=True, what="a number in (0, 1]"),
+    p.add_argument("--top-p", metavar="P",
+                   type=float_in(0, 1, low_open=True, what="a number in (0, 1]"),
                    help="sampling only: nucleus mass (default: 1.0 = off)")
     p.add_argument("--seed", metavar="S", type=int, help="sampling only: random seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -575,8 +581,10 @@ def build_parser():
     p.add_argument("--num-speculations", metavar="K", type=speculations,
                    help="k or 'auto' (default: the model's recommendation, else "
                    f"{DEFAULT_NUM_SPECULATIONS})")
-    p.add_argument("--repeats", metavar="N", type=int_at_least(1), default=3, help="timed runs of each")
-    p.add_argument("--warmup", metavar="N", type=int_at_least(0), default=1, help="untimed runs first")
+    p.add_argument("--repeats", metavar="N",
+                   type=int_at_least(1), default=3, help="timed runs of each")
+    p.add_argument("--warmup", metavar="N",
+                   type=int_at_least(0), default=1, help="untimed runs first")
     p.add_argument("--threads", metavar="N", type=int_at_least(1),
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -589,11 +597,14 @@ def build_parser():
                    'repetitions that finished ("complete": false). Runs generate exactly '
                    "--max-new-tokens tokens unless the model config has an EOS.")
     add_model_args(p)
-    p.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line (default: BOS only)")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="a text file, one prompt per line (default: BOS only)")
     p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=200,
                    help="new tokens per prompt")
-    p.add_argument("--repeats", metavar="N", type=int_at_least(1), default=5, help="timed runs of each")
-    p.add_argument("--warmup", metavar="N", type=int_at_least(0), default=1, help="untimed runs first")
+    p.add_argument("--repeats", metavar="N",
+                   type=int_at_least(1), default=5, help="timed runs of each")
+    p.add_argument("--warmup", metavar="N",
+                   type=int_at_least(0), default=1, help="untimed runs first")
     p.add_argument("--threads", metavar="N", type=int_at_least(1),
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' runs")
@@ -612,13 +623,18 @@ def build_parser():
                    "repetition, so an interrupted sweep keeps the repetitions that finished "
                    '("complete": false); DIR/sweep_heatmap.png comes at the end.')
     add_model_args(p)
-    p.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line (needs a tokenizer)")
-    p.add_argument("--exit-layers", metavar="E,...", default="1,2,3", help="comma list of exit layers E")
-    p.add_argument("--draft-lengths", metavar="K,...", default="1,2,4,8", help="comma list of draft lengths k")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="a text file, one prompt per line (needs a tokenizer)")
+    p.add_argument("--exit-layers", metavar="E,...",
+                   default="1,2,3", help="comma list of exit layers E")
+    p.add_argument("--draft-lengths", metavar="K,...",
+                   default="1,2,4,8", help="comma list of draft lengths k")
     p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=200,
                    help="new tokens per prompt")
-    p.add_argument("--repeats", metavar="N", type=int_at_least(1), default=5, help="timed runs of each")
-    p.add_argument("--warmup", metavar="N", type=int_at_least(0), default=1, help="untimed runs first")
+    p.add_argument("--repeats", metavar="N",
+                   type=int_at_least(1), default=5, help="timed runs of each")
+    p.add_argument("--warmup", metavar="N",
+                   type=int_at_least(0), default=1, help="untimed runs first")
     p.add_argument("--threads", metavar="N", type=int_at_least(1),
                    help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-cuda-graphs", action="store_true",

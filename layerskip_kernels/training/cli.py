@@ -14,10 +14,12 @@ def add_training_commands(sub, formatter_class=None, add_debug=None):
     p = sub.add_parser("train", help="train with layer dropout + early-exit loss (LayerSkip)",
                        description="Train with layer dropout and the early-exit loss. "
                        "--output (or the config's output) is a checkpoint directory: one "
-                       "holding a trainer state is resumed, an existing file or a non-empty "
-                       "directory without one is refused unless --overwrite.", **kwargs)
-    p.add_argument("--config", metavar="FILE", required=True, help="a .json or .toml TrainConfig file")
-    p.add_argument("--steps", metavar="N", type=int_at_least(1), help="override the config's steps")
+                       "holding a trainer state is resumed; a file is refused, and so is a "
+                       "non-empty directory without one unless --overwrite.", **kwargs)
+    p.add_argument("--config", metavar="FILE",
+                   required=True, help="a .json or .toml TrainConfig file")
+    p.add_argument("--steps", metavar="N",
+                   type=int_at_least(1), help="override the config's steps")
     p.add_argument("--output", metavar="DIR", help="override the config's output directory")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --output that holds no trainer state")
@@ -29,19 +31,24 @@ def add_training_commands(sub, formatter_class=None, add_debug=None):
 
     p = sub.add_parser("eval-exits", help="perplexity and agreement with the final layer of "
                        "every exit, on held-out text", **kwargs)
-    p.add_argument("--model", metavar="PATH", required=True, help="HF Llama directory or llama2.c .bin file")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json, HF directory or llama2.c tokenizer .bin"
+    p.add_argument("--model", metavar="PATH",
+                   required=True, help="HF Llama directory or llama2.c .bin file")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.json, HF directory or llama2.c tokenizer .bin"
                    " (default: the model directory's tokenizer.json)")
     p.add_argument("--data", metavar="FILE", required=True, help="a held-out text file")
     p.add_argument("--seq-len", metavar="N", type=int_at_least(1), default=256,
                    help="tokens per window (at most the model's max_seq_len)")
-    p.add_argument("--batch-size", metavar="N", type=int_at_least(1), default=8, help="windows per batch")
+    p.add_argument("--batch-size", metavar="N",
+                   type=int_at_least(1), default=8, help="windows per batch")
     p.add_argument("--max-windows", metavar="N", type=int_at_least(1),
                    help="evaluate at most this many windows (default: all)")
     p.add_argument("--dtype", metavar="NAME", default="float32", type=dtype_arg,
                    help=f"weights dtype: {', '.join(DTYPES)}")
-    p.add_argument("--device", metavar="DEVICE", default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
-    p.add_argument("--plot", metavar="FILE", help="write a plot here (PNG, or another format by suffix; "
+    p.add_argument("--device", metavar="DEVICE",
+                   default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
+    p.add_argument("--plot", metavar="FILE",
+                   help="write a plot here (PNG, or another format by suffix; "
                    "needs matplotlib)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --plot")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -50,7 +50,7 @@ class TrainConfig:
     exit_curriculum: str = "none"     # none | rotational | gradual
     rotation: int = 2                 # R of the rotational curriculum
     save_every: int = 0               # 0: only at the end
-    log_every: int = 10               # unused: the tqdm bar paces itself (kept for old configs)
+    log_every: int = 10               # unused: tqdm paces its bar (kept for old configs)
     device: str = "cpu"
     threads: int | None = None        # torch CPU threads (None: torch's choice)
 
