@@ -43,8 +43,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
-                     argparse.RawDescriptionHelpFormatter):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows every option's default, except where there is none or the text says it."""
 
     def _get_help_string(self, action):
@@ -52,6 +51,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
                 or action.default is argparse.SUPPRESS or "default" in (action.help or "")):
             return action.help
         return super()._get_help_string(action)
+
+
+class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`layerskip --help`: the module docstring keeps its paragraphs."""
 
 
 def int_at_least(low):
@@ -534,7 +537,7 @@ def _subparser(sub, name, help, description=None):
 
 
 def build_parser():
-    parser = _Parser(prog="layerskip", description=__doc__, formatter_class=_HelpFormatter)
+    parser = _Parser(prog="layerskip", description=__doc__, formatter_class=_TopHelpFormatter)
     parser.add_argument("--version", action="version", version=f"layerskip {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the traceback too")
