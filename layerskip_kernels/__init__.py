@@ -1,4 +1,11 @@
 """LayerSkip early-exit and self-speculative decoding for Llama models."""
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("layerskip-kernels")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
 from . import ops
 from ._ext import cuda_available
 from .decoding import GenerationResult, generate

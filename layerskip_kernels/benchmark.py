@@ -1,20 +1,24 @@
 """End-to-end benchmark: every decoding strategy, ours and transformers', on the same weights,
 prompts and settings, in one process. Configurations are interleaved across repeats so that
 drift in machine speed hits them all alike; we report median and spread of tokens/s."""
+import importlib.util
 import json
 import os
 import platform
+import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .decoding import generate
-from .model import load_model, save_hf_directory
+from .decoding.generate import AUTO_DRAFT_CAP
+from .model import save_hf_directory
 
 
 def machine_info():
@@ -24,6 +28,33 @@ def machine_info():
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "commit": commit or None, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def dtype_name(dtype):
+    """"float32", not "torch.float32": how reports and JSON name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+@contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` to write to; renamed onto `path` when the block ends
+    without error, removed otherwise, so a failed or interrupted run leaves the old file or
+    the whole new one, never half of one. The temporary name keeps the suffix (matplotlib
+    picks the format from it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path, text):
+    """Write text to path through atomic_path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _ours(model, prompts, max_new_tokens, **kwargs):
@@ -72,8 +103,9 @@ def _load_transformers(model, dtype):
 
 
 def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, speedups,
-                   with_transformers):
-    """(name, settings, callable) for every strategy to time."""
+                   with_transformers, cuda_graphs=None):
+    """(name, settings, callable) for every strategy to time; cuda_graphs goes to each of our
+    generate() calls (False: eager even on CUDA)."""
     L = model.config.n_layers
     exit_layers = exit_layers or range(1, L)
     configs = [("ours autoregressive", {"strategy": "autoregressive"})]
@@ -90,7 +122,8 @@ def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, s
     configs += [(f"ours self_speculative draft=layer_skip speedup={s} k={k}",
                  {"strategy": "self_speculative", "draft": "layer_skip", "speedup": s,
                   "num_speculations": k}) for s in speedups for k in draft_lengths]
-    timed = [(name, settings, _ours(model, prompts, max_new_tokens, **settings))
+    timed = [(name, settings,
+              _ours(model, prompts, max_new_tokens, cuda_graphs=cuda_graphs, **settings))
              for name, settings in configs]
     if with_transformers:
         hf = _load_transformers(model, model.embed_tokens.weight.dtype)
@@ -103,10 +136,11 @@ def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, s
     return timed
 
 
-def time_interleaved(timed, repeats, warmup, progress=None):
+def time_interleaved(timed, repeats, warmup, progress=None, on_repeat=None):
     """Run every (name, settings, callable) warmup + repeats times, round-robin; return the
-    result rows (median / min / max tokens/s, exactness against the first entry) and the
-    last run's outputs per name."""
+    result rows (see summarize) and the last run's outputs per name. progress(done, total,
+    name) is called after each run; on_repeat(rows, repeats_done) after each measured
+    repetition, with the rows of the repetitions so far (to keep them if the run stops)."""
     times = {name: [] for name, _, _ in timed}
     outputs, stats = {}, {}
     total = (warmup + repeats) * len(timed)
@@ -118,24 +152,51 @@ def time_interleaved(timed, repeats, warmup, progress=None):
                 times[name].append(time.perf_counter() - start)
             if progress:
                 progress(rep * len(timed) + i + 1, total, name)
+        if on_repeat and rep >= warmup:
+            on_repeat(summarize(timed, times, outputs, stats), rep + 1 - warmup)
+    return summarize(timed, times, outputs, stats), outputs
+
+
+def summarize(timed, times, outputs, stats):
+    """One row per configuration: its settings, median / min / max tokens/s over the timed
+    repeats, the speedup over the first entry (ratio of medians, and the min-max of the
+    per-repeat ratios, each repeat's runs being back to back), exactness against the first
+    entry, and what generate() reported (acceptance, tokens per round, the exit layer and k
+    it used and which of them were defaults, whether CUDA graphs ran)."""
     base_name = timed[0][0]
+    base_rates = _rates(outputs[base_name], times[base_name])
     results = []
     for name, settings, _ in timed:
-        n_tokens = sum(len(t) for t in outputs[name])
-        rates = sorted(n_tokens / t for t in times[name])
-        row = {"name": name, **settings, "tokens_per_s": statistics.median(rates),
-               "tokens_per_s_min": rates[0], "tokens_per_s_max": rates[-1],
-               "same_tokens_as_autoregressive": outputs[name] == outputs[base_name]}
-        row.update({key: stats[name][key] for key in ("acceptance_rate", "tokens_per_round",
-                                                      "rounds") if key in stats[name]})
-        results.append(row)
-    for row in results:
-        row["speedup_vs_ours_autoregressive"] = row["tokens_per_s"] / results[0]["tokens_per_s"]
+        rates = _rates(outputs[name], times[name])
+        ratios = sorted(r / b for r, b in zip(rates, base_rates))
+        ordered = sorted(rates)
+        row = {"name": name, **settings, "tokens_per_s": statistics.median(ordered),
+               "tokens_per_s_min": ordered[0], "tokens_per_s_max": ordered[-1],
+               "same_tokens_as_autoregressive": outputs[name] == outputs[base_name],
+               "speedup_vs_ours_autoregressive": statistics.median(ordered)
+               / statistics.median(base_rates),
+               "speedup_vs_ours_autoregressive_min": ratios[0],
+               "speedup_vs_ours_autoregressive_max": ratios[-1]}
+        s = stats[name]
+        row.update({key: s[key] for key in ("acceptance_rate", "tokens_per_round", "rounds",
+                                            "cuda_graphs") if key in s})
+        if s.get("strategy") == "self_speculative":
+            for key in ("exit_layer", "num_speculations"):  # what ran, where settings left None
+                if row.get(key) is None and s.get(key) is not None:
+                    row[key] = s[key]
+            if s.get("defaulted"):
+                row["defaulted"] = s["defaulted"]
         k = row.get("num_speculations")
         if isinstance(k, int) and row.get("tokens_per_round"):
             row["speedup_if_all_accepted"] = speedup_if_all_accepted(
                 row["speedup_vs_ours_autoregressive"], k, row["tokens_per_round"])
-    return results, outputs
+        results.append(row)
+    return results
+
+
+def _rates(outputs, times):
+    n_tokens = sum(len(t) for t in outputs)
+    return [n_tokens / t for t in times]
 
 
 def speedup_if_all_accepted(speedup, num_speculations, tokens_per_round):
@@ -145,86 +206,158 @@ def speedup_if_all_accepted(speedup, num_speculations, tokens_per_round):
     return speedup * (num_speculations + 1) / tokens_per_round
 
 
+DRAFT_LENGTHS = (1, 2, 4, 8)  # run_benchmark's default k grid
+
+
 def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_layers=None,
-                  draft_lengths=(1, 2, 4, 8), speedups=(1.25, 1.5), with_transformers=True,
-                  progress=None):
+                  draft_lengths=DRAFT_LENGTHS, speedups=(1.25, 1.5), with_transformers=True,
+                  progress=None, cuda_graphs=None, on_repeat=None):
+    """Time every configuration; the report: machine, threads, settings, "complete" and the
+    result rows. on_repeat(report), if given, gets the report of the repetitions done so far
+    after each one ("complete": false, settings["repeats_done"])."""
     timed = configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths,
-                           speedups, with_transformers)
-    results, _ = time_interleaved(timed, repeats, warmup, progress)
-    hf_base = next((r["tokens_per_s"] for r in results if r["name"] == "transformers generate"),
-                   None)
-    for row in results:
-        row["speedup_vs_transformers_generate"] = row["tokens_per_s"] / hf_base if hf_base else None
-    return {"machine": machine_info(), "threads": torch.get_num_threads(),
-            "settings": {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
-                         "repeats": repeats, "warmup": warmup, "greedy": True,
-                         "dtype": str(next(iter(model.parameters())).dtype)},
-            "results": results}
+                           speedups, with_transformers, cuda_graphs)
+    machine = machine_info()
+    settings = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "repeats": repeats,
+                "warmup": warmup, "greedy": True,
+                "dtype": dtype_name(next(iter(model.parameters())).dtype),
+                "cuda_graphs": cuda_graphs}
+
+    def report(results, done):
+        hf_base = next((r["tokens_per_s"] for r in results
+                        if r["name"] == "transformers generate"), None)
+        for row in results:
+            row["speedup_vs_transformers_generate"] = (row["tokens_per_s"] / hf_base
+                                                       if hf_base else None)
+        return {"machine": machine, "threads": torch.get_num_threads(),
+                "settings": {**settings, "repeats_done": done}, "complete": done == repeats,
+                "results": results}
+
+    checkpoint = (lambda rows, done: on_repeat(report(rows, done))) if on_repeat else None
+    results, _ = time_interleaved(timed, repeats, warmup, progress, checkpoint)
+    return report(results, repeats)
 
 
-def compare(model, prompts, max_new_tokens, repeats=3, warmup=1, **speculative):
+def compare(model, prompts, max_new_tokens, repeats=3, warmup=1, cuda_graphs=None,
+            eos_token_id=None, progress=None, **speculative):
     """Greedy autoregressive against self-speculative decoding, interleaved: result rows
-    and the outputs of each."""
-    timed = [("autoregressive", {}, _ours(model, prompts, max_new_tokens)),
+    and the outputs of each. cuda_graphs and eos_token_id go to both."""
+    common = {"cuda_graphs": cuda_graphs, "eos_token_id": eos_token_id}
+    timed = [("autoregressive", {}, _ours(model, prompts, max_new_tokens, **common)),
              ("self_speculative", speculative,
-              _ours(model, prompts, max_new_tokens, strategy="self_speculative", **speculative))]
-    return time_interleaved(timed, repeats, warmup)
+              _ours(model, prompts, max_new_tokens, strategy="self_speculative", **common,
+                    **speculative))]
+    return time_interleaved(timed, repeats, warmup, progress)
 
 
 def format_table(report):
     lines = [f"{'configuration':<55} {'tok/s':>8} {'(min-max)':>15} {'vs AR':>6} "
              f"{'vs HF':>6} {'accept':>6} {'exact':>5}"]
     for r in report["results"]:
-        hf = r["speedup_vs_transformers_generate"]
+        hf = r.get("speedup_vs_transformers_generate")
         accept = r.get("acceptance_rate")
         lines.append(
             f"{r['name']:<55} {r['tokens_per_s']:8.1f} "
             f"{'(%.0f-%.0f)' % (r['tokens_per_s_min'], r['tokens_per_s_max']):>15} "
-            f"{r['speedup_vs_ours_autoregressive']:6.2f} {hf if hf is None else round(hf, 2):>6} "
+            f"{r['speedup_vs_ours_autoregressive']:6.2f} {'-' if hf is None else round(hf, 2):>6} "
             f"{'' if accept is None else round(accept, 3):>6} "
             f"{'yes' if r['same_tokens_as_autoregressive'] else 'no':>5}")
     return "\n".join(lines)
 
 
-def load_prompts(model, prompts_path, tokenizer_path):
-    """One prompt per non-empty line of prompts_path (needs a tokenizer), else BOS alone."""
+def load_prompts(model, prompts_path, tokenizer):
+    """(prompts, labels): one prompt per non-empty line of prompts_path (needs a tokenizer),
+    else BOS alone. The labels name each prompt's source for error messages."""
     if not prompts_path:
         bos = model.config.bos_token_id
-        return [[bos if bos is not None else 0]]
-    if not tokenizer_path:
+        return [[bos if bos is not None else 0]], ["the default prompt (BOS)"]
+    if tokenizer is None:
         raise ValueError("--prompts: a prompts file needs --tokenizer")
-    from .model import load_tokenizer
-    tokenizer = load_tokenizer(tokenizer_path)
+    if isinstance(tokenizer, (str, Path)):
+        from .model import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer)
     lines = Path(prompts_path).read_text().splitlines()
-    return [tokenizer.encode(line) for line in lines if line.strip()]
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    return ([tokenizer.encode(line) for _, line in numbered],
+            [f"--prompts {prompts_path} line {n}" for n, _ in numbered])
 
 
-class ProgressBar:
-    """One line on stderr: bar, count, elapsed / estimated total, current configuration."""
+class Progress:
+    """A tqdm bar on stderr over time_interleaved's runs (tqdm handles a non-terminal stderr
+    and the ETA), showing the configuration that just ran; quiet: nothing. A context
+    manager, so that the bar is closed before an error is printed."""
 
-    def __init__(self, width=30, stream=sys.stderr):
-        self.width, self.stream, self.start = width, stream, time.perf_counter()
+    def __init__(self, quiet=False):
+        self.quiet, self.bar = quiet, None
 
     def __call__(self, done, total, name):
-        elapsed = time.perf_counter() - self.start
-        filled = self.width * done // total
-        eta = elapsed / done * (total - done)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} "
-                          f"{elapsed:4.0f}s +{eta:.0f}s {name[:50]:<50}")
-        if done == total:
-            self.stream.write("\n")
-        self.stream.flush()
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
+        self.bar.set_postfix_str(name[:50], refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def main_bench(args):
+    """`layerskip bench`: arguments and the output path are checked before the model loads;
+    the JSON report is rewritten (atomically) after every repetition, so an interrupted run
+    keeps the repetitions that finished ("complete": false)."""
+    from .cli import (UsageError, check_fits, check_output_file, find_tokenizer,
+                      load_model_arg, require_file)
+    output = Path(args.output)
+    check_output_file(output, "--output", getattr(args, "overwrite", False))
+    if args.prompts:
+        require_file(args.prompts, "--prompts")
+    if not args.no_transformers and importlib.util.find_spec("transformers") is None:
+        raise UsageError("--no-transformers: transformers is not installed; pass "
+                         "--no-transformers or pip install transformers")
+    tokenizer, tokenizer_path = find_tokenizer(args) if args.prompts else (None, None)
+    if args.prompts and tokenizer is None:
+        raise UsageError("--prompts: a prompts file needs --tokenizer")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    prompts = load_prompts(model, args.prompts, args.tokenizer)
-    report = run_benchmark(model, prompts, args.max_new_tokens, args.repeats, args.warmup,
-                           with_transformers=not args.no_transformers, progress=ProgressBar())
-    report["settings"]["model"] = str(args.model)
+    model = load_model_arg(args)
+    prompts, labels = load_prompts(model, args.prompts, tokenizer)
+    if not prompts:
+        raise UsageError(f"--prompts {args.prompts}: expected at least one non-empty line")
+    check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
+               reserve=max(*DRAFT_LENGTHS, AUTO_DRAFT_CAP) + 1)
+    cuda_graphs = False if getattr(args, "no_cuda_graphs", False) else None
+    done = []
+
+    def keep(report):
+        report["settings"]["model"] = args.model
+        write_atomic(output, json.dumps(report, indent=1) + "\n")
+        done.append(report["settings"]["repeats_done"])
+
+    try:
+        with Progress(getattr(args, "quiet", False)) as progress:
+            report = run_benchmark(model, prompts, args.max_new_tokens, args.repeats,
+                                   args.warmup, with_transformers=not args.no_transformers,
+                                   progress=progress, cuda_graphs=cuda_graphs, on_repeat=keep)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_kept(output, done, args.repeats)) from None
+    report["settings"]["model"] = args.model
     print(format_table(report))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.output}")
+    print(f"wrote {output}", file=sys.stderr)
+    return report
+
+
+def _kept(output, done, repeats):
+    if not done:
+        return "interrupted before the first repetition finished: nothing written"
+    return (f"interrupted: {output} keeps the {done[-1]} of {repeats} repetitions that "
+            "finished (\"complete\": false)")

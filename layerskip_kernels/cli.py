@@ -1,29 +1,303 @@
-"""The `layerskip` command (also `python -m layerskip_kernels`)."""
+"""The `layerskip` command (also `python -m layerskip_kernels`).
+
+Errors are one line on stderr, `error: <what>`, naming the argument or file and what was
+expected. Exit status: 0 done, 1 the run failed (an unreadable model or data file, an error
+while running), 2 a bad command line (a value out of range, a flag the command cannot use, an
+existing output file, a prompt the model cannot take), 130 interrupted. Arguments and output
+paths are checked before the model loads where the model is not needed to check them, and
+right after it loads otherwise. --debug prints the traceback as well.
+"""
 import argparse
 import dataclasses
 import json
+import os
+import re
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .benchmark import compare
+from . import __version__
+from .benchmark import compare, dtype_name
 from .decoding import generate
-from .decoding.generate import STRATEGIES
+from .decoding.generate import AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES
 from .model import load_model, load_tokenizer
-from .model.checkpoint import DEFAULT_MODEL, SUPPORTED_DTYPES
+from .model.checkpoint import DEFAULT_MODEL
+from .model.tokenizer import Llama2cTokenizer
+
+USAGE, FAILURE, INTERRUPTED = 2, 1, 130
 
 
-def _find_tokenizer(args):
-    """--tokenizer, else a tokenizer.json in the model's directory, else none."""
-    if args.tokenizer:
-        return load_tokenizer(args.tokenizer)
-    model = Path(args.model or DEFAULT_MODEL)
-    model_dir = model if model.is_dir() else model.parent
-    if (model_dir / "tokenizer.json").exists():
-        return load_tokenizer(model_dir / "tokenizer.json")
-    return None
+class UsageError(ValueError):
+    """A bad command line: exit status 2."""
 
+
+# -- argument parsing -------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (the caller prints them) instead of usage + exit."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every option's default, except where there is none or the text says it."""
+
+    def _get_help_string(self, action):
+        if (action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`layerskip --help`: the module docstring keeps its paragraphs."""
+
+
+def int_at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def float_in(low, high=float("inf"), low_open=False, what=None):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = (low < value if low_open else low <= value) and value <= high
+        if not ok:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected {what or f'a number >= {low}'}, "
+                                             f"got {text!r}")
+        return value
+    return parse
+
+
+def speculations(text):
+    """A draft length k >= 1, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
+    return value
+
+
+# Names --dtype accepts; "auto" keeps the checkpoint's dtype (the loader resolves it).
+DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
+          "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16", "auto": "auto"}
+
+
+def dtype_arg(text):
+    if text.lower() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(DTYPES)}, got {text!r}")
+    return DTYPES[text.lower()]
+
+
+def device_arg(text):
+    """cpu, cuda or cuda:N, where this torch can use it (checked before anything loads)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"expected cpu: this torch ({torch.__version__}) has no usable CUDA device, "
+                f"got {text!r}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}, got {text!r}")
+    return text
+
+
+def eos_arg(text):
+    """'none', or token ids separated by commas."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected token ids >= 0 (comma list, repeatable) or "
+                                         f"'none', got {text!r}")
+    return ids
+
+
+# -- checks shared by the commands ------------------------------------------------------------
+
+def require_file(path, flag):
+    if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise UsageError(f"{flag} {path}: {what}, expected a file")
+
+
+def check_output_file(path, flag, overwrite=False):
+    """An output file the command may write: not a directory, not an existing file unless
+    --overwrite, and inside a directory that exists and is writable or can be created."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory, expected a file path")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{flag} {path}: the file exists (pass --overwrite to replace it)")
+    _check_writable_dir(path.parent, flag, path)
+
+
+def check_output_dir(path, flag, files=(), overwrite=False):
+    """An output directory: not a file; none of `files` inside it exists unless --overwrite."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: is a file, expected a directory")
+    existing = [name for name in files if (path / name).exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{flag} {path}: already holds {', '.join(existing)} "
+                         "(pass --overwrite to replace)")
+    _check_writable_dir(path, flag, path)
+
+
+def _check_writable_dir(directory, flag, path):
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not a writable directory")
+
+
+@contextmanager
+def reading(flag, path, flags=True):
+    """An error while reading a file named on the command line names the flag and the file
+    (flags: a library error naming a Python argument is about that argument's flag)."""
+    try:
+        yield
+    except (UsageError, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        message = describe(error)
+        if flags and isinstance(error, ValueError) and (flagged := _as_flag(message)):
+            raise UsageError(flagged) from error  # e.g. the loader's "dtype: expected ..."
+        prefix = f"{flag}:" if str(path) in message else f"{flag} {path}:"
+        raise RuntimeError(f"{prefix} {message}") from error
+
+
+def describe(error):
+    """One line: the message, with the exception's type where the message alone is unclear."""
+    message = " ".join(str(error).split())
+    if isinstance(error, KeyError):
+        return f"missing key {message}"
+    if isinstance(error, (ValueError, OSError, RuntimeError)) and message:
+        return message
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def find_tokenizer(args):
+    """(tokenizer, its path): --tokenizer, else a tokenizer.json in the model's directory,
+    else (None, None)."""
+    path = args.tokenizer
+    if path is None:
+        model = Path(args.model or DEFAULT_MODEL)
+        candidate = (model if model.is_dir() else model.parent) / "tokenizer.json"
+        path = candidate if candidate.exists() else None
+    if path is None:
+        return None, None
+    with reading("--tokenizer", path):
+        return load_tokenizer(path), path
+
+
+def load_model_arg(args):
+    """load_model(--model, --dtype, --device, --backend), errors naming --model."""
+    with reading("--model", args.model or DEFAULT_MODEL):
+        return load_model(args.model, dtype=args.dtype, device=args.device,
+                          **({"backend": args.backend} if hasattr(args, "backend") else {}))
+
+
+def check_fits(model, tokenizer, tokenizer_path, prompts, labels, max_new_tokens, reserve=0,
+               eos_token_id=None):
+    """What the model alone can rule out, checked right after it loads and before any work:
+    the tokenizer's vocabulary, every prompt's ids and length, room for max_new_tokens (and
+    `reserve` draft slots) within max_seq_len, and the stop tokens."""
+    c = model.config
+    if tokenizer is not None and tokenizer.vocab_size > c.vocab_size:
+        raise UsageError(f"--tokenizer {tokenizer_path}: its vocabulary ({tokenizer.vocab_size} "
+                         f"tokens) is larger than the model's ({c.vocab_size}); expected the "
+                         "model's own tokenizer")
+    for prompt, label in zip(prompts, labels):
+        bad = [i for i in prompt if not 0 <= i < c.vocab_size]
+        if bad:
+            raise UsageError(f"{label}: expected token ids in [0, {c.vocab_size}) for this "
+                             f"model, got {bad[0]}")
+        if len(prompt) > c.max_seq_len:
+            raise UsageError(f"{label}: {len(prompt)} tokens, expected at most the model's "
+                             f"max_seq_len ({c.max_seq_len})")
+    longest, label = max((len(p), label) for p, label in zip(prompts, labels))
+    room = c.max_seq_len - longest - reserve
+    if room < 1:
+        raise UsageError(f"{label}: {longest} tokens leave no room for new tokens within the "
+                         f"model's max_seq_len ({c.max_seq_len}"
+                         + (f", with {reserve} draft slots)" if reserve else ")"))
+    if max_new_tokens > room:
+        raise UsageError(f"--max-new-tokens: expected at most {room} (max_seq_len "
+                         f"{c.max_seq_len} - {longest} tokens of {label}"
+                         + (f" - {reserve} draft slots" if reserve else "")
+                         + f"), got {max_new_tokens}")
+    bad = [i for i in eos_token_id or [] if i >= c.vocab_size]
+    if bad:
+        raise UsageError(f"--eos-token-id: expected ids in [0, {c.vocab_size}), got {bad[0]}")
+
+
+def check_exit_layer(model, exit_layer):
+    L = model.config.n_layers
+    if exit_layer is not None and not 1 <= exit_layer <= L - 1:
+        raise UsageError(f"--exit-layer: expected an integer in [1, {L - 1}] for this "
+                         f"{L}-layer model, got {exit_layer}")
+
+
+def stop_tokens(args, model, tokenizer):
+    """--eos-token-id (flattened; [] = none), else the config's EOS (None: generate() reads
+    it), else the tokenizer's EOS; a llama2.c tokenizer's BOS too, since llama2.c models mark
+    the end of a text with the next text's BOS (run.c stops on it) and never emit EOS."""
+    if args.eos_token_id is not None:
+        if [] in args.eos_token_id and len(args.eos_token_id) > 1:
+            raise UsageError("--eos-token-id: 'none' cannot be combined with token ids")
+        return [i for ids in args.eos_token_id for i in ids]
+    if model.config.eos_token_id:
+        return None
+    ids = [getattr(tokenizer, "eos_id", None)]
+    if isinstance(tokenizer, Llama2cTokenizer):
+        ids.append(tokenizer.bos_id)
+    return [i for i in ids if i is not None] or None
+
+
+def _draft_slots(model, strategy, num_speculations):
+    """The cache slots a self-speculative round reserves past the output (k + 1)."""
+    if strategy != "self_speculative":
+        return 0
+    k = num_speculations if num_speculations is not None else model.config.num_speculations
+    k = AUTO_DRAFT_CAP if k == "auto" else k or DEFAULT_NUM_SPECULATIONS
+    return k + 1
+
+
+def _cuda_graphs(args):
+    return False if args.no_cuda_graphs else None
+
+
+# -- commands ---------------------------------------------------------------------------------
 
 def new_text(tokenizer, prompt, tokens):
     """The text the new tokens add after the prompt (decoding them alone can lose context,
@@ -31,51 +305,118 @@ def new_text(tokenizer, prompt, tokens):
     return tokenizer.decode(prompt + tokens)[len(tokenizer.decode(prompt)):]
 
 
-def _speculations(value):
-    return value if value in (None, "auto") else int(value)
+def _check_applicable(args):
+    """A flag the chosen decoding does not use is an error (checked before anything loads)."""
+    s, draft = args.strategy, args.draft or "early_exit"
+    if args.draft is not None and s != "self_speculative":
+        raise UsageError("--draft: applies only to --strategy self_speculative, "
+                         f"got --strategy {s}")
+    uses_exit = s == "early_exit" or (s == "self_speculative" and draft == "early_exit")
+    uses_speedup = s == "layer_skip" or (s == "self_speculative" and draft == "layer_skip")
+    for flag, value, used, where in (
+            ("--exit-layer", args.exit_layer, uses_exit,
+             "--strategy early_exit, or self_speculative with --draft early_exit"),
+            ("--num-speculations", args.num_speculations, s == "self_speculative",
+             "--strategy self_speculative"),
+            ("--speedup", args.speedup, uses_speedup,
+             "--strategy layer_skip, or self_speculative with --draft layer_skip")):
+        if value is not None and not used:
+            raise UsageError(f"{flag}: applies only to {where}, got --strategy {s}"
+                             + (f" --draft {draft}" if s == "self_speculative" else ""))
+    if uses_speedup and args.speedup is None:
+        raise UsageError(f"--speedup: required with --strategy {s}"
+                         + (" --draft layer_skip" if s == "self_speculative" else ""))
+    if args.temperature == 0:
+        for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p),
+                            ("--seed", args.seed)):
+            if value is not None:
+                raise UsageError(f"{flag}: applies only to sampling (--temperature > 0), "
+                                 "got greedy decoding (--temperature 0)")
+    if args.stream and args.json:
+        raise UsageError("--stream: cannot be combined with --json (pick one output)")
 
 
-def _add_model_args(p):
-    p.add_argument("--model", help="HF Llama directory or llama2.c .bin file "
-                   "(default: the embedded LayerSkip-trained code model)")
-    p.add_argument("--tokenizer", help="tokenizer.json, HF directory or llama2.c tokenizer .bin")
-    p.add_argument("--dtype", default="float32", choices=list(SUPPORTED_DTYPES))
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
+def _prompts(args, tokenizer):
+    """(prompts, labels): --prompt texts (tokenized), then --prompt-ids lists."""
+    if args.prompt and tokenizer is None:
+        raise UsageError("--prompt: needs a tokenizer: pass --tokenizer (or use --prompt-ids)")
+    prompts, labels = [], []
+    for n, text in enumerate(args.prompt or [], 1):
+        prompts.append(tokenizer.encode(text))
+        labels.append(f"--prompt {n}" if len(args.prompt) > 1 else "--prompt")
+    for n, text in enumerate(args.prompt_ids or [], 1):
+        label = f"--prompt-ids {n}" if len(args.prompt_ids) > 1 else "--prompt-ids"
+        try:
+            ids = [int(i) for i in text.replace(",", " ").split()]
+        except ValueError:
+            ids = []
+        if not ids:
+            raise UsageError(f"{label}: expected token ids separated by spaces, got {text!r}")
+        prompts.append(ids)
+        labels.append(label)
+    for prompt, label in zip(prompts, labels):
+        if not prompt:
+            raise UsageError(f"{label}: encodes to no tokens (this tokenizer adds no BOS)")
+    return prompts, labels
 
 
 def cmd_generate(args):
-    tokenizer = _find_tokenizer(args)
-    prompts = _prompts(args, tokenizer)
-    if not prompts:
-        sys.exit("error: give at least one --prompt or --prompt-ids")
-    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    stream = _printer(tokenizer, prompts) if args.stream and not args.json else None
+    _check_applicable(args)
+    if not (args.prompt or args.prompt_ids):
+        raise UsageError("--prompt: give at least one --prompt or --prompt-ids")
+    tokenizer, tokenizer_path = find_tokenizer(args)
+    prompts, labels = _prompts(args, tokenizer)
+    model = load_model_arg(args)
+    if args.strategy == "early_exit" and args.exit_layer is None and not model.config.exit_layer:
+        raise UsageError(f"--exit-layer: required with --strategy early_exit (the model "
+                         f"recommends none); expected an integer in [1, "
+                         f"{model.config.n_layers - 1}]")
+    check_exit_layer(model, args.exit_layer)
+    eos = stop_tokens(args, model, tokenizer)
+    check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
+               _draft_slots(model, args.strategy, args.num_speculations), eos)
+    stream = _printer(tokenizer, prompts) if args.stream else None
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, stream=stream,
                       strategy=args.strategy, exit_layer=args.exit_layer,
-                      num_speculations=_speculations(args.num_speculations),
-                      speedup=args.speedup, draft=args.draft, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                      num_speculations=args.num_speculations, speedup=args.speedup,
+                      temperature=args.temperature, top_k=args.top_k or 0,
+                      top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed,
+                      eos_token_id=eos, cuda_graphs=_cuda_graphs(args),
+                      **({"draft": args.draft} if args.draft else {}))
     texts = [new_text(tokenizer, p, t) if tokenizer else None
              for p, t in zip(prompts, result.tokens)]
     if stream:
         print()
-        _print_stats(result.stats)
-        return
-    if args.json:
+    elif args.json:
         outputs = [{"tokens": t, "text": s} for t, s in zip(result.tokens, texts)]
         print(json.dumps({"outputs": outputs, "stats": result.stats}))
-        return
-    for prompt, tokens, text in zip(prompts, result.tokens, texts):
-        print(tokenizer.decode(prompt) + text if tokenizer else " ".join(map(str, tokens)))
+    else:
+        for prompt, tokens, text in zip(prompts, result.tokens, texts):
+            print(tokenizer.decode(prompt) + text if tokenizer else " ".join(map(str, tokens)))
     _print_stats(result.stats)
 
 
+def _draft_settings(stats):
+    """'exit layer E, k K' of a self-speculative run, saying which were defaults."""
+    defaulted = stats.get("defaulted") or []
+    parts = [] if stats.get("exit_layer") is None else [
+        f"exit layer {stats['exit_layer']}" + (" (default)" if "exit_layer" in defaulted else "")]
+    parts.append(f"k {stats['num_speculations']}"
+                 + (" (default)" if "num_speculations" in defaulted else ""))
+    text = ", ".join(parts)
+    if defaulted:
+        flags = " / ".join(FLAGS[name] for name in defaulted)
+        text += f"; the model recommends none: choose with {flags}"
+    return text
+
+
 def _print_stats(stats):
+    draft = (f" ({_draft_settings(stats)})" if stats["strategy"] == "self_speculative" else "")
     extra = (f", acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} "
              "tokens/round" if "acceptance_rate" in stats else "")
-    print(f"[{stats['strategy']}: {stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} "
-          f"tokens/s{extra}]", file=sys.stderr)
+    path = "CUDA graphs" if stats.get("cuda_graphs") else "eager"
+    print(f"[{stats['strategy']}{draft}: {stats['new_tokens']} tokens, "
+          f"{stats['tokens_per_s']:.1f} tokens/s{extra}, {path}]", file=sys.stderr)
 
 
 def _printer(tokenizer, prompts):
@@ -93,124 +434,280 @@ def _printer(tokenizer, prompts):
     return show
 
 
-def _prompts(args, tokenizer):
-    if args.prompt and tokenizer is None:
-        raise ValueError("--prompt needs a tokenizer: pass --tokenizer (or use --prompt-ids)")
-    prompts = [tokenizer.encode(text) for text in args.prompt or []]
-    return prompts + [[int(i) for i in ids.split()] for ids in args.prompt_ids or []]
-
-
 def cmd_compare(args):
+    tokenizer, tokenizer_path = find_tokenizer(args)
+    prompts, labels = _prompts(args, tokenizer)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = _find_tokenizer(args)
-    prompts = _prompts(args, tokenizer) or [tokenizer.encode("def fib(n):") if tokenizer else [1]]
-    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
-    results, outputs = compare(model, prompts, args.max_new_tokens, args.repeats,
-                               exit_layer=args.exit_layer,
-                               num_speculations=_speculations(args.num_speculations))
+    model = load_model_arg(args)
+    if not prompts:
+        bos = model.config.bos_token_id
+        prompts = [tokenizer.encode("def fib(n):") if tokenizer else [bos or 0]]
+        labels = ["the default prompt"]
+    check_exit_layer(model, args.exit_layer)
+    eos = stop_tokens(args, model, tokenizer)
+    check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
+               _draft_slots(model, "self_speculative", args.num_speculations), eos)
+    from .benchmark import Progress
+    with Progress(args.quiet) as progress:
+        results, outputs = compare(model, prompts, args.max_new_tokens, args.repeats,
+                                   args.warmup, cuda_graphs=_cuda_graphs(args),
+                                   eos_token_id=eos, progress=progress,
+                                   exit_layer=args.exit_layer,
+                                   num_speculations=args.num_speculations)
     for row in results:
         print(f"== {row['name']} ==")
         for prompt, tokens in zip(prompts, outputs[row["name"]]):
             print(tokenizer.decode(prompt) + new_text(tokenizer, prompt, tokens) if tokenizer
                   else " ".join(map(str, tokens)))
     ar, spec = results
-    c = model.config
     print(f"identical outputs: {'yes' if spec['same_tokens_as_autoregressive'] else 'NO'}")
+    print(f"self_speculative: {_draft_settings(spec)}, acceptance {spec['acceptance_rate']:.2f}, "
+          f"{spec['tokens_per_round']:.2f} tokens/round")
     print(f"autoregressive {ar['tokens_per_s']:.1f} tokens/s, self_speculative "
-          f"{spec['tokens_per_s']:.1f} tokens/s (exit layer "
-          f"{args.exit_layer or c.exit_layer}, k {args.num_speculations or c.num_speculations}, "
-          f"acceptance {spec['acceptance_rate']:.2f}): speedup {spec['speedup_vs_ours_autoregressive']:.2f}x "
-          f"(median of {args.repeats}, tokens/s range {spec['tokens_per_s_min']:.0f}-"
-          f"{spec['tokens_per_s_max']:.0f})")
+          f"{spec['tokens_per_s']:.1f} tokens/s: speedup "
+          f"{spec['speedup_vs_ours_autoregressive']:.2f}x (ratio of medians over {args.repeats} "
+          f"repeats; per-repeat {spec['speedup_vs_ours_autoregressive_min']:.2f}-"
+          f"{spec['speedup_vs_ours_autoregressive_max']:.2f}x; "
+          f"{'CUDA graphs' if spec.get('cuda_graphs') else 'eager'})")
 
 
 def cmd_info(args):
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model_arg(args)
     weights = {p.data_ptr(): p for p in model.parameters()}.values()  # tied weights once
     info = {"config": dataclasses.asdict(model.config),
             "parameters": sum(p.numel() for p in weights),
             "bytes": sum(p.numel() * p.element_size() for p in weights),
-            "dtype": args.dtype}
+            "dtype": dtype_name(model.embed_tokens.weight.dtype),
+            "device": str(model.embed_tokens.weight.device)}
     print(json.dumps(info, indent=2))
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="layerskip", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_bench(args):
+    from .benchmark import main_bench
+    return main_bench(args)
 
-    p = sub.add_parser("generate", help="generate text with a decoding strategy")
-    _add_model_args(p)
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-ids", action="append", help='token ids, e.g. "1 2 3" (repeatable)')
-    p.add_argument("--strategy", default="autoregressive", choices=STRATEGIES)
-    p.add_argument("--exit-layer", type=int)
-    p.add_argument("--num-speculations", help="draft length k, or 'auto'")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+
+def cmd_sweep(args):
+    from .sweep import main_sweep
+    return main_sweep(args)
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+def add_model_args(p, backend=True):
+    p.add_argument("--model", metavar="PATH", help="HF Llama directory or llama2.c .bin file "
+                   "(default: the embedded LayerSkip-trained code model)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.json, HF directory or llama2.c tokenizer .bin "
+                   "(default: tokenizer.json beside the model, if any)")
+    p.add_argument("--dtype", metavar="NAME", default="float32", type=dtype_arg,
+                   help=f"weights dtype: {', '.join(DTYPES)} (auto: the checkpoint's)")
+    p.add_argument("--device", metavar="DEVICE",
+                   default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
+    if backend:
+        p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
+                       help="kernel backend preference")
+
+
+def add_debug(p):
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, print the traceback too")
+
+
+def _add_decoding_args(p):
+    p.add_argument("--prompt", metavar="TEXT",
+                   action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", metavar="IDS", action="append",
+                   help='token ids, e.g. "1 2 3" (repeatable)')
+    p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=128,
+                   help="new tokens per prompt, at most")
+    p.add_argument("--eos-token-id", metavar="IDS", action="append", type=eos_arg,
+                   help="stop a row after this token: ids (comma list, repeatable) or 'none' "
+                   "(default: the model config's EOS, else the tokenizer's)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every step eagerly (default: replay captured steps on CUDA)")
+
+
+def _subparser(sub, name, help, description=None):
+    p = sub.add_parser(name, help=help, description=description or help,
+                       formatter_class=_HelpFormatter)
+    add_debug(p)
+    return p
+
+
+def build_parser():
+    parser = _Parser(prog="layerskip", description=__doc__, formatter_class=_TopHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"layerskip {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the traceback too")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _subparser(sub, "generate", "generate text with a decoding strategy")
+    add_model_args(p)
+    _add_decoding_args(p)
+    p.add_argument("--strategy", default="autoregressive", choices=STRATEGIES,
+                   help="decoding strategy")
+    p.add_argument("--exit-layer", metavar="E", type=int_at_least(1),
+                   help="early_exit / self_speculative exit layer E (default: the model's "
+                   "recommendation, else L // 4 for self_speculative)")
+    p.add_argument("--num-speculations", metavar="K", type=speculations,
+                   help="self_speculative draft length k, or 'auto' (default: the model's "
+                   f"recommendation, else {DEFAULT_NUM_SPECULATIONS})")
+    p.add_argument("--draft", choices=["early_exit", "layer_skip"],
+                   help="self_speculative's draft: layers [0, E), or the layer-skip subset "
+                   "(default: early_exit)")
+    p.add_argument("--speedup", metavar="R",
+                   type=float_in(1), help="layer_skip's target speedup (>= 1)")
+    p.add_argument("--temperature", metavar="T", type=float_in(0), default=0.0,
+                   help="0 is greedy; > 0 samples")
+    p.add_argument("--top-k", metavar="K", type=int_at_least(0),
+                   help="sampling only: keep the k likeliest tokens (default: 0 = off)")
+    p.add_argument("--top-p", metavar="P",
+                   type=float_in(0, 1, low_open=True, what="a number in (0, 1]"),
+                   help="sampling only: nucleus mass (default: 1.0 = off)")
+    p.add_argument("--seed", metavar="S", type=int, help="sampling only: random seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--stream", action="store_true", help="print text as it is accepted")
-    p.add_argument("--draft", default="early_exit", choices=["early_exit", "layer_skip"],
-                   help="self_speculative's draft: layers [0, E), or the layer-skip subset")
-    p.add_argument("--speedup", type=float, help="layer_skip's target speedup (>= 1)")
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("compare", help="autoregressive vs self-speculative: outputs and speedup")
-    _add_model_args(p)
-    p.add_argument("--prompt", action="append", help='prompt text (default: "def fib(n):")')
-    p.add_argument("--prompt-ids", action="append", help='token ids, e.g. "1 2 3" (repeatable)')
-    p.add_argument("--exit-layer", type=int, help="default: the model's recommendation")
-    p.add_argument("--num-speculations", help="k or 'auto' (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p = _subparser(sub, "compare", "autoregressive vs self-speculative: outputs and speedup",
+                   "Greedy autoregressive and self-speculative decoding of the same prompts, "
+                   "interleaved over repeats: both outputs, whether they are identical, the "
+                   "draft settings (and whether they are defaults), acceptance, tokens per "
+                   "round, and the speedup (ratio of median tokens/s, with the min-max of the "
+                   "per-repeat ratios).")
+    add_model_args(p)
+    _add_decoding_args(p)
+    p.add_argument("--exit-layer", metavar="E", type=int_at_least(1),
+                   help="default: the model's recommendation, else L // 4")
+    p.add_argument("--num-speculations", metavar="K", type=speculations,
+                   help="k or 'auto' (default: the model's recommendation, else "
+                   f"{DEFAULT_NUM_SPECULATIONS})")
+    p.add_argument("--repeats", metavar="N",
+                   type=int_at_least(1), default=3, help="timed runs of each")
+    p.add_argument("--warmup", metavar="N",
+                   type=int_at_least(0), default=1, help="untimed runs first")
+    p.add_argument("--threads", metavar="N", type=int_at_least(1),
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_compare)
 
-    p = sub.add_parser("bench", help="time every strategy, ours and transformers'")
-    _add_model_args(p)
-    p.add_argument("--prompts", help="a text file, one prompt per line (default: BOS only)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p = _subparser(sub, "bench", "time every strategy, ours and transformers'",
+                   "Time every decoding strategy (ours, and transformers' on the same weights) "
+                   "in one process, interleaved over repeats. The JSON report is rewritten "
+                   "atomically after every repetition, so an interrupted run keeps the "
+                   'repetitions that finished ("complete": false). Runs generate exactly '
+                   "--max-new-tokens tokens unless the model config has an EOS.")
+    add_model_args(p)
+    p.add_argument("--prompts", metavar="FILE",
+                   help="a text file, one prompt per line (default: BOS only)")
+    p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=200,
+                   help="new tokens per prompt")
+    p.add_argument("--repeats", metavar="N",
+                   type=int_at_least(1), default=5, help="timed runs of each")
+    p.add_argument("--warmup", metavar="N",
+                   type=int_at_least(0), default=1, help="untimed runs first")
+    p.add_argument("--threads", metavar="N", type=int_at_least(1),
+                   help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' runs")
-    p.add_argument("--output", required=True, help="where to write the JSON report")
-    p.set_defaults(run=lambda args: __import__(
-        "layerskip_kernels.benchmark", fromlist=["main_bench"]).main_bench(args))
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="our runs step eagerly (default: replay captured steps on CUDA)")
+    p.add_argument("--output", metavar="FILE.json", required=True,
+                   help="where to write the JSON report (rewritten after every repetition)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_bench)
 
-    p = sub.add_parser("sweep", help="self-speculative decoding over an (exit layer, k) grid")
-    _add_model_args(p)
-    p.add_argument("--prompts", help="a text file, one prompt per line (needs --tokenizer)")
-    p.add_argument("--exit-layers", default="1,2,3", help="comma list of exit layers E")
-    p.add_argument("--draft-lengths", default="1,2,4,8", help="comma list of draft lengths k")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--output", required=True, help="directory for sweep.csv/.json/_heatmap.png")
-    p.set_defaults(run=lambda args: __import__(
-        "layerskip_kernels.sweep", fromlist=["main_sweep"]).main_sweep(args))
+    p = _subparser(sub, "sweep", "self-speculative decoding over an (exit layer, k) grid",
+                   "Self-speculative decoding over a grid of exit layers E and draft lengths "
+                   "k (plus k=auto and plain early exit at each E), timed as `bench` times. "
+                   "DIR/sweep.json and DIR/sweep.csv are rewritten atomically after every "
+                   "repetition, so an interrupted sweep keeps the repetitions that finished "
+                   '("complete": false); DIR/sweep_heatmap.png comes at the end.')
+    add_model_args(p)
+    p.add_argument("--prompts", metavar="FILE",
+                   help="a text file, one prompt per line (needs a tokenizer)")
+    p.add_argument("--exit-layers", metavar="E,...",
+                   default="1,2,3", help="comma list of exit layers E")
+    p.add_argument("--draft-lengths", metavar="K,...",
+                   default="1,2,4,8", help="comma list of draft lengths k")
+    p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=200,
+                   help="new tokens per prompt")
+    p.add_argument("--repeats", metavar="N",
+                   type=int_at_least(1), default=5, help="timed runs of each")
+    p.add_argument("--warmup", metavar="N",
+                   type=int_at_least(0), default=1, help="untimed runs first")
+    p.add_argument("--threads", metavar="N", type=int_at_least(1),
+                   help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="step eagerly (default: replay captured steps on CUDA)")
+    p.add_argument("--output", metavar="DIR", required=True,
+                   help="directory for sweep.csv, sweep.json and sweep_heatmap.png")
+    p.add_argument("--overwrite", action="store_true", help="replace existing sweep files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_sweep)
 
-    p = sub.add_parser("info", help="print a model's config, parameter count and bytes")
-    _add_model_args(p)
+    p = _subparser(sub, "info", "print a model's config, parameter count and bytes")
+    add_model_args(p, backend=False)
     p.set_defaults(run=cmd_info)
 
     from .training.cli import add_training_commands
-    add_training_commands(sub)
+    add_training_commands(sub, formatter_class=_HelpFormatter, add_debug=add_debug)
     return parser
 
 
+# Library errors name Python arguments; on the command line they are these flags.
+FLAGS = {"exit_layer": "--exit-layer", "num_speculations": "--num-speculations",
+         "speedup": "--speedup", "max_new_tokens": "--max-new-tokens",
+         "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+         "draft": "--draft", "eos_token_id": "--eos-token-id", "dtype": "--dtype",
+         "device": "--device", "backend": "--backend"}
+
+
+def _as_flag(message):
+    """'exit_layer: expected ...' -> '--exit-layer: expected ...', or None."""
+    match = re.match(r"(\w+): ", message)
+    if match and match.group(1) in FLAGS:
+        return FLAGS[match.group(1)] + message[match.end(1):]
+    return None
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run `layerskip`; returns 0, or raises SystemExit with 1, 2 or 130 after printing one
+    `error: ...` line on stderr. With no arguments, prints the help and returns 0."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    debug = "--debug" in argv
     try:
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 0
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
         with torch.inference_mode():
             args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        sys.exit(f"error: {error}")
+        return 0
+    except KeyboardInterrupt as error:
+        _fail(INTERRUPTED, str(error) or "interrupted", error, debug)
+    except UsageError as error:
+        _fail(USAGE, " ".join(str(error).split()), error, debug)
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(FAILURE) from None
+    except Exception as error:
+        message = describe(error)
+        flagged = _as_flag(message) if isinstance(error, ValueError) else None
+        _fail(USAGE if flagged else FAILURE, flagged or message, error, debug)
 
+
+def _fail(code, message, error, debug):
+    if debug:
+        traceback.print_exception(error)
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code) from None
 
 if __name__ == "__main__":
     main()

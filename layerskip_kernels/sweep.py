@@ -2,19 +2,24 @@
 
 Every configuration is timed by benchmark.run_benchmark (same process, interleaved repeats,
 median and spread), which also times plain early exit and k="auto" at each E; we keep them as
-extra rows and an "auto" column. Writes DIR/sweep.csv, DIR/sweep.json (the full report) and
-DIR/sweep_heatmap.png (speedup over our autoregressive decoding; needs matplotlib), and prints
-the best (E, k).
+extra rows and an "auto" column. Writes DIR/sweep.csv and DIR/sweep.json (the full report),
+both rewritten atomically after every repetition so that an interrupted sweep keeps what it
+measured, then DIR/sweep_heatmap.png (speedup over our autoregressive decoding; needs
+matplotlib), and prints the best (E, k).
 """
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from .benchmark import ProgressBar, load_prompts, run_benchmark
-from .model import load_model
+from .benchmark import (Progress, _kept, atomic_path, load_prompts, run_benchmark,
+                        write_atomic)
+from .decoding.generate import AUTO_DRAFT_CAP
+
+OUTPUTS = ("sweep.csv", "sweep.json", "sweep_heatmap.png")
 
 CSV_FIELDS = ("name", "strategy", "exit_layer", "num_speculations", "tokens_per_s",
               "tokens_per_s_min", "tokens_per_s_max", "speedup_vs_ours_autoregressive",
@@ -28,7 +33,8 @@ def parse_ints(text, arg):
     except ValueError:
         values = []
     if not values or min(values) < 1:
-        raise ValueError(f"{arg}: expected a comma list of integers >= 1, got {text!r}")
+        from .cli import UsageError
+        raise UsageError(f"{arg}: expected a comma list of integers >= 1, got {text!r}")
     return values
 
 
@@ -46,11 +52,12 @@ def best_pair(report):
 
 
 def write_csv(report, path):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for row in report["results"]:
-            writer.writerow(row)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for row in report["results"]:
+        writer.writerow(row)
+    write_atomic(path, text.getvalue())
 
 
 def write_heatmap(report, exit_layers, draft_lengths, path):
@@ -66,7 +73,7 @@ def write_heatmap(report, exit_layers, draft_lengths, path):
     grid = [[rows[(e, k)]["speedup_vs_ours_autoregressive"] for k in columns] for e in exit_layers]
     values = [v for line in grid for v in line]
     norm = TwoSlopeNorm(vcenter=1.0, vmin=min(min(values), 0.99), vmax=max(max(values), 1.01))
-    fig = Figure(figsize=(1.2 + 0.9 * len(columns), 1.2 + 0.6 * len(exit_layers)))
+    fig = Figure(figsize=(max(4.8, 1.2 + 0.9 * len(columns)), 1.4 + 0.6 * len(exit_layers)))
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="RdBu", norm=norm, aspect="auto")
     for i, line in enumerate(grid):
@@ -77,36 +84,68 @@ def write_heatmap(report, exit_layers, draft_lengths, path):
                     fontsize=8, color=ink)
     ax.set_xticks(range(len(columns)), [str(k) for k in columns])
     ax.set_yticks(range(len(exit_layers)), [str(e) for e in exit_layers])
-    ax.set_xlabel("draft length k")
     ax.set_ylabel("exit layer E")
     settings = report["settings"]
-    ax.set_title(f"self-speculative speedup vs autoregressive\n{Path(settings['model']).name}, "
-                 f"{settings['max_new_tokens']} tokens, {settings['dtype']}", fontsize=9)
+    model = Path(settings["model"]).name if settings.get("model") else "default model"
+    ax.set_title(f"self-speculative speedup over autoregressive\n{model}, "
+                 f"{settings['max_new_tokens']} new tokens, {settings['dtype']}, median of "
+                 f"{settings['repeats_done']}", fontsize=9)
+    ax.set_xlabel("draft length k" + ("   (* output differs)" if any(
+        not r["same_tokens_as_autoregressive"] for r in rows.values()) else ""))
     fig.colorbar(image, ax=ax, label="speedup")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     return True
 
 
 def main_sweep(args):
+    """`layerskip sweep`: the grid, the other arguments and DIR are checked before the model
+    loads, and the exit layers against the model right after."""
+    from .cli import UsageError, check_fits, check_output_dir, find_tokenizer, load_model_arg
+    from .cli import require_file
     exit_layers = parse_ints(args.exit_layers, "--exit-layers")
     draft_lengths = parse_ints(args.draft_lengths, "--draft-lengths")
+    out = Path(args.output)
+    check_output_dir(out, "--output", OUTPUTS, getattr(args, "overwrite", False))
+    tokenizer, tokenizer_path = None, None
+    if args.prompts:
+        require_file(args.prompts, "--prompts")
+        tokenizer, tokenizer_path = find_tokenizer(args)
+        if tokenizer is None:
+            raise UsageError("--prompts: a prompts file needs --tokenizer")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    model = load_model_arg(args)
     L = model.config.n_layers
     if max(exit_layers) >= L:
-        raise ValueError(f"--exit-layers: expected layers in [1, {L - 1}], got {exit_layers}")
-    prompts = load_prompts(model, args.prompts, args.tokenizer)
-    report = run_benchmark(model, prompts, args.max_new_tokens, args.repeats, args.warmup,
-                           exit_layers=exit_layers, draft_lengths=draft_lengths, speedups=(),
-                           with_transformers=False, progress=ProgressBar())
-    report["settings"].update(model=str(args.model), exit_layers=exit_layers,
+        raise UsageError(f"--exit-layers: expected layers in [1, {L - 1}], got {exit_layers}")
+    prompts, labels = load_prompts(model, args.prompts, tokenizer)
+    if not prompts:
+        raise UsageError(f"--prompts {args.prompts}: expected at least one non-empty line")
+    check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
+               reserve=max(*draft_lengths, AUTO_DRAFT_CAP) + 1)
+    done = []
+
+    def keep(report):
+        report["settings"].update(model=args.model, exit_layers=exit_layers,
+                                  draft_lengths=draft_lengths)
+        write_atomic(out / "sweep.json", json.dumps(report, indent=1) + "\n")
+        write_csv(report, out / "sweep.csv")
+        done.append(report["settings"]["repeats_done"])
+
+    try:
+        with Progress(getattr(args, "quiet", False)) as progress:
+            report = run_benchmark(model, prompts, args.max_new_tokens, args.repeats,
+                                   args.warmup, exit_layers=exit_layers,
+                                   draft_lengths=draft_lengths, speedups=(),
+                                   with_transformers=False, progress=progress,
+                                   cuda_graphs=False if getattr(args, "no_cuda_graphs", False)
+                                   else None, on_repeat=keep)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_kept(out / "sweep.json", done, args.repeats)) from None
+    report["settings"].update(model=args.model, exit_layers=exit_layers,
                               draft_lengths=draft_lengths)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_csv(report, out / "sweep.csv")
     wrote = [out / "sweep.csv", out / "sweep.json"]
     if write_heatmap(report, exit_layers, draft_lengths, out / "sweep_heatmap.png"):
         wrote.append(out / "sweep_heatmap.png")
@@ -122,5 +161,5 @@ def main_sweep(args):
               f"x{best['speedup_vs_ours_autoregressive']:.2f} over autoregressive, "
               f"acceptance {best['acceptance_rate']:.2f} (x{best['speedup_if_all_accepted']:.2f} "
               "if every draft were accepted)")
-    print("wrote " + ", ".join(map(str, wrote)))
+    print("wrote " + ", ".join(map(str, wrote)), file=sys.stderr)
     return report

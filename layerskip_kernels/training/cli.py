@@ -1,4 +1,5 @@
 """`layerskip train` and `layerskip eval-exits`, added to the parser by cli.build_parser."""
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -6,34 +7,74 @@ from pathlib import Path
 import torch
 
 
-def add_training_commands(sub):
+def add_training_commands(sub, formatter_class=None, add_debug=None):
     """Add the training subcommands to `layerskip`'s subparsers."""
-    p = sub.add_parser("train", help="train with layer dropout + early-exit loss (LayerSkip)")
-    p.add_argument("--config", required=True, help="a .json or .toml TrainConfig file")
-    p.add_argument("--steps", type=int, help="override the config's steps")
-    p.add_argument("--output", help="override the config's output directory")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    from ..cli import DTYPES, device_arg, dtype_arg, int_at_least
+    kwargs = {"formatter_class": formatter_class} if formatter_class else {}
+    p = sub.add_parser("train", help="train with layer dropout + early-exit loss (LayerSkip)",
+                       description="Train with layer dropout and the early-exit loss. "
+                       "--output (or the config's output) is a checkpoint directory: one "
+                       "holding a trainer state is resumed; a file is refused, and so is a "
+                       "non-empty directory without one unless --overwrite.", **kwargs)
+    p.add_argument("--config", metavar="FILE",
+                   required=True, help="a .json or .toml TrainConfig file")
+    p.add_argument("--steps", metavar="N",
+                   type=int_at_least(1), help="override the config's steps")
+    p.add_argument("--output", metavar="DIR", help="override the config's output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output that holds no trainer state")
+    p.add_argument("--threads", metavar="N", type=int_at_least(1), help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
+    if add_debug:
+        add_debug(p)
 
     p = sub.add_parser("eval-exits", help="perplexity and agreement with the final layer of "
-                       "every exit, on held-out text")
-    p.add_argument("--model", required=True, help="HF Llama directory or llama2.c .bin file")
-    p.add_argument("--tokenizer", help="tokenizer.json, HF directory or llama2.c tokenizer .bin"
+                       "every exit, on held-out text", **kwargs)
+    p.add_argument("--model", metavar="PATH",
+                   required=True, help="HF Llama directory or llama2.c .bin file")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.json, HF directory or llama2.c tokenizer .bin"
                    " (default: the model directory's tokenizer.json)")
-    p.add_argument("--data", required=True, help="a held-out text file")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-windows", type=int, help="evaluate at most this many windows")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
+    p.add_argument("--data", metavar="FILE", required=True, help="a held-out text file")
+    p.add_argument("--seq-len", metavar="N", type=int_at_least(1), default=256,
+                   help="tokens per window (at most the model's max_seq_len)")
+    p.add_argument("--batch-size", metavar="N",
+                   type=int_at_least(1), default=8, help="windows per batch")
+    p.add_argument("--max-windows", metavar="N", type=int_at_least(1),
+                   help="evaluate at most this many windows (default: all)")
+    p.add_argument("--dtype", metavar="NAME", default="float32", type=dtype_arg,
+                   help=f"weights dtype: {', '.join(DTYPES)}")
+    p.add_argument("--device", metavar="DEVICE",
+                   default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
+    p.add_argument("--plot", metavar="FILE",
+                   help="write a plot here (PNG, or another format by suffix; "
+                   "needs matplotlib)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_eval_exits)
+    if add_debug:
+        add_debug(p)
 
 
 def cmd_train(args):
-    from .trainer import load_config, run_training
-    config = load_config(args.config, steps=args.steps, output=args.output, threads=args.threads)
+    from ..cli import UsageError, check_output_dir, reading, require_file
+    from .trainer import STATE_JSON, load_config, run_training
+    require_file(args.config, "--config")
+    with reading("--config", args.config, flags=False):
+        config = load_config(args.config, steps=args.steps, output=args.output,
+                             threads=args.threads)
+    output = Path(config.output)
+    check_output_dir(output, "--output")
+    if (output.is_dir() and any(output.iterdir()) and not (output / STATE_JSON).exists()
+            and not args.overwrite):
+        raise UsageError(f"--output {output}: a non-empty directory with no {STATE_JSON} to "
+                         "resume (pass --overwrite to write into it)")
+    for key in ("data", "tokenizer"):
+        value = getattr(config, key)
+        if value and not Path(value).exists():
+            raise UsageError(f"--config {args.config}: {key} {value} does not exist")
     # `layerskip` runs commands under inference_mode; training needs autograd back.
     with torch.inference_mode(False), torch.enable_grad():
         trainer = run_training(config, progress=not args.quiet)
@@ -43,18 +84,38 @@ def cmd_train(args):
 
 
 def cmd_eval_exits(args):
-    from ..model import load_model, load_tokenizer
+    from ..cli import (UsageError, check_output_file, load_model_arg, reading, require_file)
+    from ..model import load_tokenizer
     from .evaluate import evaluate_exits, format_table, plot_exits
     from .trainer import tokenize_text
+    require_file(args.data, "--data")
+    if args.plot:
+        check_output_file(args.plot, "--plot", args.overwrite)
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot: needs matplotlib (pip install matplotlib)")
     tokenizer_path = args.tokenizer or _model_tokenizer(args.model)
     if tokenizer_path is None:
-        sys.exit("error: --tokenizer: the model directory has no tokenizer.json; pass one")
-    tokenizer = load_tokenizer(tokenizer_path)
-    model = load_model(args.model, device=args.device)
-    tokens = tokenize_text(tokenizer, Path(args.data).read_text())
-    result = evaluate_exits(model, tokens, args.seq_len, args.batch_size, args.max_windows)
+        raise UsageError("--tokenizer: the model directory has no tokenizer.json; pass one")
+    with reading("--tokenizer", tokenizer_path):
+        tokenizer = load_tokenizer(tokenizer_path)
+    model = load_model_arg(args)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UsageError(f"--tokenizer {tokenizer_path}: its vocabulary ({tokenizer.vocab_size} "
+                         f"tokens) is larger than the model's ({model.config.vocab_size}); "
+                         "expected the model's own tokenizer")
+    with reading("--data", args.data):
+        tokens = tokenize_text(tokenizer, Path(args.data).read_text())
+    if len(tokens) < 2:
+        raise UsageError(f"--data {args.data}: expected at least 2 tokens of text, "
+                         f"got {len(tokens)}")
+    result = evaluate_exits(model, tokens, args.seq_len, args.batch_size, args.max_windows,
+                            progress=not args.quiet)
     if args.plot:
-        plot_exits({Path(args.model).name: result}, args.plot)
+        name = Path(args.model).name
+        plot_exits({name: result}, args.plot,
+                   title=f"Early exits of {name} on {Path(args.data).name} "
+                   f"({result['tokens']} tokens)")
+        print(f"wrote {args.plot}", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
 
 

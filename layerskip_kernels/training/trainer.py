@@ -10,7 +10,6 @@ import json
 import math
 import shutil
 import sys
-import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ class TrainConfig:
     exit_curriculum: str = "none"     # none | rotational | gradual
     rotation: int = 2                 # R of the rotational curriculum
     save_every: int = 0               # 0: only at the end
-    log_every: int = 10
+    log_every: int = 10               # unused: tqdm paces its bar (kept for old configs)
     device: str = "cpu"
     threads: int | None = None        # torch CPU threads (None: torch's choice)
 
@@ -170,12 +169,14 @@ class Trainer:
         """Run until `steps` more steps (default: to config.steps), saving every save_every."""
         c = self.config
         end = c.steps if steps is None else min(self.step + steps, c.steps)
-        bar = _Progress(self.step, end, c.log_every, enabled=progress)
-        while self.step < end:
-            bar.update(self.train_step())
-            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
-                self.save(c.output)
-        bar.close()
+        bar = _Progress(self.step, end, enabled=progress)
+        try:
+            while self.step < end:
+                bar.update(self.train_step())
+                if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+                    self.save(c.output)
+        finally:
+            bar.close()  # before any error is printed
         return self.history
 
     def save(self, path):
@@ -213,35 +214,24 @@ class Trainer:
 
 
 class _Progress:
-    """tqdm when installed, else a line every log_every steps; shows the loss of each exit."""
+    """A tqdm bar on stderr (which handles a non-terminal stderr and the ETA) showing the loss of
+    each exit; nothing when disabled."""
 
-    def __init__(self, start, end, log_every, enabled=True):
-        self.start_time, self.log_every, self.enabled, self.exits = time.time(), log_every, enabled, {}
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(initial=start, total=end, dynamic_ncols=True)
-            except ImportError:
-                pass
+    def __init__(self, start, end, enabled=True):
+        from tqdm import tqdm
+        self.exits = {}
+        self.bar = tqdm(initial=start, total=end, file=sys.stderr, dynamic_ncols=True,
+                        disable=not enabled)
 
     def update(self, record):
         self.exits.update(record["exits"])  # curricula train some exits only: show the latest
-        if not self.enabled:
-            return
-        text = f"loss {record['loss']:.3f} | " + " ".join(
-            f"e{l + 1} {v:.2f}" for l, v in sorted(self.exits.items()))
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-        elif (record["step"] + 1) % self.log_every == 0:
-            rate = (record["step"] + 1) / (time.time() - self.start_time)
-            print(f"step {record['step'] + 1} lr {record['lr']:.2e} {text} ({rate:.2f} it/s)",
-                  file=sys.stderr)
+        if not self.bar.disable:
+            self.bar.set_postfix_str(f"loss {record['loss']:.3f} | " + " ".join(
+                f"e{l + 1} {v:.2f}" for l, v in sorted(self.exits.items())), refresh=False)
+        self.bar.update(1)
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def run_training(config: TrainConfig, progress=True):
