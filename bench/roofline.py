@@ -144,6 +144,20 @@ def time_step(fn, graphs, iters, reps=3):
     return statistics.median(times), note
 
 
+def count_kernels(fn):
+    """GPU kernels one eager call of fn launches (torch.profiler); None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA"
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
 def projected_speedup(a, k, c, v=1.0):
     """Tokens per round over the round's cost in full steps (Leviathan et al., i.i.d. a)."""
     return (1 - a ** (k + 1)) / (1 - a) / (k * c + v)
@@ -183,6 +197,10 @@ def roofline_case(model, batch, exit_layer, draft_lengths, context, bandwidth, g
         row[f"{name}_floor_with_kv_ms"] = floor(layers, kv_layers)
         row[f"{name}_timing"] = note
     row["ar_eager_ms"] = time_step(steps["ar"][0], False, iters)[0]
+    ar_kernels, draft_kernels = count_kernels(steps["ar"][0]), count_kernels(steps["draft"][0])
+    if ar_kernels is not None:  # the two steps share the embedding and the head
+        row["kernels_ar_step"] = ar_kernels
+        row["kernels_per_layer"] = (ar_kernels - draft_kernels) / (L - E)
     row["c"] = row["draft_ms"] / row["ar_ms"]
     for k in draft_lengths:
         row[f"v_k{k}"] = row[f"verify_k{k}_ms"] / row["ar_ms"]
@@ -331,14 +349,16 @@ def format_rows(name, rows, draft_lengths):
     k = draft_lengths[len(draft_lengths) // 2]
     lines = [f"{name}: ms (floor = weights / bandwidth) ; k = {k} for verify and projection",
              f"{'B':>3} {'E':>3} {'AR':>14} {'AR eager':>8} {'draft':>14} {'verify':>14} "
-             f"{'c':>5} {'v':>5} {'v_mod':>5} {'x@0.6':>6} {'x@0.8':>6} {'x@0.9':>6}"]
+             f"{'c':>5} {'v':>5} {'v_mod':>5} {'x@0.6':>6} {'x@0.8':>6} {'x@0.9':>6} "
+             f"{'kernels/layer':>13}"]
     for r in rows:
         pair = lambda s: f"{r[s + '_ms']:.2f} ({r[s + '_floor_ms']:.2f})"  # noqa: E731
         proj = r[f"projected_k{k}"]
         lines.append(f"{r['batch']:>3} {r['exit_layer']:>3} {pair('ar'):>14} "
                      f"{r['ar_eager_ms']:8.2f} {pair('draft'):>14} {pair(f'verify_k{k}'):>14} "
                      f"{r['c']:5.2f} {r[f'v_k{k}']:5.2f} {r[f'v_model_k{k}']:5.2f} "
-                     + " ".join(f"{proj[a]['measured_verify']:6.2f}" for a in ("0.6", "0.8", "0.9")))
+                     + " ".join(f"{proj[a]['measured_verify']:6.2f}" for a in ("0.6", "0.8", "0.9"))
+                     + f" {r.get('kernels_per_layer', float('nan')):13.1f}")
     notes = {r[key] for r in rows for key in r if key.endswith("_timing")}
     return "\n".join(lines + [f"  timing: {', '.join(sorted(notes))}"])
 
