@@ -127,6 +127,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--p-max", type=float, default=0.2)
+    p.add_argument("--exit-weights", type=lambda t: [float(x) for x in t.split(",")],
+                   help="per-exit loss weights, one per layer (comma list), replacing the "
+                   "paper's depth-quadratic scales, e.g. to favour the exit to draft from")
     p.add_argument("--exit-curriculum", default="rotational")
     p.add_argument("--rotation", type=int, default=2)
     p.add_argument("--heldout-every", type=int, default=20, help="hold out every N-th module")
@@ -163,6 +166,7 @@ def main(argv=None):
         output=str(out), seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
         lr=args.lr, warmup_steps=min(args.warmup, args.steps // 10 + 1), seed=args.seed,
         p_max=args.p_max, dropout_depth="exp", dropout_time="exp", exit_scale="sum",
+        exit_weights=args.exit_weights,
         exit_curriculum=args.exit_curriculum, rotation=args.rotation,
         save_every=args.save_every, threads=args.threads)
     resuming = (out / STATE_JSON).exists()

@@ -271,3 +271,13 @@ def test_train_command_resumes(tmp_path):
     model = load_model(tmp_path / "out")
     assert isinstance(model, Llama) and model.config.n_layers == 4
     assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_exit_weights_replace_the_scale_kind():
+    w = exit_scales(4, "sum", weights=[0.0, 2.0, 0.0, 2.0])
+    assert w.tolist() == [0.0, 0.5, 0.0, 0.5]
+    assert exit_scales(4, "sum", [True, False, True, True], [1.0, 1.0, 1.0, 1.0]).tolist() == [
+        1 / 3, 0.0, 1 / 3, 1 / 3]
+    for bad in ([1.0, 1.0, 1.0], [1.0, -1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]):
+        with pytest.raises(ValueError, match="exit weights"):
+            exit_scales(4, "sum", weights=bad)

@@ -14,17 +14,23 @@ EXIT_SCALES = ("sum", "uniform", "linear")
 EXIT_CURRICULA = ("none", "rotational", "gradual")
 
 
-def exit_scales(n_layers, kind="sum", enabled=None):
+def exit_scales(n_layers, kind="sum", enabled=None, weights=None):
     """Per-exit weights (n_layers,), float64, zero where disabled, summing to 1.
 
     With d = l + 1 the exit's depth: "sum" sum_{i<=d} i = d(d+1)/2 (the paper's default,
-    quadratic in depth), "linear" d, "uniform" 1.
+    quadratic in depth), "linear" d, "uniform" 1. `weights` (n_layers non-negative numbers)
+    replaces the kind's, e.g. to favour the exit a model will draft from.
     """
     if kind not in EXIT_SCALES:
         fail("exit scale", f"one of {EXIT_SCALES}", kind)
     depth = torch.arange(1, n_layers + 1, dtype=torch.float64)
-    scales = {"sum": depth * (depth + 1) / 2, "linear": depth,
-              "uniform": torch.ones_like(depth)}[kind]
+    if weights is not None:
+        if len(weights) != n_layers or min(weights) < 0 or weights[-1] <= 0:
+            fail("exit weights", f"{n_layers} numbers >= 0, the last > 0", weights)
+        scales = torch.tensor(weights, dtype=torch.float64)
+    else:
+        scales = {"sum": depth * (depth + 1) / 2, "linear": depth,
+                  "uniform": torch.ones_like(depth)}[kind]
     if enabled is not None:
         scales = scales * torch.as_tensor(enabled, dtype=torch.float64)
     return scales / scales.sum()

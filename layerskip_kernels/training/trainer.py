@@ -47,6 +47,7 @@ class TrainConfig:
     dropout_depth: str = "exp"        # D(l): exp | linear | uniform
     dropout_time: str = "constant"    # S(t): constant (continual) | exp (from scratch)
     exit_scale: str = "sum"           # sum | linear | uniform
+    exit_weights: list | None = None  # per-exit weights replacing exit_scale's (one per layer)
     exit_curriculum: str = "none"     # none | rotational | gradual
     rotation: int = 2                 # R of the rotational curriculum
     save_every: int = 0               # 0: only at the end
@@ -145,7 +146,7 @@ class Trainer:
         rates = dropout_rates(n_layers, c.p_max, self.step, c.steps, c.dropout_depth,
                               c.dropout_time)
         enabled = enabled_exits(n_layers, self.step, c.steps, c.exit_curriculum, c.rotation)
-        scales = exit_scales(n_layers, c.exit_scale, enabled)
+        scales = exit_scales(n_layers, c.exit_scale, enabled, c.exit_weights)
         lr = lr_at(c, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
