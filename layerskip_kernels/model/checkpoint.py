@@ -85,7 +85,8 @@ def resolve_device(device):
 def local_path(path, what="model path"):
     """path as a local Path that exists; a string shaped like an HF model id ("org/name") that
     is no local path means that model's snapshot in the local HF cache, found offline."""
-    check(isinstance(path, (str, os.PathLike)), what, "a path or a Hugging Face model id", repr(path))
+    check(isinstance(path, (str, os.PathLike)), what, "a path or a Hugging Face model id",
+          repr(path))
     if Path(path).exists() or not (isinstance(path, str) and HF_MODEL_ID.fullmatch(path)):
         if not Path(path).exists():
             raise FileNotFoundError(f"{what} {path} does not exist")
@@ -112,8 +113,9 @@ def regular_file(path, what="model path"):
 
 def read_json_object(path, what="config"):
     """The JSON object in the regular file path."""
+    data = regular_file(path, what).read_bytes()
     try:
-        value = json.loads(regular_file(path, what).read_bytes())
+        value = json.loads(data)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         fail(f"{what} {path}", "a JSON object", f"invalid JSON ({e})")
     check(isinstance(value, dict), f"{what} {path}", "a JSON object", type(value).__name__)
@@ -230,7 +232,8 @@ def _auto_dtype(hf, state, source):
     declared = hf.get("torch_dtype") or hf.get("dtype")
     if declared is None:
         return max(state.values(), key=torch.Tensor.numel).dtype
-    check(isinstance(declared, str) and declared in DTYPES, f"{source} torch_dtype (for dtype='auto')",
+    check(isinstance(declared, str) and declared in DTYPES,
+          f"{source} torch_dtype (for dtype='auto')",
           f"one of {', '.join(DTYPES)}", repr(declared))
     return DTYPES[declared]
 
