@@ -110,6 +110,15 @@ def test_shards_that_are_no_regular_file_refused(sharded, no_hang, kind):
     refused(error, repr(name))
 
 
+def test_shard_symlink_loop(sharded):
+    hf_dir, weight_map, _ = sharded
+    (hf_dir / "loop.safetensors").symlink_to("loop.safetensors")
+    point_shard_at(hf_dir, weight_map, "loop.safetensors")
+    with pytest.raises((ValueError, FileNotFoundError), match="loop.safetensors") as error:
+        lsk.load_model(hf_dir)
+    refused(error)
+
+
 def test_missing_shard(sharded):
     hf_dir, weight_map, _ = sharded
     point_shard_at(hf_dir, weight_map, "model-3.safetensors")

@@ -77,8 +77,9 @@ def resolve_device(device):
     check(resolved.type in ("cpu", "cuda"), "device", expected, repr(device))
     if resolved.type == "cuda":
         count = torch.cuda.device_count()
-        check((resolved.index or 0) < count, "device", f"one of the {count} CUDA devices this "
-              f"torch sees{'' if torch.version.cuda else ' (a CPU-only build)'}", repr(device))
+        build = "" if torch.version.cuda else ", a CPU-only build"
+        check((resolved.index or 0) < count, "device", f"an available device (this torch sees "
+              f"{count} CUDA device{'s' * (count != 1)}{build})", repr(device))
     return resolved
 
 
@@ -288,12 +289,15 @@ def _index_shards(path, index):
         names.setdefault(name, set()).add(key)
     root, shards = _confinement_root(path), {}
     for name, keys in names.items():
-        parts = PurePosixPath(name).parts
-        check(name.endswith(".safetensors") and not PurePosixPath(name).is_absolute()
-              and ".." not in parts and "\\" not in name and "\0" not in name,
+        relative = PurePosixPath(name)
+        check(name.endswith(".safetensors") and not relative.is_absolute()
+              and ".." not in relative.parts and "\\" not in name and "\0" not in name,
               f"index {index} weight_map", "relative .safetensors file names inside the model "
               "directory", repr(name))
-        file = (path / name).resolve()
+        try:
+            file = (path / name).resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            fail(f"index {index} weight_map", "shards that resolve to a file", name)
         check(file.is_relative_to(root), f"index {index} weight_map", f"shards inside {root}",
               f"{name!r}, which resolves to {file}")
         shards[regular_file(file, f"index {index} shard {name!r}")] = keys
