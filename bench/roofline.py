@@ -69,7 +69,7 @@ def measure_hbm_bandwidth(device="cuda", nbytes=1 << 30, iters=20):
 def random_model(shape, device, dtype=torch.bfloat16, max_seq_len=1024, seed=0):
     """A Llama of a named shape (or a LlamaConfig kwargs dict) with N(0, 0.02) weights, built on
     the meta device first so only the dtype's bytes are ever allocated."""
-    from layerskip_kernels.model.llama import Llama, LlamaConfig, rope_tables
+    from layerskip_kernels.model.llama import Llama, LlamaConfig
     config = LlamaConfig(**{**(SHAPES[shape] if isinstance(shape, str) else shape),
                             "max_seq_len": max_seq_len})
     with torch.device("meta"):
@@ -79,7 +79,6 @@ def random_model(shape, device, dtype=torch.bfloat16, max_seq_len=1024, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=generator)
-    model.rope_cos, model.rope_sin = rope_tables(config, max_seq_len, device)
     return model.eval()
 
 
