@@ -86,7 +86,12 @@ def worker(spec, out):
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         main(CLI_ARGS)  # initializes the (gloo) process group from torchrun's environment
     rank, world = dist.get_rank(), dist.get_world_size()  # the CLI's process group
-    result = {"cli": [stdout.getvalue(), stderr.getvalue()]}
+    result = {"cli": [stdout.getvalue(), stderr.getvalue()], "errors": {}}
+    for arg, kw in (("tp", {"tp": 4}), ("dtype", {"tp": 2, "dtype": "int8"})):
+        try:  # guards that fire before any collective, identically on every rank
+            parallel.load_model_tp(None, **kw)
+        except ValueError as error:
+            result["errors"][arg] = str(error)
     for name, case in json.loads(Path(spec).read_text()).items():
         model = parallel.load_model_tp(case["path"], world)
         c = model.config
@@ -228,11 +233,31 @@ def test_packed_keys_order_as_argmax():
     assert torch.equal(v, ref_v[:, :5]) and torch.equal(i, ref_i[:, :5])
 
 
+def test_checkpoint_names_are_checked(tmp_path):
+    from contextlib import ExitStack
+
+    from safetensors.torch import load_file, save_file
+
+    from layerskip_kernels.model import parallel, save_hf_directory
+    model = gqa_llama(*GQA["gqa_4q1kv"])
+    save_hf_directory(model, tmp_path)
+    with ExitStack() as stack:  # control: a checkpoint we wrote passes
+        parallel._check_names(parallel.SafetensorsSource(tmp_path, stack), model.config)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.0.mlp.extra.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(state, tmp_path / "model.safetensors")
+    with ExitStack() as stack, pytest.raises(ValueError, match="checkpoint weights: missing "
+                                             r"\['layers.0.mlp.up_proj.weight'\], unexpected "
+                                             r"\['layers.0.mlp.extra.weight'\]"):
+        parallel._check_names(parallel.SafetensorsSource(tmp_path, stack), model.config)
+
+
 def test_tp_outside_a_process_group_is_an_error(monkeypatch):
     from layerskip_kernels.model import parallel
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ValueError, match="tp: expected a process group"):
         parallel.load_model_tp(None, 2)
+    assert not hasattr(parallel.load_model_tp(None, 1), "plan")  # control: tp=1, plain Llama
 
 
 # -- two ranks -----------------------------------------------------------------------------
@@ -251,6 +276,13 @@ def test_greedy_tokens_equal_tp1(ranks, expected, name, run):
     if run not in ranks[0][name]:
         pytest.skip(f"{run} is not run on {name}")
     assert ranks[0][name][run] == expected[name] and ranks[1][name][run] == expected[name]
+
+
+def test_guards_inside_the_process_group(ranks):
+    errors = ranks[0]["errors"]
+    assert errors["tp"] == "tp: expected the process group's size (2), got 4"
+    assert errors["dtype"].startswith("dtype: expected one of")
+    assert ranks[1]["errors"] == errors
 
 
 def test_local_shapes(ranks):

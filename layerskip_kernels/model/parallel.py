@@ -377,11 +377,16 @@ def load_model_tp(path=None, tp=None, dtype=torch.float32, device="cpu", backend
     slice by slice (model.reads lists them); the other formats are loaded whole, then
     sharded. tp: the process group's size (default: all of it). dtype "auto" / None: the
     checkpoint's. Every rank of `group` must call it (the default group is initialized from
-    torchrun's environment when needed)."""
+    torchrun's environment when needed). tp=1 outside a process group: the plain Llama."""
     from .checkpoint import DEFAULT_MODEL, SUPPORTED_DTYPES, config_from_hf, load_model
+    if tp == 1 and not dist.is_initialized():
+        return load_model(path, dtype=dtype, device=device, backend=backend)
     device = init_distributed(device)
     tp = dist.get_world_size(group) if tp is None else tp
     rank = _group_rank(tp, group)
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device with an nccl process group, got "
+                         f"{device}")
     dtype = None if dtype in (None, "auto") else SUPPORTED_DTYPES.get(dtype, dtype)
     if dtype is not None and dtype not in SUPPORTED_DTYPES.values():
         raise ValueError(f"dtype: expected one of {list(SUPPORTED_DTYPES)}, got {dtype}")
