@@ -25,6 +25,7 @@ from .decoding import generate
 from .decoding.generate import AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES
 from .model import load_model, load_tokenizer
 from .model.checkpoint import DEFAULT_MODEL
+from .model.parallel import is_first_rank, load_model_tp
 from .model.tokenizer import Llama2cTokenizer
 
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
@@ -221,8 +222,12 @@ def find_tokenizer(args):
 
 
 def load_model_arg(args):
-    """load_model(--model, --dtype, --device, --backend), errors naming --model."""
+    """load_model(--model, --dtype, --device, --backend), errors naming --model; with --tp N
+    > 1, this rank's shard (the process group comes from torchrun's environment)."""
     with reading("--model", args.model or DEFAULT_MODEL):
+        if getattr(args, "tp", 1) > 1:
+            return load_model_tp(args.model, args.tp, dtype=args.dtype, device=args.device,
+                                 backend=args.backend)
         return load_model(args.model, dtype=args.dtype, device=args.device,
                           **({"backend": args.backend} if hasattr(args, "backend") else {}))
 
@@ -375,7 +380,8 @@ def cmd_generate(args):
     eos = stop_tokens(args, model, tokenizer)
     check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
                _draft_slots(model, args.strategy, args.num_speculations), eos)
-    stream = _printer(tokenizer, prompts) if args.stream else None
+    printing = is_first_rank()  # under --tp, every rank decodes and rank 0 prints
+    stream = _printer(tokenizer, prompts) if args.stream and printing else None
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, stream=stream,
                       strategy=args.strategy, exit_layer=args.exit_layer,
                       num_speculations=args.num_speculations, speedup=args.speedup,
@@ -383,6 +389,8 @@ def cmd_generate(args):
                       top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed,
                       eos_token_id=eos, cuda_graphs=_cuda_graphs(args),
                       **({"draft": args.draft} if args.draft else {}))
+    if not printing:
+        return
     texts = [new_text(tokenizer, p, t) if tokenizer else None
              for p, t in zip(prompts, result.tokens)]
     if stream:
@@ -569,6 +577,9 @@ def build_parser():
     p.add_argument("--seed", metavar="S", type=int, help="sampling only: random seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--stream", action="store_true", help="print text as it is accepted")
+    p.add_argument("--tp", metavar="N", type=int_at_least(1), default=1,
+                   help="tensor-parallel ranks; N > 1 runs under torchrun --nproc-per-node N "
+                   "(nccl with --device cuda, gloo on a CPU), and only rank 0 prints")
     p.set_defaults(run=cmd_generate)
 
     p = _subparser(sub, "compare", "autoregressive vs self-speculative: outputs and speedup",
@@ -662,7 +673,7 @@ FLAGS = {"exit_layer": "--exit-layer", "num_speculations": "--num-speculations",
          "speedup": "--speedup", "max_new_tokens": "--max-new-tokens",
          "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
          "draft": "--draft", "eos_token_id": "--eos-token-id", "dtype": "--dtype",
-         "device": "--device", "backend": "--backend"}
+         "device": "--device", "backend": "--backend", "tp": "--tp"}
 
 
 def _as_flag(message):

@@ -167,6 +167,8 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     _check_prompts(c, prompts, max_new_tokens, reserve)
 
     device = model.embed_tokens.weight.device
+    if seed is None and temperature > 0 and hasattr(model, "shared_seed"):
+        seed = model.shared_seed()  # tensor-parallel ranks must draw alike: rank 0's seed
     generator = torch.Generator(device)
     generator.manual_seed(seed) if seed is not None else generator.seed()
     sampling = (temperature, top_k, top_p)
