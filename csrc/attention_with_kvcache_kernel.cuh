@@ -350,7 +350,8 @@ __global__ void __launch_bounds__(Layout<RowWarps>::kThreads)
   uint32_t qf[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix_x4(qf[kk], smem + S::kQ + row_warp * kRows * kPitch + q_frag_offset(lane, kk, kPitch));
+    ldmatrix_x4(qf[kk],
+                smem + S::kQ + row_warp * kRows * kPitch + q_frag_offset(lane, kk, kPitch));
   }
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float acc[D / 8][4] = {};

@@ -63,7 +63,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "attention_with_kvcache_launch_shape",
       [](int64_t rows, int64_t head_dim, int64_t row_tiles_per_block) {
-        const auto s = lsk::attention_with_kvcache_launch_shape(rows, head_dim, row_tiles_per_block);
+        const auto s =
+            lsk::attention_with_kvcache_launch_shape(rows, head_dim, row_tiles_per_block);
         py::dict d;
         d["row_tiles_per_block"] = s.row_tiles_per_block;
         d["threads"] = s.threads;

@@ -522,7 +522,8 @@ def test_cuda_split_count_comes_from_the_device(generator):
 
     C = _ext._C
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for B, Hkv, rows, Smax, D in ((1, 8, 4, 32768, 128), (8, 8, 20, 8192, 64), (1, 4, 128, 4096, 32)):
+    shapes = ((1, 8, 4, 32768, 128), (8, 8, 20, 8192, 64), (1, 4, 128, 4096, 32))
+    for B, Hkv, rows, Smax, D in shapes:
         got = C.attention_with_kvcache_num_splits(B, Hkv, rows, Smax, D)
         for per_sm in range(1, 17):  # the kernel keeps some number of blocks per SM resident
             if got == C.attention_with_kvcache_num_splits(B, Hkv, rows, Smax, D, sm_count=sms,
@@ -604,7 +605,7 @@ def C():
     from layerskip_kernels import _ext
 
     if _ext._C is None:
-        pytest.skip("layerskip_kernels._C is not built (tests/test_build.py says whether it must be)")
+        pytest.skip("layerskip_kernels._C is not built (test_build says whether it must be)")
     return _ext._C
 
 
@@ -796,17 +797,24 @@ EMULATED_CASES = [  # (B, Sq, Hq, Hkv, D, lens), the row layout of a block
     (2, 5, 8, 2, 64, [64, 37]),          # 20 rows (a verify): two tiles
     (1, 8, 8, 1, 32, [FULL]),            # 64 rows: four tiles
     (1, 16, 8, 1, 64, [100]),            # 128 rows: eight tiles
+    (1, 5, 32, 8, 128, [300]),           # llama-3-8b verify (G 4 x 5 queries): two tiles
+    (1, 16, 8, 1, 128, [70]),            # 128 rows of head_dim 128
     (1, 5, 32, 1, 32, [20]),             # 160 rows: two blocks (8 + 2 tiles), one writer
 ]
 EMULATED_MODES = [  # (dtype, rope, num_splits, row_tiles_per_block)
     (torch.float16, False, 1, 0),
     (torch.bfloat16, True, 3, 0),
     (torch.float16, True, 2, 1),
+    (torch.bfloat16, False, 16, 0),  # more splits than 64-key blocks: most are empty
 ]
 
 
-@pytest.mark.parametrize("mode", EMULATED_MODES,
-                         ids=lambda m: f"{str(m[0])[6:]}-rope{int(m[1])}-splits{m[2]}-tiles{m[3] or 'auto'}")
+def emulated_mode_id(mode):
+    dtype, rope, splits, row_tiles = mode
+    return f"{str(dtype)[6:]}-rope{int(rope)}-splits{splits}-tiles{row_tiles or 'auto'}"
+
+
+@pytest.mark.parametrize("mode", EMULATED_MODES, ids=emulated_mode_id)
 @pytest.mark.parametrize("case", EMULATED_CASES, ids=case_id)
 def test_cuda_kernel_emulated_matches_oracle(case, mode, emulator, generator):
     dtype, rope, num_splits, row_tiles = mode

@@ -140,7 +140,8 @@ void mma_probe_kernel(const T* a, const T* b, float* d, float* e) {
   }
   for (int dt = 0; dt < D / 8; ++dt) {
     for (int h = 0; h < 2; ++h) {
-      st_global(e + (g + 8 * h) * D + 8 * dt + 2 * t, make_float2(acc[dt][2 * h], acc[dt][2 * h + 1]));
+      st_global(e + (g + 8 * h) * D + 8 * dt + 2 * t,
+                make_float2(acc[dt][2 * h], acc[dt][2 * h + 1]));
     }
   }
 }
