@@ -159,7 +159,7 @@ int64_t attention_with_kvcache_num_splits(int64_t batch, int64_t heads_kv, int64
   const int64_t ctas = batch * heads_kv * row_blocks_for(rows, row_warps);
   if (sm_count == 0) sm_count = cached_device_attribute(cudaDevAttrMultiProcessorCount, g_sm_count);
   if (ctas_per_sm == 0) ctas_per_sm = blocks_per_sm(head_dim, row_warps);
-  return num_splits_heuristic(ctas, max_seqlen, sm_count, ctas_per_sm);
+  return num_splits_heuristic(ctas, rows, max_seqlen, sm_count, ctas_per_sm);
 }
 
 AttentionLaunchShape attention_with_kvcache_launch_shape(int64_t rows, int64_t head_dim,

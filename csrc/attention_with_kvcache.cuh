@@ -21,9 +21,9 @@ using Strides3 = std::array<int64_t, 3>;
 // How many blocks share one (row, KV head, row block)'s keys (num_splits_heuristic in
 // attention_with_kvcache_kernel.cuh): 1 when the blocks of one split already fill every
 // resident slot of the device, else about two waves of resident blocks, keeping >= 256 keys
-// of max_seqlen per split, at most 128. rows = Hq / Hkv * Sq. sm_count and ctas_per_sm (blocks
-// of the kernel resident per SM) come from the current device when 0 (queried once per device,
-// then cached); given both, no device is touched.
+// (and >= 16 per query row) of max_seqlen per split, at most 128. rows = Hq / Hkv * Sq.
+// sm_count and ctas_per_sm (blocks of the kernel resident per SM) come from the current device
+// when 0 (queried once per device, then cached); given both, no device is touched.
 int64_t attention_with_kvcache_num_splits(int64_t batch, int64_t heads_kv, int64_t rows,
                                           int64_t max_seqlen, int64_t head_dim,
                                           int64_t row_tiles_per_block, int64_t sm_count,

@@ -49,6 +49,7 @@ constexpr int kKeys = 16;   // keys per warp tile: two MMA N = 8, one MMA K = 16
 constexpr int kStages = 2;  // cp.async ring depth per key group
 constexpr int kBlockKeys = 64;  // keys of one round of all key groups; splits are cut in these
 constexpr int kMinKeysPerSplit = 256;
+constexpr int kMinKeysPerSplitRow = 16;  // and per query row: see num_splits_heuristic
 constexpr int kMinWaves = 2;
 constexpr int kMergeThreads = 256;
 
@@ -631,14 +632,17 @@ inline int fwd_threads(int row_warps) {
 // has several blocks' loads in flight and a finishing block is replaced at once; then, among
 // up to 25% more splits, the count whose waves are fullest (ctas * s / (waves * slots), the
 // busy share of the slots if every block took as long). At most kMaxSplits, and at least
-// kMinKeysPerSplit keys of max_seqlen per split (the real lengths live on the device: the
-// grid depends on shapes only).
-inline int64_t num_splits_heuristic(int64_t ctas, int64_t max_seqlen, int64_t sm_count,
-                                    int64_t ctas_per_sm) {
+// max(kMinKeysPerSplit, kMinKeysPerSplitRow * rows) keys of max_seqlen per split: a split
+// writes rows * D fp32 partials that the merge reads back, against keys * D * 2 fp16 of K and V
+// it reads, so that traffic stays under 1/8 of the cache's (the real lengths live on the
+// device: the grid depends on shapes only).
+inline int64_t num_splits_heuristic(int64_t ctas, int64_t rows, int64_t max_seqlen,
+                                    int64_t sm_count, int64_t ctas_per_sm) {
   const int64_t slots = std::max<int64_t>(1, sm_count * ctas_per_sm);
   if (ctas <= 0 || ctas >= slots) return 1;
+  const int64_t min_keys = std::max<int64_t>(kMinKeysPerSplit, kMinKeysPerSplitRow * rows);
   const int64_t by_length =
-      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, max_seqlen / kMinKeysPerSplit));
+      std::min<int64_t>(kMaxSplits, std::max<int64_t>(1, max_seqlen / min_keys));
   const int64_t fewest = (kMinWaves * slots + ctas - 1) / ctas;
   auto waves = [&](int64_t s) { return (ctas * s + slots - 1) / slots; };
   int64_t best = fewest;

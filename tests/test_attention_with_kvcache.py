@@ -643,8 +643,8 @@ H100_BLOCKS_PER_SM = {32: {1: 8, 2: 7, 4: 7, 8: 3}, 64: {1: 5, 2: 4, 4: 4, 8: 2}
 @pytest.mark.parametrize("B, Hkv", [(1, 8), (1, 32), (8, 8), (8, 32), (64, 8), (64, 32)])
 def test_cuda_split_heuristic(C, B, Hkv, sms):
     """FlashDecoding: enough splits for two waves of resident blocks when B * Hkv * row blocks
-    leaves SMs idle, none when it fills them; >= 256 keys a split, at most the maximum; and a
-    function of the shape only (the lengths stay on the device)."""
+    leaves SMs idle, none when it fills them; >= 256 keys and 16 keys per query row a split, at
+    most the maximum; and a function of the shape only (the lengths stay on the device)."""
     for D in C.ATTENTION_HEAD_DIMS:
         for rows in (1, 4, 16, 17, 20, 64, 100, 128):
             tiles = C.attention_with_kvcache_launch_shape(rows, D)["row_tiles_per_block"]
@@ -654,7 +654,7 @@ def test_cuda_split_heuristic(C, B, Hkv, sms):
             for Smax in (512, 2048, 8192, 32768):
                 splits = C.attention_with_kvcache_num_splits(B, Hkv, rows, Smax, D,
                                                              sm_count=sms, ctas_per_sm=per_sm)
-                by_length = max(1, min(C.ATTENTION_MAX_SPLITS, Smax // 256))
+                by_length = max(1, min(C.ATTENTION_MAX_SPLITS, Smax // max(256, 16 * rows)))
                 assert 1 <= splits <= by_length
                 if ctas >= slots:
                     assert splits == 1
@@ -672,7 +672,7 @@ def test_cuda_split_heuristic_examples(C):
     assert n(1, 8, 4, 8192) == 32     # 8K context: 256 keys a split
     assert n(8, 8, 4, 32768) == 11    # 704 blocks: 2.7 waves
     assert n(64, 8, 4, 32768) == 1    # 512 blocks already fill the 264 slots
-    assert n(1, 8, 128, 32768, per_sm=1) == 33  # 128 rows: 8 warps, one block per SM
+    assert n(1, 8, 128, 32768, per_sm=1) == 16  # 128 rows: 2048 keys a split (16 a row)
     assert n(1, 1, 4, 1 << 20, per_sm=2) == 128  # at most ATTENTION_MAX_SPLITS
     assert n(0, 8, 4, 32768) == 1
 
