@@ -336,13 +336,14 @@ FULL = "full"  # a length that fills the cache: L = Smax - Sq
 CUDA_CASES = TRITON_CASES + [
     (2, 16, 32, 2, 128, [700, "random"]),  # G 16 x Sq 16 = 256 rows: two blocks of 8 row tiles
     (1, 3, 6, 6, 64, [1000]),              # long cache: every split busy
+    (2, 1, 8, 2, 32, [5, FULL]),           # D 32 decode (the embedded default model's heads)
     (2, 1, 17, 1, 32, [0, 90]),            # 17 rows: two row tiles, one row in the second; D 32
     (2, 8, 8, 1, 32, [33, FULL]),          # 64 rows: four row tiles; a full cache
     (1, 16, 8, 1, 128, [150]),             # 128 rows: eight row tiles read each key once
     (3, 16, 1, 1, 64, [FULL, 0, 71]),      # 16 rows, MHA (G 1)
 ]
 CUDA_MODES = [(rope, splits, 0) for rope, splits in MODES] + [
-    (True, 8, 0), (False, 64, 0), (True, 128, 0),  # most splits are empty for short rows
+    (True, 128, 0),  # the most splits: most are empty for short rows
     (True, None, 1), (False, 5, 1),  # one row tile per block: the kernel validated on 2026-11-25
 ]
 
@@ -793,6 +794,7 @@ def run_emulated(emulator, args, num_splits=1, row_tiles_per_block=0, schedule=0
 EMULATED_CASES = [  # (B, Sq, Hq, Hkv, D, lens), the row layout of a block
     (2, 1, 8, 2, 64, [0, 150]),          # 4 rows: one tile (the validated layout)
     (1, 16, 8, 8, 128, [FULL]),          # 16 rows, G 1: one tile; a full cache
+    (2, 2, 8, 2, 32, [0, 77]),           # 8 rows of head_dim 32: one tile
     (2, 1, 17, 1, 32, [33, 0]),          # 17 rows: two tiles, one row in the second
     (2, 5, 8, 2, 64, [64, 37]),          # 20 rows (a verify): two tiles
     (1, 8, 8, 1, 32, [FULL]),            # 64 rows: four tiles
