@@ -610,10 +610,12 @@ def C():
     return _ext._C
 
 
-def test_cuda_head_dims_are_the_kernels(C):
-    from layerskip_kernels.ops.attention_with_kvcache import CUDA_HEAD_DIMS
+def test_cuda_limits_are_the_kernels(C):
+    from layerskip_kernels.ops.attention_with_kvcache import CUDA_HEAD_DIMS, MAX_KERNEL_QUERIES
 
     assert tuple(C.ATTENTION_HEAD_DIMS) == CUDA_HEAD_DIMS == (32, 64, 128)
+    assert C.ATTENTION_MAX_QUERIES == MAX_KERNEL_QUERIES
+    assert C.ATTENTION_MAX_ROW_TILES * 16 == 128
 
 
 @pytest.mark.parametrize("rows, tiles, threads, blocks", [

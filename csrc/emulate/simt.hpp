@@ -624,7 +624,7 @@ inline void launch(Dim3 grid, int threads, size_t smem_bytes, const std::functio
   } restore{state()};
   state() = &s;
   s.fibers.resize(threads);
-  for (Fiber& f : s.fibers) f.stack.resize(256 * 1024);
+  for (Fiber& f : s.fibers) f.stack.resize(64 * 1024);  // kernel frames are a few KB
   s.warps[0].resize(threads / 32);
   s.warps[1].resize(threads / 32);
   const int blocks = int(grid.x * grid.y * grid.z);
