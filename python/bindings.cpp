@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -48,11 +49,33 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cache_seqlens"), py::arg("batch"), py::arg("max_seqlen"),
         py::arg("seqlen_new"), py::arg("heads"), py::arg("head_dim"), py::arg("dtype"),
         py::arg("stream"));
+  m.attr("ATTENTION_MAX_QUERIES") = lsk::attn::kMaxQueries;
+  m.attr("ATTENTION_MAX_SPLITS") = lsk::attn::kMaxSplits;
+  m.attr("ATTENTION_MAX_ROW_TILES") = lsk::attn::kMaxRowWarps;
+  m.attr("ATTENTION_HEAD_DIMS") = py::tuple(py::cast(std::vector<int>(
+      std::begin(lsk::attn::kHeadDims), std::end(lsk::attn::kHeadDims))));
   m.def("attention_with_kvcache_num_splits", &lsk::attention_with_kvcache_num_splits,
-        "Split-KV heuristic of attention_with_kvcache for the current device's SM count.",
-        py::arg("batch"), py::arg("heads_kv"), py::arg("rows"), py::arg("max_seqlen"));
+        "Split-KV count of attention_with_kvcache for a shape. sm_count and ctas_per_sm (blocks "
+        "resident per SM): 0 = the current device's; given both, no device is needed.",
+        py::arg("batch"), py::arg("heads_kv"), py::arg("rows"), py::arg("max_seqlen"),
+        py::arg("head_dim"), py::arg("row_tiles_per_block") = 0, py::arg("sm_count") = 0,
+        py::arg("ctas_per_sm") = 0);
+  m.def(
+      "attention_with_kvcache_launch_shape",
+      [](int64_t rows, int64_t head_dim, int64_t row_tiles_per_block) {
+        const auto s =
+            lsk::attention_with_kvcache_launch_shape(rows, head_dim, row_tiles_per_block);
+        py::dict d;
+        d["row_tiles_per_block"] = s.row_tiles_per_block;
+        d["threads"] = s.threads;
+        d["smem_bytes"] = s.smem_bytes;
+        d["row_blocks"] = s.row_blocks;
+        return d;
+      },
+      "How attention_with_kvcache launches `rows` = Hq / Hkv * Sq query rows per (b, KV head).",
+      py::arg("rows"), py::arg("head_dim"), py::arg("row_tiles_per_block") = 0);
   m.def("attention_with_kvcache", &lsk::attention_with_kvcache,
-        "RoPE + K/V append at cache_seqlens[b] + attention (fp16/bf16, D 64/128, Sq <= 16).",
+        "RoPE + K/V append at cache_seqlens[b] + attention (fp16/bf16, D 32/64/128, Sq <= 16).",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_new"), py::arg("v_new"),
         py::arg("cache_seqlens"), py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("out"),
         py::arg("o_part"), py::arg("lse_part"), py::arg("batch"), py::arg("seqlen_q"),
@@ -61,5 +84,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v_cache_strides"), py::arg("k_new_strides"), py::arg("v_new_strides"),
         py::arg("out_strides"), py::arg("cos_stride"), py::arg("sin_stride"), py::arg("dtype"),
         py::arg("rotary_dtype"), py::arg("softmax_scale"), py::arg("num_splits"),
-        py::arg("stream"));
+        py::arg("row_tiles_per_block"), py::arg("stream"));
 }

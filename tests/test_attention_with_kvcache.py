@@ -326,26 +326,59 @@ def test_tensors_on_different_devices(generator):
 
 
 # ---------------------------------------------------------------- CUDA backend (csrc/)
-# The same oracle and cases as the Triton kernel, plus a 256-row tile grid (16 row tiles),
-# cos/sin in the model dtype (as Llama's buffers after .to(dtype)), CUDA-graph replay, and
-# the public op's routing of float32 (no tensor-core kernel) to Triton.
+# The same oracle and cases as the Triton kernel, plus cases for every row layout of a block
+# (1 to 8 row tiles of 16 rows: rows = Hq / Hkv * Sq of 1, 16, 17, 64, 128 and 256), head_dim 32,
+# a row whose cache ends exactly at Smax, split counts up to the maximum, cos/sin in the model
+# dtype (as Llama's buffers after .to(dtype)), CUDA-graph replay, and the public op's routing
+# of float32 (no tensor-core kernel) to Triton. Without a GPU the same kernels run on the host
+# SIMT emulator (csrc/emulate/), built from the same source: see "CUDA kernels, emulated" below.
+FULL = "full"  # a length that fills the cache: L = Smax - Sq
 CUDA_CASES = TRITON_CASES + [
-    (2, 16, 32, 2, 128, [700, "random"]),  # G 16 x Sq 16 = 256 rows: 16 row tiles
+    (2, 16, 32, 2, 128, [700, "random"]),  # G 16 x Sq 16 = 256 rows: two blocks of 8 row tiles
     (1, 3, 6, 6, 64, [1000]),              # long cache: every split busy
+    (2, 1, 8, 2, 32, [5, FULL]),           # D 32 decode (the embedded default model's heads)
+    (2, 1, 17, 1, 32, [0, 90]),            # 17 rows: two row tiles, one row in the second; D 32
+    (2, 8, 8, 1, 32, [33, FULL]),          # 64 rows: four row tiles; a full cache
+    (1, 16, 8, 1, 128, [150]),             # 128 rows: eight row tiles read each key once
+    (3, 16, 1, 1, 64, [FULL, 0, 71]),      # 16 rows, MHA (G 1)
 ]
-CUDA_MODES = MODES + [(True, 8), (False, 64)]  # 64 splits: most are empty for short rows
+CUDA_MODES = [(rope, splits, 0) for rope, splits in MODES] + [
+    (True, 128, 0),  # the most splits: most are empty for short rows
+    (True, None, 1), (False, 5, 1),  # one row tile per block: the kernel validated on 2026-11-25
+]
+
+
+def mode_id(mode):
+    rope, splits, row_tiles = mode
+    return f"rope{int(rope)}-splits{splits}-tiles{row_tiles or 'auto'}"
+
+
+def cuda_inputs(case, dtype, rope, generator, poison=float("nan")):
+    """make_inputs for a CUDA case; lengths FULL end exactly at Smax. With a FULL row the caches
+    are views of taller tensors (rows past Smax untouched, batch stride > Smax * Hkv * D)."""
+    B, Sq, Hq, Hkv, D, lens = case
+    full = isinstance(lens, list) and FULL in lens
+    lens = lens_for(lens, B, generator)
+    longest = max([L for L in lens if L != FULL] + [40])
+    lens = [longest if L == FULL else L for L in lens]
+    args = list(make_inputs(B, Sq, Hq, Hkv, D, lens, dtype, rope, generator, poison=poison))
+    if full:
+        for k in (1, 2):
+            args[k] = args[k][:, :longest + Sq]
+    return args
 
 
 def to_cuda(args):
     return [a.cuda() if torch.is_tensor(a) else a for a in args]
 
 
-def run_cuda(args, num_splits=None):
+def run_cuda(args, num_splits=None, row_tiles_per_block=0):
     from layerskip_kernels.ops.attention_with_kvcache import _launch_cuda
 
     q = args[0]
     out = torch.full_like(q, float("nan"))  # every element must be overwritten
-    result = _launch_cuda(*args, num_splits=num_splits, out=out)
+    result = _launch_cuda(*args, num_splits=num_splits, out=out,
+                          row_tiles_per_block=row_tiles_per_block)
     assert result is out
     torch.cuda.synchronize()
     return out
@@ -358,27 +391,49 @@ def assert_within_reference_error(out, clean, want):
     assert err <= 3 * ref_err + 1e-5, f"kernel error {err:.3g}, reference {ref_err:.3g}"
 
 
+def same_bits(a, b):
+    """Equal bit for bit, NaN poison included (torch.equal is False on NaN)."""
+    return a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+def check_kernel_call(cpu_args, run):
+    """Run `run(args)` on copies of cpu_args and check it as every CUDA test does: output within
+    3x the reference error, cache writes apart (V bit-exact, K bit-exact without RoPE), every
+    other cache bit untouched (the full tensors behind views too), lengths unmodified."""
+    clean = without_nan(cpu_args)
+    want, k_want, v_want = oracle(*clean)
+    bases_before = [(a._base if a._base is not None else a).clone() for a in cpu_args[1:3]]
+    k_before, v_before = cpu_args[1].clone(), cpu_args[2].clone()
+    args, out = run(cpu_args)
+    k_after, v_after, seqlens = args[1].cpu(), args[2].cpu(), cpu_args[5]
+    Sq = cpu_args[0].shape[1]
+    assert not out.isnan().any()
+    assert_cache(k_after, k_before, k_want, seqlens, Sq, exact=cpu_args[6] is None)
+    assert_cache(v_after, v_before, v_want, seqlens, Sq, exact=True)
+    for view, before in zip(args[1:3], bases_before):
+        if view._base is not None:  # rows of the taller tensor past Smax: never written
+            rows = view.shape[1]
+            assert same_bits(view._base[:, rows:].cpu(), before[:, rows:])
+    assert torch.equal(args[5].cpu(), seqlens)  # cache_seqlens is not modified
+    assert_within_reference_error(out, clean, want)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", CUDA_MODES, ids=lambda m: f"rope{int(m[0])}-splits{m[1]}")
+@pytest.mark.parametrize("mode", CUDA_MODES, ids=mode_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
 def test_cuda_matches_oracle(case, dtype, mode, generator):
-    B, Sq, Hq, Hkv, D, lens = case
-    rope, num_splits = mode
-    lens = lens_for(lens, B, generator)
-    cpu_args = make_inputs(B, Sq, Hq, Hkv, D, lens, dtype, rope, generator)
-    clean = without_nan(cpu_args)
-    want, k_want, v_want = oracle(*clean)
-    args = to_cuda(cpu_args)
-    k_before, v_before = cpu_args[1].clone(), cpu_args[2].clone()
-    out = run_cuda(args, num_splits)
+    rope, num_splits, row_tiles = mode
+    cpu_args = cuda_inputs(case, dtype, rope, generator)
 
-    assert not out.isnan().any()
-    seqlens = cpu_args[5]
-    assert_cache(args[1].cpu(), k_before, k_want, seqlens, Sq, exact=not rope)
-    assert_cache(args[2].cpu(), v_before, v_want, seqlens, Sq, exact=True)
-    assert torch.equal(args[5].cpu(), seqlens)  # cache_seqlens is not modified
-    assert_within_reference_error(out, clean, want)
+    def run(cpu_args):
+        args = [a.cuda() if torch.is_tensor(a) else a for a in cpu_args]
+        if cpu_args[1]._base is not None:  # keep the view on the GPU too
+            rows = cpu_args[1].shape[1]
+            args[1], args[2] = (a._base.cuda()[:, :rows] for a in cpu_args[1:3])
+        return args, run_cuda(args, num_splits, row_tiles)
+
+    check_kernel_call(cpu_args, run)
 
 
 @pytest.mark.gpu
@@ -398,52 +453,85 @@ def test_cuda_rotary_tables_in_model_dtype(dtype, generator):
 
 
 @pytest.mark.gpu
-def test_cuda_splits_agree_on_a_long_ragged_cache(generator):
-    """Many splits, some empty for the short row, give the one-split answer."""
-    args = to_cuda(make_inputs(2, 2, 4, 2, 64, [5, 700], torch.float16, False, generator))
+@pytest.mark.parametrize("Sq, Hq, Hkv", [(2, 4, 2), (5, 32, 8), (16, 8, 1)])  # 4, 20, 128 rows
+def test_cuda_splits_and_row_tiles_agree_on_a_long_ragged_cache(Sq, Hq, Hkv, generator):
+    """Many splits, some empty for the short row, and one row tile per block, give the answer
+    of one split with every row tile in one block."""
+    args = to_cuda(make_inputs(2, Sq, Hq, Hkv, 64, [5, 700], torch.float16, False, generator))
     caches = [a.clone() for a in args[1:3]]
     one = run_cuda(args, 1)
-    args[1:3] = caches
-    many = run_cuda(args, 8)
-    torch.testing.assert_close(many, one, atol=2e-3, rtol=2e-3)
+    for num_splits, row_tiles in ((8, 0), (128, 0), (1, 1), (8, 1)):
+        args[1:3] = [c.clone() for c in caches]
+        many = run_cuda(args, num_splits, row_tiles)
+        torch.testing.assert_close(many, one, atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_agrees_with_triton(dtype, generator):
     args = to_cuda(make_inputs(4, 5, 16, 4, 128, [0, 33, 301, 64], dtype, True, generator))
+    seqlens, Sq = args[5].cpu(), args[0].shape[1]
     caches = [a.clone() for a in args[1:3]]
     ours = run_cuda(args)
-    k_ours, v_ours = args[1].clone(), args[2].clone()
+    k_ours, v_ours = args[1].cpu(), args[2].cpu()
     args[1:3] = caches
     theirs = attention_with_kvcache_triton(*args)
+    k_theirs, v_theirs = args[1].cpu(), args[2].cpu()
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(ours, theirs, atol=atol, rtol=rtol)
-    assert torch.equal(v_ours, args[2])  # V is a copy: bit-exact
-    torch.testing.assert_close(k_ours, args[1], atol=atol, rtol=rtol)
+    assert same_bits(v_ours, v_theirs)  # V is a copy: bit-exact, NaN poison included
+    written = written_mask(seqlens, Sq, k_ours.shape[1])
+    assert same_bits(k_ours[~written], k_theirs[~written])
+    torch.testing.assert_close(k_ours[written], k_theirs[written], atol=atol, rtol=rtol)
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_reads_lengths_on_the_device(generator):
+@pytest.mark.parametrize("Sq, Hq, Hkv, num_splits", [
+    (2, 8, 2, 4),    # 8 rows: one row tile
+    (5, 32, 8, 6),   # llama-3-8b verify: 20 rows, two row tiles in one block
+    (16, 8, 1, 3),   # 128 rows: eight row tiles in one block
+    (5, 32, 8, None),  # the heuristic's split count
+])
+def test_cuda_graph_replay_reads_lengths_on_the_device(Sq, Hq, Hkv, num_splits, generator):
     """Captured once, replayed with new lengths in the same tensor: no host sync, no stale
     lengths baked into the launch."""
+    from layerskip_kernels.ops.attention_with_kvcache import _launch_cuda
+
     dtype = torch.bfloat16
-    args = to_cuda(make_inputs(3, 2, 8, 2, 64, [40, 7, 300], dtype, True, generator, poison=0.0))
+    args = to_cuda(make_inputs(3, Sq, Hq, Hkv, 64, [40, 7, 300], dtype, True, generator,
+                               poison=0.0))
     q, k_cache, v_cache, k_new, v_new, seqlens, cos, sin = args
     out = torch.empty_like(q)
-    num_splits = 4
     run_cuda(args, num_splits)  # warm-up: module load and cudaFuncSetAttribute outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        from layerskip_kernels.ops.attention_with_kvcache import _launch_cuda
         _launch_cuda(*args, num_splits=num_splits, out=out)
-    for lens in ([41, 8, 301], [0, 100, 5]):
+    for lens in ([41, 8, 301], [0, 100, 5], [300, 0, 300]):
         seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
         cpu = [a.cpu() if torch.is_tensor(a) else a for a in args]  # copies, before the call
-        want, _, _ = oracle(*cpu)
+        want, k_want, v_want = oracle(*cpu)
         graph.replay()
         torch.cuda.synchronize()
         assert_within_reference_error(out, cpu, want)
+        assert_cache(args[2].cpu(), cpu[2], v_want, cpu[5], Sq, exact=True)
+
+
+@pytest.mark.gpu
+def test_cuda_split_count_comes_from_the_device(generator):
+    """The device's split count is the documented heuristic at its SM count and occupancy."""
+    from layerskip_kernels import _ext
+
+    C = _ext._C
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = ((1, 8, 4, 32768, 128), (8, 8, 20, 8192, 64), (1, 4, 128, 4096, 32))
+    for B, Hkv, rows, Smax, D in shapes:
+        got = C.attention_with_kvcache_num_splits(B, Hkv, rows, Smax, D)
+        for per_sm in range(1, 17):  # the kernel keeps some number of blocks per SM resident
+            if got == C.attention_with_kvcache_num_splits(B, Hkv, rows, Smax, D, sm_count=sms,
+                                                          ctas_per_sm=per_sm):
+                break
+        else:
+            pytest.fail(f"{got} splits for {(B, Hkv, rows, Smax, D)} match no occupancy")
 
 
 @pytest.mark.gpu
@@ -456,6 +544,14 @@ def test_auto_routes_float32_past_the_cuda_kernel(generator):
     atol, rtol = TOLERANCES[torch.float32]
     torch.testing.assert_close(out.double().cpu(), want, atol=atol, rtol=rtol)
     with pytest.raises(ValueError, match="^q: expected float16 or bfloat16 for backend cuda"):
+        attention_with_kvcache(*args, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_auto_routes_head_dim_256_past_the_cuda_kernel(generator):
+    args = to_cuda(make_inputs(2, 2, 4, 2, 256, [3, 70], torch.float16, False, generator))
+    attention_with_kvcache(*args, backend="auto")  # control: another backend takes it
+    with pytest.raises(ValueError, match="^q: expected head_dim in"):
         attention_with_kvcache(*args, backend="cuda")
 
 
@@ -485,12 +581,325 @@ def test_cuda_rejects_misaligned_rows(generator):
         attention_with_kvcache(*args, backend="cuda")
 
 
+@pytest.mark.gpu
+def test_cuda_rejects_bad_num_splits(generator):
+    from layerskip_kernels import _ext
+    from layerskip_kernels.ops.attention_with_kvcache import _launch_cuda
+
+    args = to_cuda(guard_inputs(generator, torch.float16))
+    _launch_cuda(*args, num_splits=_ext._C.ATTENTION_MAX_SPLITS)  # control
+    with pytest.raises(ValueError, match="^num_splits:"):
+        _launch_cuda(*args, num_splits=_ext._C.ATTENTION_MAX_SPLITS + 1)
+
+
 def test_cuda_backend_raises_runtime_error_without_gpu(generator):
     if torch.cuda.is_available():
         pytest.skip("checks behaviour without a GPU")
     attention_with_kvcache(*guard_inputs(generator), backend="torch")  # control
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
         attention_with_kvcache(*guard_inputs(generator), backend="cuda")
+
+
+# ---------------------------------------------------------------- CUDA launch plan (no GPU)
+@pytest.fixture
+def C():
+    from layerskip_kernels import _ext
+
+    if _ext._C is None:
+        pytest.skip("layerskip_kernels._C is not built (test_build says whether it must be)")
+    return _ext._C
+
+
+def test_cuda_limits_are_the_kernels(C):
+    from layerskip_kernels.ops.attention_with_kvcache import CUDA_HEAD_DIMS, MAX_KERNEL_QUERIES
+
+    assert tuple(C.ATTENTION_HEAD_DIMS) == CUDA_HEAD_DIMS == (32, 64, 128)
+    assert C.ATTENTION_MAX_QUERIES == MAX_KERNEL_QUERIES
+    assert C.ATTENTION_MAX_ROW_TILES * 16 == 128
+
+
+@pytest.mark.parametrize("rows, tiles, threads, blocks", [
+    (1, 1, 128, 1), (16, 1, 128, 1), (17, 2, 128, 1), (32, 2, 128, 1), (33, 4, 128, 1),
+    (64, 4, 128, 1), (65, 8, 256, 1), (128, 8, 256, 1), (129, 8, 256, 2), (256, 8, 256, 2),
+])
+def test_cuda_rows_share_one_block_up_to_128(C, rows, tiles, threads, blocks):
+    """rows = Hq / Hkv * Sq: up to 128 rows one block reads each key once; the switch
+    row_tiles_per_block=1 gives the validated one-tile-per-block launch."""
+    for D in C.ATTENTION_HEAD_DIMS:
+        shape = C.attention_with_kvcache_launch_shape(rows, D)
+        assert (shape["row_tiles_per_block"], shape["threads"], shape["row_blocks"]) == (
+            tiles, threads, blocks)
+        assert shape["smem_bytes"] <= 163 * 1024  # an A100 block's opt-in maximum
+        one = C.attention_with_kvcache_launch_shape(rows, D, row_tiles_per_block=1)
+        assert (one["row_tiles_per_block"], one["threads"], one["row_blocks"]) == (
+            1, 128, -(-rows // 16))
+
+
+# Blocks of the forward kernel resident per SM on an H100 (sm_90a), by row tiles per block, from
+# ptxas's registers per thread (D 128: 159-166, D 64: 96-122, D 32: 64-76, in warps of 8-register
+# steps) and shared memory per block (launch_shape) against 64K registers and 228 KB per SM.
+H100_BLOCKS_PER_SM = {32: {1: 8, 2: 7, 4: 7, 8: 3}, 64: {1: 5, 2: 4, 4: 4, 8: 2},
+                      128: {1: 2, 2: 2, 4: 2, 8: 1}}
+
+
+@pytest.mark.parametrize("sms", [108, 132])  # A100, H100
+@pytest.mark.parametrize("B, Hkv", [(1, 8), (1, 32), (8, 8), (8, 32), (64, 8), (64, 32)])
+def test_cuda_split_heuristic(C, B, Hkv, sms):
+    """FlashDecoding: enough splits for two waves of resident blocks when B * Hkv * row blocks
+    leaves SMs idle, none when it fills them; >= 256 keys and 16 keys per query row a split, at
+    most the maximum; and a function of the shape only (the lengths stay on the device)."""
+    for D in C.ATTENTION_HEAD_DIMS:
+        for rows in (1, 4, 16, 17, 20, 64, 100, 128):
+            tiles = C.attention_with_kvcache_launch_shape(rows, D)["row_tiles_per_block"]
+            per_sm = H100_BLOCKS_PER_SM[D][tiles]
+            slots = sms * per_sm
+            ctas = B * Hkv * C.attention_with_kvcache_launch_shape(rows, D)["row_blocks"]
+            for Smax in (512, 2048, 8192, 32768):
+                splits = C.attention_with_kvcache_num_splits(B, Hkv, rows, Smax, D,
+                                                             sm_count=sms, ctas_per_sm=per_sm)
+                by_length = max(1, min(C.ATTENTION_MAX_SPLITS, Smax // max(256, 16 * rows)))
+                assert 1 <= splits <= by_length
+                if ctas >= slots:
+                    assert splits == 1
+                elif splits < by_length:  # not held back by the keys: at least two waves
+                    assert ctas * splits >= 2 * slots
+                    assert ctas * splits <= 2 * slots + ctas + slots  # at most a wave more
+
+
+def test_cuda_split_heuristic_examples(C):
+    """The numbers the heuristic was designed on (D 128 on an H100: 2 blocks per SM)."""
+    n = lambda *shape, sms=132, per_sm=2: C.attention_with_kvcache_num_splits(  # noqa: E731
+        *shape, 128, sm_count=sms, ctas_per_sm=per_sm)
+    assert n(1, 8, 4, 32768) == 66    # llama-3-8b decode: 528 blocks, two full waves of 264
+    assert n(1, 8, 20, 32768) == 66   # its verify (5 queries): the same blocks, 20 rows each
+    assert n(1, 8, 4, 8192) == 32     # 8K context: 256 keys a split
+    assert n(8, 8, 4, 32768) == 11    # 704 blocks: 2.7 waves
+    assert n(64, 8, 4, 32768) == 1    # 512 blocks already fill the 264 slots
+    assert n(1, 8, 128, 32768, per_sm=1) == 16  # 128 rows: 2048 keys a split (16 a row)
+    assert n(1, 1, 4, 1 << 20, per_sm=2) == 128  # at most ATTENTION_MAX_SPLITS
+    assert n(0, 8, 4, 32768) == 1
+
+
+def test_cuda_split_heuristic_rejects_bad_arguments(C):
+    C.attention_with_kvcache_num_splits(1, 8, 4, 1024, 64, sm_count=132, ctas_per_sm=2)
+    with pytest.raises(ValueError, match="^head_dim: expected"):
+        C.attention_with_kvcache_num_splits(1, 8, 4, 1024, 96, sm_count=132, ctas_per_sm=2)
+    with pytest.raises(ValueError, match="^shape: expected"):
+        C.attention_with_kvcache_num_splits(-1, 8, 4, 1024, 64, sm_count=132, ctas_per_sm=2)
+
+
+# ---------------------------------------------------------------- CUDA kernels, emulated
+# csrc/emulate/ compiles attention_with_kvcache_kernel.cuh for the host (LSK_EMULATE) and runs
+# every thread as a fiber: the kernels' own index arithmetic, fragments, barriers and cp.async
+# pipeline, checked for out-of-bounds and misaligned accesses, shared-memory races, reads of
+# uninitialised shared memory, warp divergence at collectives, and global words written twice
+# or read across blocks. Its ldmatrix / mma follow the PTX ISA's fragment tables on their own;
+# test_emulator_mma_probe checks them against a matmul, test_emulator_catches_planted_bugs
+# checks that each check fires. Needs nvcc (its host compiler and CUDA's fp16 headers).
+def _emulator_build_flags():
+    import sysconfig
+
+    try:
+        import pybind11
+        pybind_include = pybind11.get_include()
+    except ImportError:  # torch ships pybind11's headers
+        pybind_include = str(Path(torch.__file__).parent / "include")
+    root = Path(__file__).resolve().parents[1]
+    return ["-std=c++17", "-O1", "-DLSK_EMULATE", "-shared", "-cudart", "none",
+            # -fno-strict-aliasing: the kernels pun registers (__half2 <-> uint32) as CUDA allows
+            "-Xcompiler=-fPIC,-ffp-contract=off,-fno-strict-aliasing,-fvisibility=hidden",
+            f"-I{root / 'csrc'}", f"-I{pybind_include}", f"-I{sysconfig.get_paths()['include']}"]
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    """The emulator module, compiled once per source version into build/emulator/<hash>/."""
+    import hashlib
+    import importlib.util
+    import os
+    import shutil
+    import subprocess
+    import sysconfig
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("the CUDA emulator is compiled with nvcc, which is not on PATH")
+    root = Path(__file__).resolve().parents[1]
+    sources = sorted((root / "csrc").glob("*.cuh")) + sorted((root / "csrc" / "emulate").glob("*"))
+    flags = _emulator_build_flags()
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for path in sources:
+        digest.update(path.name.encode() + path.read_bytes())
+    so = (root / "build" / "emulator" / digest.hexdigest()[:16] /
+          f"attention_emulator{sysconfig.get_config_var('EXT_SUFFIX')}")
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        tmp = so.with_name(f"tmp-{os.getpid()}-{so.name}")
+        built = subprocess.run([nvcc, *flags, str(root / "csrc/emulate/attention_emulator.cpp"),
+                                "-o", str(tmp)], capture_output=True, text=True)
+        if built.returncode != 0:
+            pytest.fail(f"the CUDA emulator does not compile:\n{built.stderr[-4000:]}")
+        os.replace(tmp, so)
+    spec = importlib.util.spec_from_file_location("attention_emulator", so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_emulated(emulator, args, num_splits=1, row_tiles_per_block=0, schedule=0):
+    """_launch_cuda's call of _C.attention_with_kvcache, with host tensors on the emulator.
+    Returns (out, what the emulator ran)."""
+    from layerskip_kernels import _ext
+
+    q, k_cache, v_cache, k_new, v_new, seqlens, cos, sin = args
+    B, Sq, Hq, D = q.shape
+    Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    rows = Hq // Hkv * Sq
+    out = torch.full_like(q, float("nan"))
+    o_part = lse_part = None
+    if num_splits > 1:  # poisoned: a split that writes nothing must not be read
+        o_part = torch.full((B, Hkv, num_splits, rows, D), float("nan"))
+        lse_part = torch.full((B, Hkv, num_splits, rows), float("nan"))
+    if cos is not None:
+        cos, sin = cos.contiguous(), sin.contiguous()
+
+    def extent(t):  # the bytes a (possibly strided) tensor spans
+        span = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), span * t.element_size()
+
+    named = {"q": (q, False), "k_cache": (k_cache, True), "v_cache": (v_cache, True),
+             "k_new": (k_new, False), "v_new": (v_new, False), "cache_seqlens": (seqlens, False),
+             "rotary_cos": (cos, False), "rotary_sin": (sin, False), "out": (out, True),
+             "o_part": (o_part, True), "lse_part": (lse_part, True)}
+    buffers = [(name, *extent(t), writable) for name, (t, writable) in named.items()
+               if t is not None and t.numel()]
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    ran = emulator.attention_with_kvcache(
+        q=q.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
+        k_new=k_new.data_ptr(), v_new=v_new.data_ptr(), cache_seqlens=seqlens.data_ptr(),
+        rotary_cos=ptr(cos), rotary_sin=ptr(sin), out=out.data_ptr(), o_part=ptr(o_part),
+        lse_part=ptr(lse_part), batch=B, seqlen_q=Sq, heads_q=Hq, heads_kv=Hkv, head_dim=D,
+        max_seqlen=Smax, rotary_rows=0 if cos is None else cos.shape[0],
+        q_strides=q.stride()[:3], k_cache_strides=k_cache.stride()[:3],
+        v_cache_strides=v_cache.stride()[:3], k_new_strides=k_new.stride()[:3],
+        v_new_strides=v_new.stride()[:3], out_strides=out.stride()[:3],
+        cos_stride=0 if cos is None else cos.stride(0),
+        sin_stride=0 if sin is None else sin.stride(0), dtype=_ext.DTYPE_CODES[q.dtype],
+        rotary_dtype=0 if cos is None else _ext.DTYPE_CODES[cos.dtype],
+        softmax_scale=1.0 / math.sqrt(D), num_splits=num_splits,
+        row_tiles_per_block=row_tiles_per_block, buffers=buffers, schedule=schedule,
+        racecheck=True)
+    return out, ran
+
+
+# Small on purpose: the emulator runs ~10^5 warp collectives a second.
+EMULATED_CASES = [  # (B, Sq, Hq, Hkv, D, lens), the row layout of a block
+    (2, 1, 8, 2, 64, [0, 150]),          # 4 rows: one tile (the validated layout)
+    (1, 16, 8, 8, 128, [FULL]),          # 16 rows, G 1: one tile; a full cache
+    (2, 2, 8, 2, 32, [0, 77]),           # 8 rows of head_dim 32: one tile
+    (2, 1, 17, 1, 32, [33, 0]),          # 17 rows: two tiles, one row in the second
+    (2, 5, 8, 2, 64, [64, 37]),          # 20 rows (a verify): two tiles
+    (1, 8, 8, 1, 32, [FULL]),            # 64 rows: four tiles
+    (1, 16, 8, 1, 64, [100]),            # 128 rows: eight tiles
+    (1, 5, 32, 8, 128, [300]),           # llama-3-8b verify (G 4 x 5 queries): two tiles
+    (1, 16, 8, 1, 128, [70]),            # 128 rows of head_dim 128
+    (1, 5, 32, 1, 32, [20]),             # 160 rows: two blocks (8 + 2 tiles), one writer
+]
+EMULATED_MODES = [  # (dtype, rope, num_splits, row_tiles_per_block)
+    (torch.float16, False, 1, 0),
+    (torch.bfloat16, True, 3, 0),
+    (torch.float16, True, 2, 1),
+    (torch.bfloat16, False, 16, 0),  # more splits than 64-key blocks: most are empty
+]
+
+
+def emulated_mode_id(mode):
+    dtype, rope, splits, row_tiles = mode
+    return f"{str(dtype)[6:]}-rope{int(rope)}-splits{splits}-tiles{row_tiles or 'auto'}"
+
+
+@pytest.mark.parametrize("mode", EMULATED_MODES, ids=emulated_mode_id)
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=case_id)
+def test_cuda_kernel_emulated_matches_oracle(case, mode, emulator, generator):
+    dtype, rope, num_splits, row_tiles = mode
+    cpu_args = cuda_inputs(case, dtype, rope, generator)
+    rows = case[2] // case[3] * case[1]
+    ran = {}
+
+    def run(args):
+        args = [a.clone() if torch.is_tensor(a) and a._base is None else a for a in args]
+        if args[1]._base is not None:  # clone the taller tensors behind the views
+            rows_ = args[1].shape[1]
+            args[1], args[2] = (a._base.clone()[:, :rows_] for a in args[1:3])
+        out, info = run_emulated(emulator, args, num_splits, row_tiles)
+        ran.update(info)
+        return args, out
+
+    check_kernel_call(cpu_args, run)
+    want_tiles = 1 if row_tiles == 1 else min(8, 1 << max(0, (-(-rows // 16) - 1).bit_length()))
+    assert ran["row_tiles_per_block"] == want_tiles
+    assert ran["ldmatrix_conflicts"] == 0 < ran["ldmatrix_phases"]  # the padded pitch works
+
+
+def test_cuda_kernel_emulated_is_schedule_independent(emulator, generator):
+    """Warps in thread order, in reverse and at random give the same bits: no result depends
+    on the order the hardware happens to run them in."""
+    args = make_inputs(2, 5, 8, 2, 64, [300, 17], torch.bfloat16, True, generator)
+    results = []
+    for schedule in (0, 1, 7, 1234):
+        copies = [a.clone() if torch.is_tensor(a) else a for a in args]
+        out, _ = run_emulated(emulator, copies, num_splits=3, schedule=schedule)
+        results.append((out, copies[1], copies[2]))
+    for other in results[1:]:
+        assert all(same_bits(a, b) for a, b in zip(other, results[0]))
+
+
+def test_cuda_kernel_emulated_clamps_bad_lengths(emulator, generator):
+    """Lengths outside [0, Smax - Sq] (unchecked for GPU tensors) are clamped to [0, Smax] and
+    rows >= Smax are never written: the emulator checks every access against the tensors'
+    extents, and the rows written are the ones the clamp says."""
+    args = list(make_inputs(3, 4, 8, 2, 32, [10, 0, 5], torch.float16, False, generator))
+    Smax, Sq = args[1].shape[1], 4
+    args[5] = torch.tensor([Smax - 2, Smax + 7, -3], dtype=torch.int32)
+    k_before, v_before = args[1].clone(), args[2].clone()
+    run_emulated(emulator, args, num_splits=2)
+    v_want = v_before.clone()
+    v_want[0, Smax - 2:] = args[4][0, :2]  # two of the four new rows fit
+    v_want[2, :Sq] = args[4][2]              # -3 clamps to 0
+    assert same_bits(args[2], v_want)
+    written = torch.zeros(k_before.shape[:2], dtype=torch.bool)
+    written[0, Smax - 2:], written[2, :Sq] = True, True
+    assert same_bits(args[1][~written], k_before[~written])
+    assert same_bits(args[1][0, Smax - 2:], args[3][0, :2])
+
+
+def test_emulator_mma_probe(emulator, generator):
+    """The emulator's ldmatrix + mma.m16n8k16, through the attention kernel's fragment
+    offsets, compute S = Q K^T and O = P V exactly as a matmul (fp32 accumulate)."""
+    for dtype, code in ((torch.float16, 1), (torch.bfloat16, 2)):
+        a = torch.randn(16, 32, generator=generator).to(dtype)
+        b = torch.randn(16, 32, generator=generator).to(dtype)
+        d, e = torch.zeros(16, 16), torch.zeros(16, 32)
+        emulator.mma_probe(a.data_ptr(), b.data_ptr(), d.data_ptr(), e.data_ptr(), code)
+        torch.testing.assert_close(d.double(), a.double() @ b.double().T, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(e.double(), a[:, :16].double() @ b.double(), atol=1e-5,
+                                   rtol=1e-6)
+
+
+@pytest.mark.parametrize("bug, message", [
+    ("race", "race on shared byte"),
+    ("write_after_read", "race on shared byte"),
+    ("no_wait", "uninitialised shared byte"),
+    ("divergence", "deadlock"),
+    ("out_of_bounds", "outside every buffer"),
+    ("double_write", "written 2 times"),
+    ("cross_block_read", "read by another block"),
+])
+def test_emulator_catches_planted_bugs(emulator, bug, message):
+    data = torch.zeros(256)  # the probe's global memory: alive while it runs
+    emulator.bug_probe("none", data.data_ptr())  # control
+    with pytest.raises(RuntimeError, match=message):
+        emulator.bug_probe(bug, data.data_ptr())
 
 
 if __name__ == "__main__":  # the compile child of the `compiled` fixture

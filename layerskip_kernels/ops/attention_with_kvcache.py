@@ -22,7 +22,7 @@ from .backend import Impl, Op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_HEAD_DIMS = (64, 128)
-CUDA_HEAD_DIMS = (64, 128)
+CUDA_HEAD_DIMS = (32, 64, 128)  # _C.ATTENTION_HEAD_DIMS (no 256: csrc/*_kernel.cuh says why)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)  # tensor-core MMA
 MAX_KERNEL_QUERIES = 16  # decode and verify; a prompt runs the model's prefill path
 
@@ -166,10 +166,15 @@ def _launch_triton(*args, **kwargs):
 
 
 def _launch_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos=None,
-                 rotary_sin=None, softmax_scale=None, num_splits=None, out=None):
+                 rotary_sin=None, softmax_scale=None, num_splits=None, out=None,
+                 row_tiles_per_block=0):
     """CUDA backend (csrc/attention_with_kvcache.cu): arguments checked by the op, and within
-    _cuda_limits. num_splits: None picks it from B * Hkv and the SM count. out: an optional
-    (B, Sq, Hq, D) tensor of q's dtype. Returns (B, Sq, Hq, D).
+    _cuda_limits. num_splits: None picks it from the shape, the SM count and the kernel's
+    occupancy (_C.attention_with_kvcache_num_splits), else 1.._C.ATTENTION_MAX_SPLITS.
+    out: an optional (B, Sq, Hq, D) tensor of q's dtype. row_tiles_per_block: 0 lets one block
+    serve up to 8 tiles of 16 query rows (Hq / Hkv * Sq rows), reading each key once for all;
+    1 is the one-tile-per-block kernel as validated on the H100 on 2026-11-25 (a switch to fall
+    back to). Returns (B, Sq, Hq, D).
     """
     from .. import _ext
     B, Sq, Hq, D = q.shape
@@ -186,11 +191,13 @@ def _launch_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos=No
         rotary_cos, rotary_sin = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous()
                                   for t in (rotary_cos, rotary_sin))
     group = Hq // Hkv
+    max_splits = _ext._C.ATTENTION_MAX_SPLITS
     with torch.cuda.device(q.device):
         if num_splits is None:
-            num_splits = _ext._C.attention_with_kvcache_num_splits(B, Hkv, group * Sq, Smax)
-        check(isinstance(num_splits, int) and 1 <= num_splits <= 64, "num_splits",
-              "an int in [1, 64]", num_splits)
+            num_splits = _ext._C.attention_with_kvcache_num_splits(
+                B, Hkv, group * Sq, Smax, D, row_tiles_per_block=row_tiles_per_block)
+        check(isinstance(num_splits, int) and 1 <= num_splits <= max_splits, "num_splits",
+              f"an int in [1, {max_splits}]", num_splits)
         if B == 0 or Sq == 0 or Hq == 0:
             return out
         o_part = lse_part = None
@@ -216,7 +223,8 @@ def _launch_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos=No
             dtype=_ext.DTYPE_CODES[q.dtype],
             rotary_dtype=0 if rotary_cos is None else _ext.DTYPE_CODES[rotary_cos.dtype],
             softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D),
-            num_splits=num_splits, stream=torch.cuda.current_stream().cuda_stream)
+            num_splits=num_splits, row_tiles_per_block=row_tiles_per_block,
+            stream=torch.cuda.current_stream().cuda_stream)
     return out
 
 
