@@ -227,6 +227,27 @@ def test_triton_splits_agree_on_a_long_ragged_cache(generator, kernel_device):
     torch.testing.assert_close(many, one, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_bad_length_stays_in_bounds(num_splits, generator, kernel_device):
+    """A length past the cache (unchecked on a GPU: that would cost a host sync) writes only
+    the rows that exist, as the CUDA kernel: row 0 of Smax 16 at length 15 with 3 new rows
+    would spill into row 1's first slots, which sit right after it in memory."""
+    cpu_args = make_inputs(2, 3, 4, 2, 64, [13, 4], torch.float32, True, generator, slack=0)
+    k_before, v_before = cpu_args[1].clone(), cpu_args[2].clone()
+    want, _, _ = oracle(*without_nan(cpu_args))
+    args = on(kernel_device, cpu_args)
+    args[5].fill_(4)
+    args[5][0] = 15  # cache_seqlens was checked by no one: the launcher is called directly
+    out = run_triton(args, num_splits).cpu()
+    k_after, v_after = args[1].cpu(), args[2].cpu()
+    written = written_mask(torch.tensor([15, 4]), 3, 16)  # row 0: slot 15 only
+    assert torch.equal(k_after[~written].view(torch.int32), k_before[~written].view(torch.int32))
+    assert torch.equal(v_after[~written].view(torch.int32), v_before[~written].view(torch.int32))
+    assert torch.equal(v_after[0, 15], cpu_args[4][0, 0])
+    atol, rtol = TOLERANCES[torch.float32]  # the valid row is unaffected
+    torch.testing.assert_close(out[1].double(), want[1], atol=atol, rtol=rtol)
+
+
 @pytest.mark.gpu
 def test_triton_graph_replay_reads_lengths_on_the_device(generator):
     """Captured once, replayed with new lengths in the same tensor: the grid and the split
@@ -293,7 +314,7 @@ def test_split_heuristic_examples(B, Hkv, Sq, group, context, sm_count, want):
     assert splits_for(B, Hkv, Sq, group, context, sm_count) == want
 
 
-def test_split_count_does_not_depend_on_lengths(generator, monkeypatch):
+def test_split_count_does_not_depend_on_lengths(generator, monkeypatch, kernel_device):
     """The launcher reads only shapes: the same split count for empty and full caches."""
     seen = []
     heuristic = triton_attention.num_splits_heuristic
@@ -306,7 +327,7 @@ def test_split_count_does_not_depend_on_lengths(generator, monkeypatch):
     for lens in ([0, 0], [900, 1000]):  # Smax 1001 both times
         args = make_inputs(2, 1, 8, 2, 64, lens, torch.float32, False, generator,
                            slack=1000 - max(lens))
-        attention_with_kvcache_triton(*args)
+        attention_with_kvcache_triton(*on(kernel_device, args))
     assert seen[0] == seen[1] > 1
 
 
@@ -362,7 +383,7 @@ def compile_cases(capability):
         kernel, dtype, D, Sq, group, variant = case
         types = {name: f"*{dtype}" for name in ("Q", "K_CACHE", "V_CACHE", "K_NEW", "V_NEW", "OUT")}
         types.update({name: "*fp32" for name in ("COS", "SIN", "O_PART", "LSE_PART")})
-        types.update(SEQLENS="*i32", scale_log2="fp32")
+        types.update(SEQLENS="*i32", scale_log2="fp32", max_seqlen="i32", rotary_rows="i32")
         if kernel == "fwd":
             fn = mod._attn_kvcache_fwd_kernel
             config = dict(mod.launch_config(Sq, group, D, DTYPES[dtype]))
@@ -419,7 +440,7 @@ def bad_last_dim_stride(args):
 
 
 def cache_overflow(args):
-    args[5] = torch.tensor([3, args[1].shape[1] - 1], dtype=torch.int32)
+    args[5] = torch.tensor([3, args[1].shape[1] - 1], dtype=torch.int32, device=args[5].device)
 
 
 def bad_rotary(args):
@@ -431,31 +452,38 @@ def bad_rotary(args):
     (bad_last_dim_stride, "q"), (cache_overflow, "cache_seqlens"), (bad_rotary, "rotary_cos"),
 ])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bad_input_names_the_argument(corrupt, arg, backend, generator):
-    attention_with_kvcache(*guard_inputs(generator), backend=backend)  # control
-    args = guard_inputs(generator)
+def test_bad_input_names_the_argument(corrupt, arg, backend, generator, kernel_device):
+    """The inputs are corrupted where the backend runs: moving a strided tensor to a GPU would
+    make it contiguous again."""
+    device = kernel_device if backend == "triton" else torch.device("cpu")
+    if corrupt is cache_overflow and device.type == "cuda":
+        pytest.skip("lengths on a GPU are not bounds-checked: that would cost a host sync")
+    attention_with_kvcache(*on(device, guard_inputs(generator)), backend=backend)  # control
+    args = on(device, guard_inputs(generator))
     corrupt(args)
     with pytest.raises(ValueError, match=f"^{arg}:"):
         attention_with_kvcache(*args, backend=backend)
 
 
-def test_triton_rejects_unsupported_head_dim(generator):
+def test_triton_rejects_unsupported_head_dim(generator, kernel_device):
     attention_with_kvcache(*guard_inputs(generator, D=96), backend="torch")  # control
+    args = on(kernel_device, guard_inputs(generator, D=96))
     with pytest.raises(ValueError, match="^q: expected head_dim"):
-        attention_with_kvcache(*guard_inputs(generator, D=96), backend="triton")
+        attention_with_kvcache(*args, backend="triton")
     with pytest.raises(ValueError, match="^q: expected head_dim"):
-        attention_with_kvcache_triton(*guard_inputs(generator, D=96))
+        attention_with_kvcache_triton(*args)
 
 
-def test_triton_rejects_bad_num_splits(generator):
-    attention_with_kvcache_triton(*guard_inputs(generator), num_splits=2)  # control
+def test_triton_rejects_bad_num_splits(generator, kernel_device):
+    attention_with_kvcache_triton(*on(kernel_device, guard_inputs(generator)), num_splits=2)
     for bad in (0, triton_attention.MAX_SPLITS + 1, 2.0):
         with pytest.raises(ValueError, match="^num_splits:"):
-            attention_with_kvcache_triton(*guard_inputs(generator), num_splits=bad)
+            attention_with_kvcache_triton(*on(kernel_device, guard_inputs(generator)),
+                                          num_splits=bad)
 
 
-def test_triton_rejects_bad_out(generator):
-    args = guard_inputs(generator)
+def test_triton_rejects_bad_out(generator, kernel_device):
+    args = on(kernel_device, guard_inputs(generator))
     attention_with_kvcache_triton(*args, out=torch.empty_like(args[0]))  # control
     with pytest.raises(ValueError, match="^out:"):
         attention_with_kvcache_triton(*args, out=torch.empty_like(args[0]).half())

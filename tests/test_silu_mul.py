@@ -120,18 +120,19 @@ def zero_dim(t):
 
 @pytest.mark.parametrize("corrupt", [odd_last_dim, bad_dtype, non_contiguous_last_dim, zero_dim])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bad_input_names_the_argument(corrupt, backend, generator):
-    gate_up = random_gate_up((3, 2 * 8), torch.float32, generator)
+def test_bad_input_names_the_argument(corrupt, backend, generator, kernel_device):
+    device = kernel_device if backend == "triton" else "cpu"
+    gate_up = random_gate_up((3, 2 * 8), torch.float32, generator).to(device)
     silu_mul(gate_up, backend=backend)  # control
     with pytest.raises(ValueError, match="^gate_up:"):
         silu_mul(corrupt(gate_up), backend=backend)
 
 
-def test_triton_rejects_bad_out(generator):
-    gate_up = random_gate_up((3, 2 * 8), torch.float32, generator)
-    silu_mul_triton(gate_up, out=torch.empty(3, 8))  # control
+def test_triton_rejects_bad_out(generator, kernel_device):
+    gate_up = random_gate_up((3, 2 * 8), torch.float32, generator).to(kernel_device)
+    silu_mul_triton(gate_up, out=torch.empty(3, 8, device=kernel_device))  # control
     with pytest.raises(ValueError, match="^out:"):
-        silu_mul_triton(gate_up, out=torch.empty(3, 16))
+        silu_mul_triton(gate_up, out=torch.empty(3, 16, device=kernel_device))
 
 
 def test_unknown_backend_names_the_argument(generator):

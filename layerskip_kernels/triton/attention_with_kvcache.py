@@ -116,7 +116,7 @@ def _attn_kvcache_fwd_kernel(
     stride_vnb, stride_vns, stride_vnh,
     stride_ob, stride_os, stride_oh,
     stride_cos, stride_sin,
-    scale_log2,
+    scale_log2, max_seqlen, rotary_rows,
     SQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NEW: tl.constexpr,
     HAS_ROPE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -130,6 +130,8 @@ def _attn_kvcache_fwd_kernel(
     O_PART: (B, Hkv, num_splits, ROW_TILES * BLOCK_M, HEAD_DIM) fp32 and LSE_PART: (B, Hkv,
     num_splits, ROW_TILES * BLOCK_M) fp32, contiguous, used when SPLIT (an empty split stores
     its lse = -inf and no partial output). scale_log2 = softmax_scale * log2(e).
+    Memory safety with bad lengths, as the CUDA kernel: L is clamped to [0, max_seqlen = Smax],
+    new rows past Smax are not written, RoPE positions clamp to rotary_rows - 1 (COS's rows).
     Query i (rotated at L + i) attends to cache positions [0, L) and to new keys j <= i:
     out = sum_j 2^(s_j - m) v_j / sum_j 2^(s_j - m), s_j = q . k_j * scale_log2. RoPE, softmax
     and accumulators in fp32; dot operands (q, k, p, v) in the cache dtype. INTERPRETED: the
@@ -142,7 +144,7 @@ def _attn_kvcache_fwd_kernel(
     tile = tl.program_id(1) % ROW_TILES
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    cache_len = tl.load(SEQLENS + b).to(tl.int64)
+    cache_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b).to(tl.int64), 0), max_seqlen)
 
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     query = rows // GROUP
@@ -150,8 +152,8 @@ def _attn_kvcache_fwd_kernel(
     row_ok = rows < ROWS
     dims = tl.arange(0, HEAD_DIM)
     q_rows = Q + b * stride_qb + query * stride_qs + head * stride_qh
-    q = _load_rotated(q_rows, cache_len + query, row_ok, COS, SIN, stride_cos, stride_sin,
-                      HEAD_DIM, HAS_ROPE).to(K_CACHE.dtype.element_ty)
+    q = _load_rotated(q_rows, tl.minimum(cache_len + query, rotary_rows - 1), row_ok, COS, SIN,
+                      stride_cos, stride_sin, HEAD_DIM, HAS_ROPE).to(K_CACHE.dtype.element_ty)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -188,11 +190,12 @@ def _attn_kvcache_fwd_kernel(
         new_ok = j < SQ
         new_pos = cache_len + j
         k_new = _load_rotated(K_NEW + b * stride_knb + j * stride_kns + kv_head * stride_knh,
-                              new_pos, new_ok, COS, SIN, stride_cos, stride_sin,
-                              HEAD_DIM, HAS_ROPE).to(K_CACHE.dtype.element_ty)
+                              tl.minimum(new_pos, rotary_rows - 1), new_ok, COS, SIN,
+                              stride_cos, stride_sin, HEAD_DIM, HAS_ROPE
+                              ).to(K_CACHE.dtype.element_ty)
         v_new = tl.load(V_NEW + b * stride_vnb + j[:, None] * stride_vns + kv_head * stride_vnh
                         + dims[None, :], mask=new_ok[:, None], other=0.0)
-        write = (j < tl.where(tile == 0, SQ, 0))[:, None]  # row tile 0 only
+        write = ((j < tl.where(tile == 0, SQ, 0)) & (new_pos < max_seqlen))[:, None]  # tile 0
         tl.store(k_cache + new_pos[:, None] * stride_kcs + dims[None, :], k_new, mask=write)
         tl.store(v_cache + new_pos[:, None] * stride_vcs + dims[None, :], v_new, mask=write)
         causal = new_ok[None, :] & (j[None, :] <= query[:, None])
@@ -382,7 +385,7 @@ def attention_with_kvcache_triton(q, k_cache, v_cache, k_new, v_new, cache_seqle
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         rotary_cos.stride(0), rotary_sin.stride(0),
-        softmax_scale * math.log2(math.e),
+        softmax_scale * math.log2(math.e), Smax, rotary_cos.shape[0] if has_rope else 1,
         SQ=Sq, GROUP=group, HEAD_DIM=D, HAS_ROPE=has_rope, SPLIT=num_splits > 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERPRETED=q.device.type == "cpu", **config,
