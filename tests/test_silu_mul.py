@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import TOLERANCES
 from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
 
-from layerskip_kernels.ops.silu_mul import silu_mul, silu_mul_reference
+from layerskip_kernels.ops.silu_mul import bound_silu_mul, silu_mul, silu_mul_reference
 from layerskip_kernels.triton.silu_mul import silu_mul_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -88,6 +88,14 @@ def test_triton_backend_through_public_op_and_empty_rows(generator, kernel_devic
     assert_matches_oracle(silu_mul(gate_up, backend="triton"), gate_up)
     empty = torch.empty(0, 2 * 64, dtype=torch.float16, device=kernel_device)
     assert silu_mul(empty, backend="triton").shape == (0, 64)
+
+
+def test_bound_silu_mul(generator, kernel_device):
+    """What the model will call per layer: the preference resolved once (backend.bind)."""
+    gate_up = random_gate_up((2, 3, 2 * 48), torch.bfloat16, generator)
+    assert bound_silu_mul("torch", torch.device("cpu")) is silu_mul_reference
+    assert_matches_oracle(bound_silu_mul("triton", kernel_device)(gate_up.to(kernel_device)),
+                          gate_up)
 
 
 def test_saturated_gates(kernel_device):

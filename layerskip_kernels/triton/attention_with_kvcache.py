@@ -29,10 +29,12 @@ also writes them to the cache. Reads and writes touch disjoint addresses, so the
 correct on a GPU under any schedule of the programs, with no barrier; exactly one program
 writes each new cache row.
 
-Interpreter. Triton 3.6's interpreter (with numpy >= 2.4) cannot turn a runtime scalar into a
-Python int, so ``range(start, end, BLOCK_N)`` with bounds read from memory fails there; under
-the interpreter (INTERPRETED) the same block loop runs as a ``while``. Compiled, it stays a
-``for`` over [start, end), which Triton software-pipelines (a ``while`` it does not).
+Interpreter. Triton 3.6's interpreter (seen with numpy 2.4) cannot turn a runtime scalar, a
+1-element array there, into a Python int, so ``range(start, end, BLOCK_N)`` with bounds read
+from memory fails ("only 0-dimensional arrays can be converted to Python scalars"; 3.9
+squeezes first). Under the interpreter (INTERPRETED) the same block loop runs as a ``while``,
+whose condition 3.6 does convert. Compiled, it stays a ``for`` over [start, end), which Triton
+software-pipelines (cp.async stages); a ``while`` it would not.
 """
 import functools
 import math
