@@ -27,6 +27,17 @@ SANITIZE_GRID = [
     (3, 5, 8, 8, 128, [0, 37, 123], 128, torch.float16),
     (2, 16, 4, 1, 64, [5, 24], 40, torch.float32),
     (4, 3, 32, 8, 128, [1000, 1, 513, 2045], 2048, torch.bfloat16),
+    # Triton: one long sequence (64 splits), head dims 32 and 256 (2 row tiles: 56 rows in bf16,
+    # 20 in fp32), 256 rows of group 16 x Sq 16 (2 row tiles, 2 splits), and D 96 (attention
+    # falls to torch; kv_cache_append's Triton kernel takes any row). A row ends at Smax.
+    (1, 1, 32, 8, 128, [8190], 8192, torch.bfloat16),
+    (2, 4, 16, 4, 32, [0, 300], 304, torch.float16),
+    (2, 7, 16, 2, 256, [100, 57], 107, torch.bfloat16),
+    (2, 5, 8, 2, 256, [9, 40], 45, torch.float32),
+    (1, 16, 32, 2, 64, [2000], 4096, torch.bfloat16),
+    (3, 2, 6, 3, 96, [5, 0, 62], 64, torch.float16),
+    # CUDA: a verify of 20 rows (two 16-row tiles in one block) over a long cache (many splits).
+    (1, 5, 32, 8, 128, [20000], 20480, torch.bfloat16),
 ]
 
 
@@ -45,13 +56,14 @@ def sanitize():
         cos, sin = angles.cos(), angles.sin()
         ref = attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), k_new, v_new, seqlens,
                                      cos, sin, backend="torch").float()
+        ref_caches = _appended(k_cache, v_cache, k_new, v_new, seqlens, "torch")
         for backend in ("triton", "cuda"):
             for op, run in (
                     ("attention_with_kvcache", lambda b: attention_with_kvcache(
                         q, k_cache.clone(), v_cache.clone(), k_new, v_new, seqlens, cos, sin,
                         backend=b)),
-                    ("kv_cache_append", lambda b: kv_cache_append(
-                        k_cache.clone(), v_cache.clone(), k_new, v_new, seqlens, backend=b))):
+                    ("kv_cache_append", lambda b: _appended(
+                        k_cache, v_cache, k_new, v_new, seqlens, b))):
                 try:
                     out = run(backend)
                     torch.cuda.synchronize()
@@ -70,10 +82,21 @@ def sanitize():
                     if not err < 2e-2:
                         failures.append(f"{op} {backend} {(B, Sq, Hq, Hkv, D, Smax, dtype)}: "
                                         f"relative error {err:.2e}")
+                elif not torch.equal(out, ref_caches):  # a copy: bit for bit
+                    failures.append(f"{op} {backend} {(B, Sq, Hq, Hkv, D, Smax, dtype)}: "
+                                    "caches differ from the torch reference")
     print(f"sanitize grid: {calls} calls, {len(failures)} failures")
     for line in failures:
         print("FAIL", line)
     return 1 if failures or calls == 0 else 0
+
+
+def _appended(k_cache, v_cache, k_new, v_new, seqlens, backend):
+    """kv_cache_append on copies of the caches: both caches, stacked."""
+    from layerskip_kernels.ops import kv_cache_append
+    k, v = k_cache.clone(), v_cache.clone()
+    kv_cache_append(k, v, k_new, v_new, seqlens, backend=backend)
+    return torch.stack((k, v))
 
 
 E2E_SHAPES = {  # what `e2e` runs: the embedded default model and a random Llama-3.2-1B shape

@@ -161,11 +161,13 @@ def opcheck_cases(generator):
                                                           "torch")),
         "greedy_accept": (library.greedy_accept, (drafts, randn(2, 4, 9), seqlens,
                                                   torch.tensor([True, False]), "torch")),
+        "silu_mul": (library.silu_mul, (randn(3, 2, 10), "torch")),
     }
 
 
 @pytest.mark.parametrize("name", ["attention_with_kvcache", "kv_cache_append", "rms_norm",
-                                  "rms_norm_residual", "draft_head_argmax", "greedy_accept"])
+                                  "rms_norm_residual", "draft_head_argmax", "greedy_accept",
+                                  "silu_mul"])
 def test_custom_op_registration(generator, name):
     """Schema (mutated arguments declared), fake implementation and dispatch agree."""
     op, args = opcheck_cases(generator)[name]

@@ -1,7 +1,11 @@
-"""kv_cache_append: reference against a hand-written loop, the CUDA kernel against the
-reference, and every argument guard with a passing control."""
+"""kv_cache_append: reference against a hand-written loop, the Triton kernel (compiled on a GPU,
+interpreted on the CPU) and the CUDA kernel bit for bit against it, the Triton kernel compiled
+for sm_80 / sm_90 without a GPU, and every argument guard with a passing control."""
+from pathlib import Path
+
 import pytest
 import torch
+from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
 
 from layerskip_kernels import _ext
 from layerskip_kernels.ops.kv_cache_append import (
@@ -57,6 +61,40 @@ def test_reference_matches_loop(shape, dtype, backend, generator):
     assert_bits_equal(k_cache, k_want)
     assert_bits_equal(v_cache, v_want)
     assert torch.equal(seqlens, seqlens_before)
+
+
+# Odd sizes for the Triton kernel: D 5 and 96 (rows not of 16-byte units), a single head, every
+# row written (S = Smax), no new row (S = 0), and rows of two blocks (7 * 8 * 128 elements).
+TRITON_SHAPES = SHAPES + [(2, 9, 3, 5, 3), (3, 7, 2, 96, 4), (2, 6, 1, 3, 6), (2, 4, 4, 32, 0),
+                          (2, 40, 8, 128, 7)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+def test_triton_matches_loop(shape, dtype, generator, kernel_device):
+    args = make_inputs(*shape, dtype, generator, kernel_device)
+    k_want, v_want = expected(*(t.cpu() for t in args))
+    seqlens_before = args[4].clone()
+    kv_cache_append(*args, backend="triton")
+    assert_bits_equal(args[0], k_want)
+    assert_bits_equal(args[1], v_want)
+    assert torch.equal(args[4], seqlens_before)
+
+
+def test_triton_drops_rows_past_the_cache(generator, kernel_device):
+    """A bad length (unchecked on a GPU without check_bounds) writes only the rows that exist:
+    the kernel never stores out of bounds."""
+    from layerskip_kernels.triton.kv_cache_append import kv_cache_append_triton
+
+    k_cache, v_cache, k_new, v_new, seqlens = make_inputs(2, 8, 2, 16, 3, torch.float16,
+                                                          generator, kernel_device)
+    seqlens.copy_(torch.tensor([7, 0], dtype=torch.int32))  # Smax 8: row 0 fits 1 of 3 rows
+    k_want, v_want = k_cache.cpu().clone(), v_cache.cpu().clone()
+    k_want[0, 7], v_want[0, 7] = k_new[0, 0].cpu(), v_new[0, 0].cpu()
+    k_want[1, :3], v_want[1, :3] = k_new[1].cpu(), v_new[1].cpu()
+    kv_cache_append_triton(k_cache, v_cache, k_new, v_new, seqlens)
+    assert_bits_equal(k_cache, k_want)
+    assert_bits_equal(v_cache, v_want)
 
 
 @pytest.fixture
@@ -156,3 +194,50 @@ def test_k_cache_dtype_guard(generator):
             for t in make_inputs(2, 8, 2, 64, 3, torch.float16, generator)]
     with pytest.raises(ValueError, match="^k_cache:"):
         _check_kv_cache_append(*args)
+
+
+# ---------------------------------------------------------------- compiled for sm_80 / sm_90
+# (bits, H * D, whether span and cache_elems are multiples of 16 as the launcher then
+# specializes them): rows of 16-byte units, and rows of 15 or 5 elements.
+COMPILE_CASES = [(bits, row, sizes_aligned) for bits in ("i16", "i32")
+                 for row, sizes_aligned in ((1024, True), (15, False), (15, True), (5, False))]
+
+
+def compile_cases(capability):
+    """Run in the child (see triton_compile): compile every COMPILE_CASES entry."""
+    from layerskip_kernels.triton import kv_cache_append as mod
+
+    results = {}
+    for case in COMPILE_CASES:
+        bits, row, sizes_aligned = case
+        config = dict(mod.launch_config(row, 2 if bits == "i16" else 4))
+        num_warps = config.pop("num_warps")
+        fn = mod._kv_cache_append_kernel
+        types = {name: f"*{bits}" for name in ("K_CACHE", "V_CACHE", "K_NEW", "V_NEW")}
+        types.update(SEQLENS="*i32")
+        aligned = ["K_CACHE", "V_CACHE", "K_NEW", "V_NEW", "SEQLENS"]
+        aligned += ["span", "cache_elems"] if sizes_aligned else []
+        results[case_key(case, capability)] = compile_report(
+            fn, types, config, capability, num_warps, aligned=aligned)
+    return results
+
+
+def case_key(case, capability):
+    return "-".join(map(str, case)) + f"-sm{capability}"
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compiled_in_children(Path(__file__))
+
+
+@pytest.mark.parametrize("capability", COMPILE_TARGETS)
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kernel_compiles_for_gpu(case, capability, compiled):
+    report = compiled[case_key(case, capability)]
+    assert report["status"] == "ok"
+    assert report["stack_bytes"] in (0, None), f"spills: {report}"
+
+
+if __name__ == "__main__":  # the compile child of the `compiled` fixture
+    main(compile_cases)

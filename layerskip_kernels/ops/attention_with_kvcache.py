@@ -21,7 +21,7 @@ from ._checks import check
 from .backend import Impl, Op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_HEAD_DIMS = (64, 128)
+TRITON_HEAD_DIMS = (32, 64, 128, 256)
 CUDA_HEAD_DIMS = (32, 64, 128)  # _C.ATTENTION_HEAD_DIMS (no 256: csrc/*_kernel.cuh says why)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)  # tensor-core MMA
 MAX_KERNEL_QUERIES = 16  # decode and verify; a prompt runs the model's prefill path

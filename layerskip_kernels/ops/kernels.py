@@ -10,7 +10,6 @@ Under torch.compile the chosen backend is called through its torch.library custo
 (ops/library.py), which the compiler sees as one opaque, schema-described call.
 """
 import torch
-import torch.nn.functional as F
 
 from . import library
 from ._checks import check
@@ -19,14 +18,9 @@ from .attention_with_kvcache import (ATTENTION, attend, causal_attention, plan_a
 from .draft_head import DRAFT_HEAD_ARGMAX
 from .greedy_accept import GREEDY_ACCEPT
 from .rms_norm import RMS_NORM
+from .silu_mul import SILU_MUL
 
 PREFERENCES = ("auto", "cuda", "triton", "torch")
-
-
-def silu_mul_reference(gate_up):
-    """silu(gate) * up of gate_up = [gate | up] (..., 2 * hidden), in its dtype."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 class Kernels:
@@ -54,6 +48,10 @@ class Kernels:
     def rms_norm(self, x, weight, training=False):
         return self.pick(RMS_NORM, (x.device, x.dtype, x.shape[-1]),
                          lambda: (x, weight, 0.0, None), training)
+
+    def silu_mul(self, gate_up, training=False):
+        return self.pick(SILU_MUL, (gate_up.device, gate_up.dtype, gate_up.shape[-1]),
+                         lambda: (gate_up,), training)
 
     def draft_head_argmax(self, h, norm_weight, lm_head_weight, training=False):
         rows = h.numel() // h.shape[-1]
@@ -90,7 +88,7 @@ class Causal:
         return self.kernels.rms_norm(x, weight, self.training)(x, weight, eps, residual)
 
     def silu_mul(self, gate_up):
-        return silu_mul_reference(gate_up)
+        return self.kernels.silu_mul(gate_up, self.training)(gate_up)
 
 
 class Decode(Causal):

@@ -11,7 +11,6 @@ from ._checks import check
 from .backend import Impl, Op
 
 
-
 def _check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, check_bounds=False):
     """All validation. The bounds check reads cache_seqlens on the host, so on a GPU it is a
     sync and runs only with check_bounds=True; on the CPU it always runs."""
@@ -57,7 +56,13 @@ def _launch_cuda(k_cache, v_cache, k_new, v_new, cache_seqlens):
             _ext.DTYPE_CODES[k_cache.dtype], torch.cuda.current_stream().cuda_stream)
 
 
+def _launch_triton(k_cache, v_cache, k_new, v_new, cache_seqlens):
+    from ..triton.kv_cache_append import kv_cache_append_triton
+    kv_cache_append_triton(k_cache, v_cache, k_new, v_new, cache_seqlens)
+
+
 KV_CACHE_APPEND = Op("kv_cache_append", {"cuda": Impl(_launch_cuda),
+                                         "triton": Impl(_launch_triton),
                                          "torch": Impl(kv_cache_append_reference)})
 
 

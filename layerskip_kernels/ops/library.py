@@ -16,6 +16,7 @@ from .draft_head import DRAFT_HEAD_ARGMAX
 from .greedy_accept import GREEDY_ACCEPT
 from .kv_cache_append import KV_CACHE_APPEND
 from .rms_norm import RMS_NORM
+from .silu_mul import SILU_MUL
 
 
 @torch.library.custom_op("layerskip::attention_with_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -91,6 +92,16 @@ def _(drafts, verify_logits, cache_seqlens, active, backend):
             drafts.new_empty(B, dtype=torch.int32))
 
 
+@torch.library.custom_op("layerskip::silu_mul", mutates_args=())
+def silu_mul(gate_up: Tensor, backend: str) -> Tensor:
+    return SILU_MUL.impls[backend].run(gate_up)
+
+
+@silu_mul.register_fake
+def _(gate_up, backend):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
 def _rms_norm(backend):
     def run(x, weight, eps, residual=None):
         if residual is None:
@@ -105,6 +116,7 @@ _CALLERS = {
     "rms_norm": _rms_norm,
     "draft_head_argmax": lambda backend: lambda *args: draft_head_argmax(*args, backend),
     "greedy_accept": lambda backend: lambda *args: greedy_accept(*args, backend),
+    "silu_mul": lambda backend: lambda gate_up: silu_mul(gate_up, backend),
 }
 
 
