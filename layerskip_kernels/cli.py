@@ -25,7 +25,7 @@ from .decoding import generate
 from .decoding.generate import AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES
 from .model import load_model, load_tokenizer
 from .model.checkpoint import DEFAULT_MODEL
-from .model.parallel import is_first_rank, load_model_tp
+from .model.parallel import is_first_rank
 from .model.tokenizer import Llama2cTokenizer
 
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
@@ -226,8 +226,8 @@ def load_model_arg(args):
     > 1, this rank's shard (the process group comes from torchrun's environment)."""
     with reading("--model", args.model or DEFAULT_MODEL):
         if getattr(args, "tp", 1) > 1:
-            return load_model_tp(args.model, args.tp, dtype=args.dtype, device=args.device,
-                                 backend=args.backend)
+            return load_model(args.model, dtype=args.dtype, device=args.device,
+                              backend=args.backend, tp=args.tp)
         return load_model(args.model, dtype=args.dtype, device=args.device,
                           **({"backend": args.backend} if hasattr(args, "backend") else {}))
 

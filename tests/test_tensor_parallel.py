@@ -370,3 +370,13 @@ CLI_ARGS = ["generate", "--tp", "2", "--json", "--eos-token-id", "none", "--max-
 
 if __name__ == "__main__":
     worker(*sys.argv[1:])
+
+
+def test_a_shard_is_not_exported_as_a_model():
+    """hf_state_dict (and so save_hf_directory) refuses a rank's shard: it would write the
+    shard's tensors under the whole model's names."""
+    from layerskip_kernels.model.llama import Llama, LlamaConfig, hf_state_dict
+    shard = Llama(LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=2, hidden_dim=8))
+    shard.global_config = shard.config
+    with pytest.raises(ValueError, match="^model: expected a whole model"):
+        hf_state_dict(shard)

@@ -35,7 +35,7 @@ HF_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default_model"
 
 
-def load_model(path=None, dtype=torch.float32, device="cpu", backend="auto"):
+def load_model(path=None, dtype=torch.float32, device="cpu", backend="auto", tp=None):
     """A Llama in eval mode without gradients.
 
     path: an HF Llama directory; its config.json; a .safetensors file or a
@@ -45,7 +45,12 @@ def load_model(path=None, dtype=torch.float32, device="cpu", backend="auto"):
     dtype: torch.float32, torch.bfloat16, torch.float16, a name in DTYPES, or "auto" (the
         checkpoint's: config.json's torch_dtype, else its weights'; llama2.c is float32).
     device: "cpu", "cuda", "cuda:N" or a torch.device, checked before any weight is read.
+    tp: tensor-parallel ranks; inside an initialized process group (or under torchrun), this
+        rank's shard of the model (model/parallel.py), read slice by slice from safetensors.
     """
+    if tp is not None:
+        from .parallel import load_model_tp
+        return load_model_tp(path, tp, dtype=dtype, device=device, backend=backend)
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     if hasattr(path, "state_dict") and hasattr(path, "config"):
         model = from_transformers(path)

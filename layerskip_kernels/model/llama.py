@@ -259,6 +259,9 @@ class Llama(nn.Module):
 
 def hf_state_dict(model):
     """model's weights under Hugging Face Llama names (fused projections split again)."""
+    if hasattr(model, "global_config"):
+        raise ValueError("model: expected a whole model, got one tensor-parallel rank's shard "
+                         "(export from a tp=1 load)")
     c, state = model.config, {}
     for name, tensor in model.state_dict().items():
         prefix = name.rsplit(".", 2)[0] + "."
