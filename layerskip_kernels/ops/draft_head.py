@@ -6,18 +6,38 @@ the full-vocabulary logits in memory on kernel backends. Every early exit shares
     logits = z @ lm_head_weight^T                  (float32 accumulation, never rounded)
     argmax: (tokens, max_logit); top-k: (values, indices), values descending.
 
-Ties go to the lowest vocabulary index (as torch.argmax and a stable descending sort). In
-float32 this equals ``argmax(F.linear(norm(h), W))`` of the model's head; in fp16 / bf16 the
-logits stay in float32, where the model's head rounds them to the dtype (more ties there).
+Ties go to the lowest vocabulary index (as torch.argmax and a stable descending sort). A NaN
+logit counts as the largest (as torch.argmax); a NaN in h makes all of its row's logits NaN, so
+its token is 0. In float32 this equals ``argmax(F.linear(norm(h), W))`` of the model's head; in
+fp16 / bf16 the logits stay in float32, where the model's head rounds them to the dtype (more
+ties there). The Triton kernel folds the norm into the dot (``rstd * (W @ round(h * weight))``,
+see triton/draft_head.py): one rounding per element of z as here, at another place.
+
+Routing (backend "auto" on a GPU): the Triton kernel streams W once from every SM with no
+logits in memory; the ROUTING rules below send the shapes where it cannot win to "torch", the
+unfused path (RMSNorm, one cuBLAS GEMM into float32 logits, argmax or a stable sort).
 """
 import torch
 import torch.nn.functional as F
 
 from ._checks import check
 from .backend import Impl, Op
-from .rms_norm import MAX_KERNEL_DIM, SUPPORTED_DTYPES, rms_norm_reference
+from .rms_norm import SUPPORTED_DTYPES, rms_norm_reference
 
-MAX_KERNEL_TOPK = 64
+MAX_KERNEL_TOPK = 64  # the kernel's top-k lives in registers (K_PAD <= 64 keys per row)
+MAX_KERNEL_ROWS = 64  # one row tile of the dot variant
+
+# Where "auto" leaves the Triton kernel for "torch": (argument, the kernel's range, why,
+# evidence). Evaluated by _kernel_limits; printed by bench/routing.py beside the measurements
+# (bench/results/routing-<device>.json), which is where a rule's evidence comes from.
+ROUTING = (
+    ("h", f"at most {MAX_KERNEL_ROWS} rows",
+     "past one 64-row tile the kernel reads W once per tile; cuBLAS's GEMM tiles M",
+     "expected, unmeasured (bench/routing.py on the next GPU)"),
+    ("k", f"at most {MAX_KERNEL_TOPK}",
+     "the kernel keeps each block's top k in registers (a 64-key sorting network)",
+     "a limit of the kernel"),
+)
 
 
 def _check_draft_head(h, norm_weight, eps, lm_head_weight, k=1):
@@ -43,9 +63,21 @@ def _check_draft_head(h, norm_weight, eps, lm_head_weight, k=1):
     check(isinstance(k, int) and 1 <= k <= vocab, "k", f"an int in [1, vocab={vocab}]", repr(k))
 
 
+_MM_OUT_DTYPE = {"ok": hasattr(torch.ops.aten.mm, "dtype")}
+
+
 def draft_head_logits(h, norm_weight, eps, lm_head_weight):
-    """float32 logits (..., vocab) of the head: the reference paths' shared part."""
+    """float32 logits (..., vocab) of the head: the reference paths' shared part. On a GPU in
+    fp16 / bf16, cuBLAS multiplies in the dtype into float32 (torch.mm's out_dtype: the same
+    exact products and float32 sums as upcasting, without a float32 copy of W)."""
     z = rms_norm_reference(h, norm_weight, eps)
+    if z.is_cuda and z.dtype != torch.float32 and _MM_OUT_DTYPE["ok"]:
+        try:
+            logits = torch.mm(z.reshape(-1, z.shape[-1]), lm_head_weight.t(),
+                              out_dtype=torch.float32)
+            return logits.view(*z.shape[:-1], lm_head_weight.shape[0])
+        except (RuntimeError, TypeError):  # raised at dispatch, before any launch
+            _MM_OUT_DTYPE["ok"] = False
     return F.linear(z.float(), lm_head_weight.float())
 
 
@@ -75,10 +107,12 @@ def _triton_argmax(h, norm_weight, eps, lm_head_weight):
 
 
 def _kernel_limits(h, norm_weight, eps, lm_head_weight, k=1):
-    if h.shape[-1] > MAX_KERNEL_DIM:
-        return "h", f"a last dim of at most {MAX_KERNEL_DIM}", h.shape[-1]
+    """None when the Triton kernel takes the call, else the ROUTING rule it breaks."""
+    rows = h.numel() // h.shape[-1]
+    if rows > MAX_KERNEL_ROWS:
+        return "h", ROUTING[0][1] + " (routing: " + ROUTING[0][2] + ")", f"{rows} rows"
     if k > MAX_KERNEL_TOPK:
-        return "k", f"at most {MAX_KERNEL_TOPK}", k
+        return "k", ROUTING[1][1], k
     return None
 
 
