@@ -7,6 +7,12 @@ Hugging Face's LlamaRMSNorm (and model/llama.py's RMSNorm) round h / rms(h) to t
 before multiplying by the weight (two roundings):
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py
 In float32 the two agree bit for bit; in fp16 / bf16 this op is the more accurate one (one ulp).
+
+Routing (backend "auto" on a GPU): the Triton kernel is one launch that reads x (and the
+residual) once; the reference is a chain of elementwise PyTorch kernels (add, cast, square,
+mean, rsqrt, two multiplies, cast), each a pass over the rows. So no shape goes to "torch" for
+speed; the ROUTING table holds only the kernel's limit. bench/routing.py checks this by kernel
+time on every benchmarked shape.
 """
 import torch
 
@@ -14,7 +20,14 @@ from ._checks import check
 from .backend import Impl, Op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_KERNEL_DIM = 65536  # one row per program, held in registers
+MAX_KERNEL_DIM = 65536  # whole rows per program, held in registers
+
+# Where "auto" leaves the Triton kernel for "torch": (argument, the kernel's range, why,
+# evidence); evaluated by _kernel_limits, printed by bench/routing.py.
+ROUTING = (
+    ("x", f"a last dim of at most {MAX_KERNEL_DIM}",
+     "the kernel holds whole rows in registers", "a limit of the kernel"),
+)
 
 
 def _check_rms_norm(x, weight, eps, residual):
@@ -51,8 +64,9 @@ def _launch_triton(*args, **kwargs):
 
 
 def _kernel_limits(x, *_):
+    """None when the Triton kernel takes the call, else the ROUTING rule it breaks."""
     if x.shape[-1] > MAX_KERNEL_DIM:
-        return "x", f"a last dim of at most {MAX_KERNEL_DIM}", x.shape[-1]
+        return "x", ROUTING[0][1], x.shape[-1]
     return None
 
 

@@ -1,8 +1,11 @@
-"""RMSNorm with an optional fused residual add: one program per row, the row in registers.
+"""RMSNorm with an optional fused residual add: BLOCK_R whole rows per program, in registers.
 
 Semantics: ``layerskip_kernels.ops.rms_norm``. The launcher flattens x to (rows, dim) and
 restores its shape; the layout follows Liger-Kernel's rms_norm forward:
 https://github.com/linkedin/Liger-Kernel/blob/main/src/liger_kernel/ops/rms_norm.py
+with several rows per program when a row is short (a [BLOCK_R, BLOCK] tile of >= 2048
+elements, so a program still moves a few KB and issues 16-byte loads), and one program per row
+from 2048 elements up. A decode step's single row is one launch of one program.
 """
 import torch
 import triton
@@ -14,36 +17,46 @@ from ..ops.rms_norm import MAX_KERNEL_DIM
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, RESIDUAL, W, Y, H_OUT, n_cols, eps,
+    X, RESIDUAL, W, Y, H_OUT, n_rows, n_cols, eps,
     stride_x, stride_r, stride_y, stride_h,
-    BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):
-    """Grid (rows,). Contract (last dims contiguous, row strides in elements):
-    X, RESIDUAL, Y, H_OUT: (rows, n_cols), one dtype (fp32, fp16, bf16); W: (n_cols,), any float.
-    h = X (+ RESIDUAL, rounded to the dtype and stored to H_OUT when HAS_RESIDUAL);
-    Y = W * h * rsqrt(mean(h^2) + eps), in fp32, rounded once. BLOCK >= n_cols, a power of 2.
+    """Grid (cdiv(n_rows, BLOCK_R),). Contract (last dims contiguous, row strides in elements):
+    X, RESIDUAL, Y, H_OUT: (n_rows, n_cols), one dtype (fp32, fp16, bf16); W: (n_cols,), any
+    float. h = X (+ RESIDUAL, rounded to the dtype and stored to H_OUT when HAS_RESIDUAL);
+    Y = W * h * rsqrt(mean(h^2) + eps), in fp32, rounded once. BLOCK >= n_cols and BLOCK_R:
+    powers of 2.
     """
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    h = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    h = h.to(tl.float32)
     if HAS_RESIDUAL:
-        h = h + tl.load(RESIDUAL + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        h = h.to(H_OUT.dtype.element_ty)  # the stream is kept in its dtype: normalise that
-        tl.store(H_OUT + row * stride_h + cols, h, mask=mask)
+        r = tl.load(RESIDUAL + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        h = (h + r.to(tl.float32)).to(H_OUT.dtype.element_ty)  # the stream keeps its dtype
+        tl.store(H_OUT + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
         h = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (h * rstd * w).to(Y.dtype.element_ty), mask=mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = h * rstd[:, None] * w[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-def launch_config(dim):
-    """The whole row in one block; warps grow with it so each thread holds <= 64 elements."""
+MIN_TILE = 2048  # elements a program handles at least, rows permitting
+
+
+def launch_config(dim, rows=1):
+    """BLOCK: the row padded to a power of 2; BLOCK_R rows per program so a tile holds
+    MIN_TILE elements when rows are short (1 from 2048 elements up, and never more rows than
+    there are); warps grow with the tile so each thread holds 8 to 64 elements."""
     check(dim <= MAX_KERNEL_DIM, "x", f"a last dim of at most {MAX_KERNEL_DIM} for the Triton "
-          "kernel (one row per program)", dim)
+          "kernel (whole rows in registers)", dim)
     block = triton.next_power_of_2(dim)
-    num_warps = 4 if block < 2048 else 8 if block < 8192 else 16 if block < 32768 else 32
-    return dict(BLOCK=block, num_warps=num_warps)
+    block_r = max(1, min(MIN_TILE // block, triton.next_power_of_2(max(rows, 1))))
+    tile = block * block_r
+    num_warps = 4 if tile < 2048 else 8 if tile < 8192 else 16 if tile < 32768 else 32
+    return dict(BLOCK_R=block_r, BLOCK=block, num_warps=num_warps)
 
 
 def _rows(t, dim):
@@ -67,16 +80,17 @@ def rms_norm_triton(x, weight, eps, residual=None, out=None, residual_out=None):
     Returns y, or (y, h) with a residual.
     """
     dim = x.shape[-1]
-    config = launch_config(dim)
     y = _out(out, x, "out")
     h = _out(residual_out, x, "residual_out") if residual is not None else None
     x2 = _rows(x, dim)
     r2 = _rows(residual, dim) if residual is not None else x2  # never read without HAS_RESIDUAL
     y2, h2 = y.view(-1, dim), (h if h is not None else y).view(-1, dim)
     weight = weight if weight.stride(0) == 1 else weight.contiguous()
-    if x2.shape[0] > 0:
-        _rms_norm_fwd_kernel[(x2.shape[0],)](
-            x2, r2, weight, y2, h2, dim, float(eps),
+    n_rows = x2.shape[0]
+    if n_rows > 0:
+        config = launch_config(dim, n_rows)
+        _rms_norm_fwd_kernel[(triton.cdiv(n_rows, config["BLOCK_R"]),)](
+            x2, r2, weight, y2, h2, n_rows, dim, float(eps),
             x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0),
             HAS_RESIDUAL=residual is not None, **config,
         )
