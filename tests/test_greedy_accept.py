@@ -1,7 +1,9 @@
-"""greedy_accept: the reference and the Triton kernel (interpreted on the CPU) against a loop
-written here and against decoding.self_speculative.accept() in greedy mode; argmax ties;
-from logits and from tokens; poisoned outputs; the kernel compiled for sm_80 / sm_90 without a
-GPU; every argument guard with a passing control."""
+"""greedy_accept: the reference and the Triton kernels (interpreted on the CPU, compiled on a
+GPU: ``kernel_device``) against a loop written here and against
+decoding.self_speculative.accept() in greedy mode; argmax ties within and across vocabulary
+blocks; NaN as torch.argmax; from logits and from tokens; poisoned outputs; the kernels
+compiled for sm_80 / sm_90 without a GPU; every argument guard with a passing control."""
+import importlib
 from pathlib import Path
 
 import pytest
@@ -10,15 +12,16 @@ from triton_compile import COMPILE_TARGETS, compile_kernel, compiled_in_children
 
 from layerskip_kernels.decoding.self_speculative import accept
 from layerskip_kernels.ops.greedy_accept import greedy_accept, greedy_accept_reference
-from layerskip_kernels.triton.greedy_accept import greedy_accept_triton
+from layerskip_kernels.triton.greedy_accept import block_v, greedy_accept_triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CASES = [  # (B, k, vocab)
     (1, 1, 64),
     (2, 4, 1001),  # odd vocab
-    (3, 8, 2500),  # three 1024-wide chunks
+    (3, 8, 2500),
     (4, 5, 300),
     (2, 0, 100),  # no drafts: only the full model's token
+    (2, 3, 9000),  # three 4096-token blocks, the last ragged
 ]
 
 
@@ -63,15 +66,20 @@ def case_id(case):
     return "B{}-k{}-V{}".format(*case)
 
 
-def poisoned(B):
-    return (torch.full((B,), -7, dtype=torch.int32), torch.full((B,), -7, dtype=torch.int64),
-            torch.full((B,), -7, dtype=torch.int32))
+def poisoned(B, device="cpu"):
+    return (torch.full((B,), -7, dtype=torch.int32, device=device),
+            torch.full((B,), -7, dtype=torch.int64, device=device),
+            torch.full((B,), -7, dtype=torch.int32, device=device))
 
 
 def assert_round(got, want):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
-        assert torch.equal(g, w)
+        assert torch.equal(g.cpu(), w.cpu())
+
+
+def on(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
@@ -91,29 +99,80 @@ def test_reference_matches_loop_and_accept(case, dtype, ties, generator):
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_triton_matches_loop(case, dtype, ties, source, generator):
+def test_triton_matches_loop(case, dtype, ties, source, generator, kernel_device):
     drafts, logits, seqlens, active = make_inputs(*case, dtype, generator, ties)
     verify = logits if source == "logits" else logits.argmax(-1)
-    out = poisoned(case[0])  # every element must be overwritten
-    got = greedy_accept_triton(drafts, verify, seqlens, active, out=out)
+    out = poisoned(case[0], kernel_device)  # every element must be overwritten
+    got = greedy_accept_triton(*on(kernel_device, drafts, verify, seqlens, active), out=out)
     assert all(g is o for g, o in zip(got, out))
     assert_round(got, expected(drafts, logits, seqlens, active))
 
 
-def test_triton_reads_strided_inputs(generator):
+def test_triton_ties_across_vocabulary_blocks(generator, kernel_device):
+    """The maximum in two blocks: the lower id wins, whichever block's key merges first."""
+    drafts, logits, seqlens, active = make_inputs(2, 2, 9000, torch.bfloat16, generator)
+    logits[:, :, 8500] = logits[:, :, 100] = 50.0  # blocks 0 and 2
+    logits[1, 1, 4100] = 50.0  # row 1, position 1: blocks 0, 1 and 2
+    got = greedy_accept_triton(*on(kernel_device, drafts, logits, seqlens, active))
+    assert_round(got, expected(drafts, logits, seqlens, active))
+
+
+def test_triton_nan_counts_as_the_largest_logit(generator, kernel_device):
+    """As torch.argmax (the reference): a NaN logit is the position's token, the first NaN
+    when there are several."""
+    drafts, logits, seqlens, active = make_inputs(2, 3, 5000, torch.float32, generator)
+    logits[0, 1, 4500] = float("nan")
+    logits[1, 0, [300, 4200]] = float("nan")
+    drafts[0, :2] = torch.tensor([int(logits[0, 0].argmax()), 4500])
+    drafts[1, 0] = 300
+    got = greedy_accept_triton(*on(kernel_device, drafts, logits, seqlens, active))
+    want = greedy_accept_reference(drafts, logits, seqlens, active)
+    assert_round(got, want)
+    assert int(want[0][0]) >= 2 and int(want[0][1]) >= 1
+
+
+def test_triton_reads_strided_inputs(generator, kernel_device):
     """Rows and positions at any stride: drafts and logits sliced out of larger tensors."""
     drafts, logits, seqlens, active = make_inputs(3, 4, 1001, torch.float32, generator)
     wide_drafts = torch.zeros(3, 8, dtype=torch.int64)
     wide_drafts[:, ::2] = drafts
     wide_logits = torch.zeros(3, 10, 1001)
     wide_logits[:, ::2] = logits
-    got = greedy_accept(wide_drafts[:, ::2], wide_logits[:, ::2], seqlens, active,
-                        backend="triton")
-    assert_round(got, expected(drafts, logits, seqlens, active))
+    wide_drafts, wide_logits, seqlens_d, active_d = on(kernel_device, wide_drafts, wide_logits,
+                                                      seqlens, active)
+    for verify in (wide_logits[:, ::2], wide_logits[:, ::2].argmax(-1)):
+        got = greedy_accept(wide_drafts[:, ::2], verify, seqlens_d, active_d, backend="triton")
+        assert_round(got, expected(drafts, logits, seqlens, active))
+
+
+def test_block_v_splits_the_vocabulary():
+    assert block_v(128256, 9) == 4096 and block_v(128256, 576) == 8192
+    assert block_v(100, 9) == 128
+
+
+def test_routing_keeps_every_shape_on_the_kernels():
+    assert importlib.import_module("layerskip_kernels.ops.greedy_accept").ROUTING == ()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, k", [(1, 8), (8, 4), (64, 8)])
+def test_gpu_llama_vocabulary(B, k, generator):
+    drafts, logits, seqlens, active = make_inputs(B, k, 128256, torch.bfloat16, generator)
+    want = greedy_accept_reference(drafts, logits, seqlens, active)
+    args = on("cuda", drafts, logits, seqlens, active)
+    assert_round(greedy_accept(*args, backend="triton"), want)
+    graph, out = torch.cuda.CUDAGraph(), None  # shape-only grids, no sync: capturable
+    with torch.cuda.graph(graph):
+        out = greedy_accept(*args, backend="triton")
+    graph.replay()
+    assert_round(out, want)
 
 
 # ---------------------------------------------------------------- compiled for sm_80 / sm_90
-COMPILE_CASES = [("bf16", 4), ("fp16", 8), ("fp32", 1), ("i64", 4)]  # (verify dtype, k)
+# ("partial", logits dtype, k, vocab, rows) or ("accept", k, vocab blocks or 0 for tokens)
+COMPILE_CASES = [("partial", "bf16", 8, 128256, 9), ("partial", "fp16", 4, 128256, 320),
+                 ("partial", "fp32", 1, 1001, 2), ("accept", 8, 32), ("accept", 16, 16),
+                 ("accept", 4, 0)]
 
 
 def compile_cases(capability):
@@ -123,13 +182,23 @@ def compile_cases(capability):
     from layerskip_kernels.triton import greedy_accept as mod
 
     results = {}
-    for dtype, k in COMPILE_CASES:
-        types = dict(DRAFTS="*i64", VERIFY=f"*{dtype}", SEQLENS="*i32", ACTIVE="*u8",
-                     ACCEPTED="*i32", NEXT="*i64", NEW_SEQLENS="*i32")
-        constexprs = dict(K=k, BLOCK_K=triton.next_power_of_2(k + 1), BLOCK_V=1024,
-                          FROM_LOGITS=dtype != "i64")
-        results[f"{dtype}-{k}-sm{capability}"] = compile_kernel(
-            mod._greedy_accept_kernel, types, constexprs, capability, 4)
+    for case in COMPILE_CASES:
+        key = "-".join(map(str, case)) + f"-sm{capability}"
+        if case[0] == "partial":
+            _, dtype, k, vocab, rows = case
+            bv = mod.block_v(vocab, rows)
+            results[key] = compile_kernel(
+                mod._verify_argmax_partial_kernel, dict(VERIFY=f"*{dtype}", PART="*i64"),
+                dict(K1=k + 1, BLOCK_V=bv), capability, 4 if bv <= 4096 else 8)
+        else:
+            _, k, blocks = case
+            types = dict(DRAFTS="*i64", VERIFY="*i64", SEQLENS="*i32", ACTIVE="*u8",
+                         ACCEPTED="*i32", NEXT="*i64", NEW_SEQLENS="*i32")
+            constexprs = dict(K=k, BLOCK_K=triton.next_power_of_2(k + 1),
+                              BLOCKS_PAD=triton.next_power_of_2(max(blocks, 1)),
+                              FROM_PARTIAL=blocks > 0)
+            results[key] = compile_kernel(mod._greedy_accept_kernel, types, constexprs,
+                                          capability, 4)
     return results
 
 
@@ -145,9 +214,9 @@ def test_kernel_compiles_for_gpu(case, capability, compiled):
 
 
 # ---------------------------------------------------------------- argument guards
-def guard_inputs(generator):
-    drafts, logits, seqlens, active = make_inputs(2, 3, 100, torch.float32, generator)
-    return dict(drafts=drafts, verify_logits=logits, cache_seqlens=seqlens, active=active)
+def guard_inputs(generator, device="cpu"):
+    args = on(device, *make_inputs(2, 3, 100, torch.float32, generator))
+    return dict(zip(("drafts", "verify_logits", "cache_seqlens", "active"), args))
 
 
 def bad_drafts_dtype(a):
@@ -185,25 +254,26 @@ def bad_active(a):
     (bad_active, "active"),
 ])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bad_input_names_the_argument(corrupt, arg, backend, generator):
-    greedy_accept(**guard_inputs(generator), backend=backend)  # control
-    args = guard_inputs(generator)
+def test_bad_input_names_the_argument(corrupt, arg, backend, generator, kernel_device):
+    device = "cpu" if backend == "torch" else kernel_device
+    greedy_accept(**guard_inputs(generator, device), backend=backend)  # control
+    args = guard_inputs(generator, device)
     corrupt(args)
     with pytest.raises(ValueError, match=f"^{arg}:"):
         greedy_accept(**args, backend=backend)
 
 
-def test_triton_rejects_bad_out(generator):
-    a = guard_inputs(generator)
-    greedy_accept_triton(*a.values(), out=poisoned(2))  # control
-    bad = poisoned(2)
+def test_triton_rejects_bad_out(generator, kernel_device):
+    a = guard_inputs(generator, kernel_device)
+    greedy_accept_triton(*a.values(), out=poisoned(2, kernel_device))  # control
+    bad = poisoned(2, kernel_device)
     with pytest.raises(ValueError, match="^out next_token:"):
         greedy_accept_triton(*a.values(), out=(bad[0], bad[1].int(), bad[2]))
 
 
 @pytest.mark.gpu
 def test_tensors_on_different_devices(generator):
-    a = {k: v.cuda() for k, v in guard_inputs(generator).items()}
+    a = guard_inputs(generator, "cuda")
     greedy_accept(**a)  # control
     a["active"] = a["active"].cpu()
     with pytest.raises(ValueError, match="^active:"):

@@ -10,6 +10,12 @@ Rows that are not active still get accepted / next_token (as accept() computes t
 their cache length stays put. verify_logits may instead be the argmax itself, (B, k + 1)
 int64, e.g. from ``ops.draft_head_argmax`` on the verify hidden states, which never
 materialises the logits.
+
+Routing (backend "auto" on a GPU): the Triton path is two launches from logits (a split-vocab
+argmax, then the acceptance) or one from tokens, against PyTorch's chain of about seven small
+kernels (argmax, compare, cumprod, sum, gather, where, add). No shape goes to "torch" for
+speed (ROUTING is empty); bench/routing.py checks this by kernel time on every benchmarked
+shape.
 """
 import torch
 
@@ -17,6 +23,10 @@ from ._checks import check
 from .backend import Impl, Op
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Where "auto" leaves the Triton kernels for "torch": (argument, the kernels' range, why,
+# evidence); printed by bench/routing.py. None: they take every call.
+ROUTING = ()
 
 
 def _check_greedy_accept(drafts, verify_logits, cache_seqlens, active):
@@ -66,7 +76,7 @@ def _launch_triton(*args, **kwargs):
     return greedy_accept_triton(*args, **kwargs)
 
 
-GREEDY_ACCEPT = Op("greedy_accept", {"triton": Impl(_launch_triton),
+GREEDY_ACCEPT = Op("greedy_accept", {"triton": Impl(_launch_triton),  # ROUTING: no limits
                                      "torch": Impl(greedy_accept_reference)})
 
 

@@ -1,49 +1,65 @@
-"""Greedy acceptance of a self-speculative round: one program per row, one launch, no sync.
+"""Greedy acceptance of a self-speculative round: no host sync, CUDA-graph safe.
 
-Semantics: ``layerskip_kernels.ops.greedy_accept``. With logits, the program takes the argmax
-of each of its k + 1 positions itself (a running (max, lowest id) over BLOCK_V-wide chunks),
-so the full model's tokens are never written out; with int64 tokens it reads them. The
-logits path reads k + 1 rows of the vocabulary per program: with a large vocabulary and a
-small batch, prefer tokens from ``ops.draft_head_argmax`` over the verify hidden states.
+Semantics: ``layerskip_kernels.ops.greedy_accept``. From int64 tokens, one launch of
+``_greedy_accept_kernel`` (one program per row). From logits, two:
+1. ``_verify_argmax_partial_kernel``, grid (vocab blocks, B * (k + 1)): each program reads one
+   BLOCK_V slice of one position's logits and writes its best (logit, lowest id) as one
+   packed int64 key (``draft_head._pack``: a NaN counts as the largest, as torch.argmax). The
+   vocabulary is split so that even B = 1 spreads over the GPU (k + 1 rows alone would put
+   a 128K-token read in each of 9 programs).
+2. ``_greedy_accept_kernel`` with FROM_PARTIAL, grid (B,): per position the max of its block
+   keys is the full model's token; then the acceptance, as from tokens.
+Loop bounds are constexprs: Triton 3.6's interpreter cannot iterate over a runtime scalar.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ..ops._checks import check
+from .draft_head import _pack, _unpack
+
+
+@triton.jit
+def _verify_argmax_partial_kernel(
+    VERIFY, PART, vocab, stride_vb, stride_vk,
+    K1: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Grid (num_blocks = cdiv(vocab, BLOCK_V), B * K1). VERIFY: (B, K1, vocab) fp32 / fp16 /
+    bf16 logits, last dim contiguous; PART: (B * K1, num_blocks) int64, contiguous: the
+    _pack()ed (max logit, its lowest id) of each block of each (row, position)."""
+    vblock = tl.program_id(0)
+    r = tl.program_id(1)
+    b = (r // K1).to(tl.int64)
+    i = (r % K1).to(tl.int64)
+    ids = vblock * BLOCK_V + tl.arange(0, BLOCK_V)
+    x = tl.load(VERIFY + b * stride_vb + i * stride_vk + ids, mask=ids < vocab,
+                other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+    keys = tl.where(ids < vocab, _pack(x, ids), -9223372036854775808)
+    tl.store(PART + r.to(tl.int64) * tl.num_programs(0) + vblock, tl.max(keys, 0))
 
 
 @triton.jit
 def _greedy_accept_kernel(
-    DRAFTS, VERIFY, SEQLENS, ACTIVE, ACCEPTED, NEXT, NEW_SEQLENS, vocab,
+    DRAFTS, VERIFY, SEQLENS, ACTIVE, ACCEPTED, NEXT, NEW_SEQLENS, n_blocks,
     stride_db, stride_dk, stride_vb, stride_vk,
-    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, FROM_LOGITS: tl.constexpr,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKS_PAD: tl.constexpr,
+    FROM_PARTIAL: tl.constexpr,
 ):
-    """Grid (B,). Contract: DRAFTS (B, K) int64; VERIFY (B, K + 1, vocab) fp32 / fp16 / bf16
-    logits, last dim contiguous, when FROM_LOGITS, else (B, K + 1) int64 tokens; SEQLENS (B,)
-    int32; ACTIVE (B,) uint8 (a bool tensor's bytes); ACCEPTED, NEW_SEQLENS (B,) int32; NEXT
-    (B,) int64. BLOCK_K: a power of 2 >= K + 1. target[i] = argmax VERIFY[b, i] (lowest id of
-    equal maxima); accepted = first i < K with DRAFTS[b, i] != target[i], else K;
-    NEXT = target[accepted]; NEW_SEQLENS = SEQLENS + (accepted + 1 if ACTIVE else 0).
+    """Grid (B,). Contract: DRAFTS (B, K) int64; SEQLENS (B,) int32; ACTIVE (B,) uint8 (a bool
+    tensor's bytes); ACCEPTED, NEW_SEQLENS (B,) int32; NEXT (B,) int64. VERIFY: with
+    FROM_PARTIAL, the partial kernel's (B * (K + 1), n_blocks) int64 keys (BLOCKS_PAD: a power
+    of 2 >= n_blocks; strides unused); else (B, K + 1) int64 tokens at the given strides.
+    BLOCK_K: a power of 2 >= K + 1. accepted = first i < K with DRAFTS[b, i] != target[i],
+    else K; NEXT = target[accepted]; NEW_SEQLENS = SEQLENS + (accepted + 1 if ACTIVE else 0).
     """
     b = tl.program_id(0).to(tl.int64)
     pos = tl.arange(0, BLOCK_K)
-    if FROM_LOGITS:
-        target = tl.zeros([BLOCK_K], tl.int64)
-        lanes = tl.arange(0, BLOCK_V)
-        for i in range(K + 1):
-            row = VERIFY + b * stride_vb + i * stride_vk
-            best = tl.full([], float("-inf"), tl.float32)
-            best_id = tl.zeros([], tl.int64)
-            for v0 in range(0, vocab, BLOCK_V):
-                ids = v0 + lanes
-                x = tl.load(row + ids, mask=ids < vocab, other=float("-inf")).to(tl.float32)
-                m = tl.max(x, 0)
-                first = tl.min(tl.where(x == m, ids, vocab), 0).to(tl.int64)
-                better = m > best  # strictly: an equal maximum in a later chunk has a higher id
-                best = tl.where(better, m, best)
-                best_id = tl.where(better, first, best_id)
-            target = tl.where(pos == i, best_id, target)
+    if FROM_PARTIAL:
+        blocks = tl.arange(0, BLOCKS_PAD)
+        keys = tl.load(VERIFY + (b * (K + 1) + pos)[:, None] * n_blocks + blocks[None, :],
+                       mask=(pos < K + 1)[:, None] & (blocks < n_blocks)[None, :],
+                       other=-9223372036854775808)
+        _, target = _unpack(tl.max(keys, 1))
     else:
         target = tl.load(VERIFY + b * stride_vb + pos * stride_vk, mask=pos < K + 1, other=0)
     drafts = tl.load(DRAFTS + b * stride_db + pos * stride_dk, mask=pos < K, other=-1)
@@ -55,6 +71,13 @@ def _greedy_accept_kernel(
     tl.store(ACCEPTED + b, accepted.to(tl.int32))
     tl.store(NEXT + b, next_token)
     tl.store(NEW_SEQLENS + b, seqlen + tl.where(active, accepted + 1, 0).to(tl.int32))
+
+
+def block_v(vocab, rows):
+    """Vocabulary per partial program: 4096 logits (8 KB in bf16, 16 loads in flight per
+    thread at 4 warps), fewer for a small vocabulary; 8192 once B * (k + 1) rows alone give
+    plenty of programs (>= 256), to halve the merge's keys."""
+    return min(8192 if rows >= 256 else 4096, triton.next_power_of_2(vocab))
 
 
 def greedy_accept_triton(drafts, verify_logits, cache_seqlens, active, out=None):
@@ -74,12 +97,21 @@ def greedy_accept_triton(drafts, verify_logits, cache_seqlens, active, out=None)
               f"a contiguous {dtype} tensor of shape ({B},)", f"{t.dtype} {tuple(t.shape)}")
     if B == 0:
         return out
-    from_logits = verify_logits.dtype != torch.int64
-    vocab = verify_logits.shape[2] if from_logits else 0
+    verify, n_blocks = verify_logits, 1
+    if verify_logits.dtype != torch.int64:
+        vocab = verify_logits.shape[2]
+        bv = block_v(vocab, B * (k + 1))
+        n_blocks = triton.cdiv(vocab, bv)
+        verify = torch.empty((B * (k + 1), n_blocks), dtype=torch.int64, device=drafts.device)
+        _verify_argmax_partial_kernel[(n_blocks, B * (k + 1))](
+            verify_logits, verify, vocab, verify_logits.stride(0), verify_logits.stride(1),
+            K1=k + 1, BLOCK_V=bv, num_warps=4 if bv <= 4096 else 8,
+        )
     _greedy_accept_kernel[(B,)](
-        drafts, verify_logits, cache_seqlens, active.view(torch.uint8), *out, vocab,
-        drafts.stride(0), drafts.stride(1), verify_logits.stride(0), verify_logits.stride(1),
-        K=k, BLOCK_K=triton.next_power_of_2(k + 1), BLOCK_V=1024, FROM_LOGITS=from_logits,
+        drafts, verify, cache_seqlens, active.view(torch.uint8), *out, n_blocks,
+        drafts.stride(0), drafts.stride(1), verify.stride(0), verify.stride(1),
+        K=k, BLOCK_K=triton.next_power_of_2(k + 1),
+        BLOCKS_PAD=triton.next_power_of_2(n_blocks), FROM_PARTIAL=verify is not verify_logits,
         num_warps=4,
     )
     return out
