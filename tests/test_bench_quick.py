@@ -1,9 +1,11 @@
 """The benchmark suite on the CPU: quick mode, `layerskip sweep`, and the GPU-only scripts'
-argument handling and CPU-testable pieces (bench/roofline.py, bench/gpu_validate[.py])."""
+argument handling and CPU-testable pieces (bench/roofline.py, bench/gpu_validate[.py],
+bench/routing.py, the kernel timer's plan in bench/conftest.py)."""
 import argparse
 import csv
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -27,12 +29,30 @@ def _load(name):
     return module
 
 
+def _child_env():
+    """The environment for a child pytest: without the parent's xdist worker variables, which
+    make pytest-benchmark disable itself (the suite runs under `-n 8` on the GPU machine)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT_TEST"))}
+
+
+def _quick_json(path, *select):
+    proc = subprocess.run([sys.executable, "-m", "pytest", *select, "-k", "cpu", "-q", "-p",
+                           "no:cacheprovider", "--benchmark-max-time=0.01",
+                           f"--benchmark-json={path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=150,
+                          env=_child_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(path.read_text())
+
+
 @pytest.mark.slow
 def test_quick_mode_runs_every_cpu_case_in_two_minutes(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "-k", "cpu",
                            "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=150)
+                          cwd=ROOT, capture_output=True, text=True, timeout=150,
+                          env=_child_env())
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
@@ -40,17 +60,73 @@ def test_quick_mode_runs_every_cpu_case_in_two_minutes(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_json_records_machine_and_bandwidth(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_rms_norm.py", "-k", "cpu",
-                           "-q", "-p", "no:cacheprovider", "--benchmark-max-time=0.01",
-                           f"--benchmark-json={out}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+def test_benchmark_json_records_machine_and_bandwidth(tmp_path, monkeypatch):
+    """Also under xdist (the GPU run's suite: PYTEST_XDIST_WORKER set in this process): the
+    child must not inherit it, or pytest-benchmark disables itself and records no time."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    report = _quick_json(tmp_path / "bench.json", "bench/bench_rms_norm.py")
     assert report["machine_info"]["layerskip"]["torch"] == torch.__version__
     info = report["benchmarks"][0]["extra_info"]
     assert info["bytes"] > 0 and info["gb_per_s"] > 0 and info["device"]
+    assert info["kernel_us"] > 0 and info["host_us"] > 0 and info["timing"]
+    assert info["op"] == "rms_norm" and info["auto_backend"] == "torch"
+
+
+@pytest.mark.slow
+def test_routing_table_from_the_quick_json(tmp_path):
+    """bench/routing.py --json: one row per op and shape, with auto's pick and a verdict, the
+    ops' ROUTING rules, written as JSON and markdown."""
+    _quick_json(tmp_path / "bench.json", "bench")
+    routing = _load("routing")
+    assert routing.main(["--json", str(tmp_path / "bench.json"), "--out-dir",
+                         str(tmp_path / "out")]) == 0
+    written = list((tmp_path / "out").glob("routing-*.json"))
+    assert len(written) == 1 and written[0].with_suffix(".md").exists()
+    table = json.loads(written[0].read_text())
+    assert {r["op"] for r in table["rows"]} == set(routing.OPS)
+    assert all(r["auto"] == "torch" and r["verdict"] == "ok" for r in table["rows"])
+    assert table["routing_rules"]["draft_head_argmax"][0]["argument"] == "h"
+    assert table["routing_rules"]["greedy_accept"] == []
+
+
+def test_routing_verdicts():
+    """auto's backend 10% slower than another backend: flagged; within 5%: ok; the baseline
+    ratio is auto's time over the unfused path's."""
+    routing = _load("routing")
+
+    def bench(provider, us, auto="triton", B=1):
+        return {"extra_info": dict(op="draft_head_argmax", provider=provider, kernel_us=us,
+                                   auto_backend=auto, model="m", B=B, k=1, device="d")}
+    rows = routing.build_rows([bench("torch", 100.0), bench("triton", 110.0),
+                               bench("unfused", 120.0), bench("torch", 100.0, B=2),
+                               bench("triton", 104.0, B=2)])
+    assert [r["shape"]["B"] for r in rows] == [1, 2]
+    assert rows[0]["verdict"].startswith("auto slower: torch is 10% faster")
+    assert rows[0]["vs_base"] == pytest.approx(110 / 120)
+    assert rows[1]["verdict"] == "ok" and rows[1]["fastest"] == "torch"
+
+
+@no_gpu
+def test_routing_needs_a_gpu_or_a_json(tmp_path):
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        _load("routing").main(["--out-dir", str(tmp_path)])
+
+
+def test_kernel_timer_plan(monkeypatch):
+    """Inputs are copied until they span 2 L2 sizes (rotate), up to 128 copies and 2 GiB;
+    smaller ones are timed one call at a time after an L2 eviction."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    timer = _load("conftest")
+    l2 = 50 << 20
+    assert timer.plan(525 << 20, l2, True) == (1, True)  # the lm_head alone spans L2
+    assert timer.plan(2 << 20, l2, True) == (50, True)
+    assert timer.plan(8 << 10, l2, True) == (128, False)  # a decode row: evict instead
+    assert timer.plan(8 << 10, l2, False) == (1, False)
+    assert timer.plan(1 << 30, 1 << 30, True) == (2, True)  # the 2 GiB budget
+    assert timer.rotate_calls(48, 10e-6) == 960  # 42 rounds of 48 would pass MAX_CALLS
+    assert timer.rotate_calls(1, 200e-6) == 100 and timer.rotate_calls(1, 1.0) == 1
+    assert timer.evict_calls(1e-6, 40e-6) == 100 and timer.evict_calls(0.01, 0.0) == 10
+    assert timer.tensor_bytes((torch.ones(4), 1e-5, None, [torch.ones(2, dtype=torch.int64)])) == 32
 
 
 def test_roofline_help():
