@@ -8,7 +8,8 @@ the measured kernel time of every provider, and where another backend was faster
                                                     #   (any machine, e.g. gpu_validate's)
 
 Writes <out-dir>/routing-<device>.json (every row, the ops' ROUTING rules, machine info, the
-command) and routing-<device>.md (one table per op), prints the markdown and a summary last.
+command) and routing-<device>.md (one table per op), and after a run the raw pytest-benchmark
+JSON as microbench-<device>.json; prints the markdown and a summary last.
 A row's verdict: "ok" when auto's backend is within TOLERANCE of the fastest backend measured
 there; "auto slower" otherwise: the op's ROUTING table (ops/<op>.py) should send that shape to
 the faster backend. Providers that are not backends (unfused, sdpa, flash, triton:fma, ...)
@@ -202,6 +203,8 @@ def main(argv=None):
         machine_info=machine, command=command, pytest_exit_code=returncode,
         tolerance=TOLERANCE, routing_rules=rules, rows=rows, not_ok=len(bad)), indent=1))
     (out / f"routing-{slug}.md").write_text(text + "\n")
+    if not args.json:
+        (out / f"microbench-{slug}.json").write_text(json.dumps(report))
     print(text)
     print(f"routing: {len(rows)} shapes, {len(bad)} not ok; wrote {out}/routing-{slug}.json "
           f"and .md")

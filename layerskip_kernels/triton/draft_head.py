@@ -106,10 +106,13 @@ def _draft_head_partial_kernel(
     # Clamped, not masked: the hot loads stay unpredicated; the duplicates are dropped below.
     w_rows = W + tl.minimum(cols, vocab - 1).to(tl.int64)[:, None] * stride_w  # [BLOCK_V, 1]
     h_rows = H + tl.minimum(rows, n_rows - 1) * stride_h  # [BLOCK_B]
-    ss = tl.zeros([BLOCK_B], tl.float32)
+    # Squares and products accumulate elementwise; the reductions over dim run once, after
+    # the loop (a reduction per step would put a barrier in every iteration).
     if USE_DOT:
+        ss = tl.zeros([BLOCK_D, BLOCK_B], tl.float32)
         acc = tl.zeros([BLOCK_V, BLOCK_B], tl.float32)
     else:
+        ss = tl.zeros([BLOCK_B, BLOCK_D], tl.float32)
         acc = tl.zeros([BLOCK_B, BLOCK_V, BLOCK_D], tl.float32)
     for d0 in tl.range(0, DIM, BLOCK_D, num_stages=NUM_STAGES):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -120,9 +123,12 @@ def _draft_head_partial_kernel(
             w = tl.load(w_rows + d[None, :], mask=(d < DIM)[None, :], other=0.0)
             nw = tl.load(NW + d, mask=d < DIM, other=0.0).to(tl.float32)
         if USE_DOT:  # z^T: [BLOCK_D, BLOCK_B]
-            h = tl.load(h_rows[None, :] + d[:, None], mask=(d < DIM)[:, None],
-                        other=0.0).to(tl.float32)
-            ss += tl.sum(h * h, 0)
+            if DIM % BLOCK_D == 0:
+                h = tl.load(h_rows[None, :] + d[:, None]).to(tl.float32)
+            else:
+                h = tl.load(h_rows[None, :] + d[:, None], mask=(d < DIM)[:, None],
+                            other=0.0).to(tl.float32)
+            ss += h * h
             z = (h * nw[:, None]).to(W.dtype.element_ty)
             if UPCAST_DOT:
                 acc = tl.dot(w.to(tl.float32), z.to(tl.float32), acc,
@@ -130,15 +136,19 @@ def _draft_head_partial_kernel(
             else:
                 acc = tl.dot(w, z, acc, input_precision=DOT_PRECISION)
         else:  # z: [BLOCK_B, BLOCK_D]
-            h = tl.load(h_rows[:, None] + d[None, :], mask=(d < DIM)[None, :],
-                        other=0.0).to(tl.float32)
-            ss += tl.sum(h * h, 1)
+            if DIM % BLOCK_D == 0:
+                h = tl.load(h_rows[:, None] + d[None, :]).to(tl.float32)
+            else:
+                h = tl.load(h_rows[:, None] + d[None, :], mask=(d < DIM)[None, :],
+                            other=0.0).to(tl.float32)
+            ss += h * h
             z = (h * nw[None, :]).to(W.dtype.element_ty).to(tl.float32)
             acc += w.to(tl.float32)[None, :, :] * z[:, None, :]
-    rstd = 1.0 / tl.sqrt(ss / DIM + eps)
     if USE_DOT:
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / DIM + eps)
         logits = tl.trans(acc) * rstd[:, None]  # [BLOCK_B, BLOCK_V]
     else:
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, 1) / DIM + eps)
         logits = tl.sum(acc, 2) * rstd[:, None]
     pad = tl.full([BLOCK_B, BLOCK_V], -9223372036854775808, tl.int64)
     keys = tl.where(col_ok[None, :], _pack(logits, cols[None, :]), pad)
