@@ -7,6 +7,7 @@ Providers on identical shapes:
   F.linear to full logits in the dtype, then argmax / topk).
 - "triton:fma", "triton:dot": both kernel variants forced, at B <= 8 (tuning the threshold).
 GB/s counts the lm_head weight bytes, which dominate: the kernel should run near HBM bandwidth.
+Rows 128 and 576 sit past the ROUTING rule (auto: torch) to measure both sides of it.
 
     pytest bench/bench_draft_head.py -k gpu                         # GPU grid
     pytest bench/bench_draft_head.py -k cpu --benchmark-disable     # quick CPU smoke
@@ -20,7 +21,7 @@ from layerskip_kernels.ops.rms_norm import rms_norm_reference
 
 HEADS = {"llama-3.2-1b": (2048, 128256), "llama-3-8b": (4096, 128256),
          "llama-2-7b": (4096, 32000), "stories260K": (64, 512)}
-BATCHES = (1, 2, 4, 8, 64)
+BATCHES = (1, 2, 4, 8, 64, 128, 576)  # 128, 576 (a B=64, k=8 verify): past the 64-row rule
 MODES = ("argmax", "top50")
 PROVIDERS = ("torch", "triton", "unfused", "triton:fma", "triton:dot")
 
