@@ -112,8 +112,8 @@ def run(measure, provider, model, B, Sq, cache_len, dtype, device):
     example = inputs()
     elem = example[0].element_size()
     kv_bytes = 2 * B * Hkv * D * elem * ((cache_len + Sq) + Sq)  # K and V: read, then new rows
-    measure(fn, kv_bytes, inputs, op=ATTENTION.name, provider=provider, model=model, B=B,
-            Sq=Sq, cache_len=cache_len, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype),
+    measure(fn, kv_bytes, inputs, first=example, op=ATTENTION.name, provider=provider,
+            model=model, B=B, Sq=Sq, cache_len=cache_len, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype),
             rope=provider not in ("sdpa", "flashinfer"),
             auto_backend=ATTENTION.resolve("auto", example[0].device, example),
             sdpa_backend=sdpa_backend(cache_len, *example) if provider == "sdpa" else None,

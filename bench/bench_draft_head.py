@@ -58,8 +58,8 @@ def run(measure, provider, model, B, mode, dtype, device):
     op = DRAFT_HEAD_ARGMAX if k == 1 else DRAFT_HEAD_TOPK
     auto = op.resolve("auto", example[0].device, example if k == 1 else (*example, k))
     measure(provider_fn(provider, k), vocab * dim * example[0].element_size(), inputs,
-            op=op.name, provider=provider, model=model, B=B, dim=dim, vocab=vocab, k=k,
-            mode=mode, dtype=str(dtype), auto_backend=auto)
+            first=example, op=op.name, provider=provider, model=model, B=B, dim=dim,
+            vocab=vocab, k=k, mode=mode, dtype=str(dtype), auto_backend=auto)
 
 
 @needs_gpu

@@ -35,8 +35,8 @@ def run(measure, provider, model, B, k, source, dtype, device):
                 torch.ones(B, dtype=torch.bool, device=device))
     example = inputs()
     measure(GREEDY_ACCEPT.impls[provider].run, example[1].numel() * example[1].element_size(),
-            inputs, op=GREEDY_ACCEPT.name, provider=provider, model=model, B=B, k=k,
-            vocab=vocab, source=source, dtype=str(dtype),
+            inputs, first=example, op=GREEDY_ACCEPT.name, provider=provider, model=model, B=B,
+            k=k, vocab=vocab, source=source, dtype=str(dtype),
             auto_backend=GREEDY_ACCEPT.resolve("auto", example[0].device, example))
 
 

@@ -29,8 +29,8 @@ def run(measure, provider, model, rows, residual, dtype, device):
                 torch.randn(rows, dim, device=device, dtype=dtype) if residual else None)
     example = inputs()
     nbytes = example[0].element_size() * (rows * dim * (2 + 2 * residual) + dim)
-    measure(RMS_NORM.impls[provider].run, nbytes, inputs, op=RMS_NORM.name, provider=provider,
-            model=model, rows=rows, dim=dim, residual=residual, dtype=str(dtype),
+    measure(RMS_NORM.impls[provider].run, nbytes, inputs, first=example, op=RMS_NORM.name,
+            provider=provider, model=model, rows=rows, dim=dim, residual=residual, dtype=str(dtype),
             auto_backend=RMS_NORM.resolve("auto", example[0].device, example))
 
 

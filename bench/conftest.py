@@ -224,15 +224,16 @@ def _host_seconds(fn, reps=3):
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(fn, nbytes, inputs=None, **info): kernel time and host time of fn.
+    """measure(fn, nbytes, inputs=None, first=None, **info): kernel time and host time of fn.
 
     fn(*args) runs the op once on args = inputs() (a fresh tuple of argument tensors per call:
     new buffers of the same shapes), or fn() when inputs is None (no rotation: L2 is evicted
-    instead). nbytes: the bytes the op must move (what GB/s counts). Records into extra_info:
+    instead); first: a tuple inputs() already made, used as the first copy (no second one of
+    a large set). nbytes: the bytes the op must move (what GB/s counts). Records into extra_info:
     info, bytes, kernel_us, gb_per_s (kernel), host_us, host_gb_per_s, and on a GPU how the
     kernel was timed (timing, calls, input_copies, l2_bytes)."""
-    def run(fn, nbytes, inputs=None, **info):
-        args = tuple(inputs()) if inputs is not None else ()
+    def run(fn, nbytes, inputs=None, first=None, **info):
+        args = tuple(first) if first is not None else tuple(inputs()) if inputs else ()
         on_gpu = torch.cuda.is_available() and (
             inputs is None or any(torch.is_tensor(t) and t.is_cuda for t in args))
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
