@@ -12,7 +12,8 @@ stream W once, from every SM, at HBM bandwidth. Two stages, no host sync, CUDA-g
        logits[b, v] = rstd[b] * sum_d W[v, d] * round(h[b, d] * norm_weight[d])
    with rstd[b] = 1 / sqrt(mean_d h[b, d]^2 + eps), the sum of squares accumulated in the same
    pass over dim (rstd is one scalar per row, so it factors out of the dot). Accumulation is
-   fp32 throughout; round() is to h's dtype, as the model's norm hands lm_head its input.
+   fp32 throughout; round() is to h's dtype, as the model's norm hands lm_head its input (in
+   fp16 this asks |h * norm_weight| < 65504, where the reference asks it of the normed h).
    Two variants (constexpr USE_DOT):
    - FMA (BLOCK_B = 1 or 2, the common decode batch): no tensor cores. Each thread keeps an
      fp32 accumulator per (row, its W elements) and adds w * z elementwise; the reduction over
@@ -23,11 +24,11 @@ stream W once, from every SM, at HBM bandwidth. Two stages, no host sync, CUDA-g
      rows are padded to 16: the padded FLOPs are free (the tensor cores idle at this
      arithmetic intensity) and W is still read once for all rows.
    Each logit and its token id are packed into one int64 key (``_pack``) ordered by (logit,
-   then lower id first); the block's best key (argmax) or its top K_PAD keys (``tl.topk``, a
-   bitonic network in registers) go to PART. Padded rows and tokens are never written / are
-   PAD_KEY.
+   then lower id first); the block's best key (argmax) or its top K_PAD keys (``_top_keys``:
+   tl.topk's bitonic network in registers on a GPU above 8 keys, else rounds of max) go to
+   PART. Padded rows are never written; tokens past the vocabulary are PAD_KEY.
 2. ``_draft_head_merge_kernel``, grid (groups, rows): the top K_PAD of GROUP candidate lists,
-   in one ``tl.max`` (argmax) or ``tl.topk``. Levels repeat on the host until one list is
+   in one ``tl.max`` (argmax) or ``_top_keys``. Levels repeat on the host until one list is
    left (one level for argmax; two for top-64 over a 128K vocabulary); the last unpacks into
    (values, indices). No sort of the vocabulary, no atomics, ties to the lowest id.
 
