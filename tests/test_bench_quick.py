@@ -2,6 +2,7 @@
 argument handling and CPU-testable pieces (bench/roofline.py, bench/gpu_validate[.py],
 bench/routing.py, the kernel timer's plan in bench/conftest.py)."""
 import argparse
+import contextlib
 import csv
 import importlib.util
 import json
@@ -248,3 +249,81 @@ def test_sweep_rejects_bad_grids(stories_path, tmp_path, arg, value):
 def test_sweep_rejects_exit_layer_past_the_model(stories_path, tmp_path):
     with pytest.raises(ValueError, match=r"--exit-layers: expected layers in \[1, 4\]"):
         sweep.main_sweep(_sweep_args(stories_path, tmp_path, exit_layers="2,5"))
+
+
+class _FakeCuda:
+    """Enough of torch.cuda for bench/conftest.kernel_time to run its control flow on a CPU:
+    events read the host clock, streams are no-ops, a capture either succeeds (replay does
+    nothing) or raises (the eager fallback), L2 is 1 MiB."""
+
+    def __init__(self, capture_fails):
+        self.capture_fails = capture_fails
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    class _Stream:
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        def replay(self):
+            pass
+
+    def Stream(self):
+        return self._Stream()
+
+    def current_stream(self):
+        return self._Stream()
+
+    def stream(self, s):
+        return contextlib.nullcontext()
+
+    def graph(self, g):
+        if self.capture_fails:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return contextlib.nullcontext()
+
+    def synchronize(self):
+        pass
+
+    def current_device(self):
+        return 0
+
+    def get_device_properties(self, index):
+        return argparse.Namespace(L2_cache_size=1 << 20)
+
+
+@pytest.mark.parametrize("capture_fails", [False, True], ids=["graph", "eager"])
+@pytest.mark.parametrize("size", [1 << 16, 1 << 8], ids=["rotate", "evict"])
+def test_kernel_time_control_flow_with_a_fake_cuda(monkeypatch, capture_fails, size):
+    monkeypatch.syspath_prepend(str(BENCH))
+    timer = _load("conftest")
+    fake_torch = argparse.Namespace(**{name: getattr(torch, name) for name in dir(torch)
+                                       if not name.startswith("__")})
+    fake_torch.cuda = _FakeCuda(capture_fails)
+    fake_torch.empty = lambda *shape, device=None, **kw: torch.empty(*shape, **kw)
+    monkeypatch.setattr(timer, "torch", fake_torch)
+    ran = []
+
+    def call(args):
+        ran.append(len(args))
+        return args[0] * 2
+
+    inputs = lambda: (torch.ones(size // 4),)  # noqa: E731
+    us, info = timer.kernel_time(call, inputs, inputs())
+    assert us >= 0 and ran and info["l2_bytes"] == 1 << 20
+    copies, rotate = timer.plan(size, 1 << 20, True)
+    assert info["input_copies"] == copies and ("rotating" in info["timing"]) == rotate
+    assert ("capture_failed" in info) == capture_fails
+    assert info["timing"].startswith("eager" if capture_fails else "graph")
