@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TOLERANCES
-from triton_compile import COMPILE_TARGETS, compile_kernel, compiled_in_children, main
+from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
 
 from layerskip_kernels.ops.draft_head import (
     MAX_KERNEL_ROWS,
@@ -285,15 +285,19 @@ COMPILE_CASES = [
     ("partial", "bf16", 8, 128256, 2048, 1, None),  # dot, 128-token blocks, 3 stages
     ("partial", "fp16", 20, 32000, 2048, 9, None),  # dot, 32 rows, top-16 by tl.topk
     ("partial", "fp32", 3, 1001, 100, 5, None),  # dot fp32 (ieee), masked dim tail
+    ("partial", "fp32", 64, 32000, 4096, 1, None),  # dot fp32, 64 rows: BLOCK_D 16
     ("merge", 1, 1024, True, False),
     ("merge", 8, 256, False, False),
     ("merge", 64, 32, False, True),
     ("merge", 9, 64, True, True),
 ]
+# Odd dims are test shapes (no Llama has one): their unaligned rows may spill a few bytes.
+SPILLS_ALLOWED = {("partial", "fp32", 3, 1001, 100, 5, None)}
 
 
 def compile_cases(capability):
-    """Run in the child (see triton_compile): compile every COMPILE_CASES entry."""
+    """Run in the child (see triton_compile): compile every COMPILE_CASES entry, with the
+    pointers and strides aligned as the launcher specializes them on Llama shapes."""
     import triton
 
     from layerskip_kernels.triton import draft_head as mod
@@ -309,15 +313,17 @@ def compile_cases(capability):
             constexprs = dict(DIM=dim, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                               UPCAST_DOT=False, SORT_NETWORK=config["K_PAD"] > 8, **config)
             types = dict(H=f"*{dtype}", NW=f"*{dtype}", W=f"*{dtype}", PART="*i64", eps="fp32")
-            results[key] = compile_kernel(mod._draft_head_partial_kernel, types, constexprs,
-                                          capability, num_warps)
+            aligned = ["H", "NW", "W", "PART"] + (["stride_h", "stride_w"] if dim % 16 == 0
+                                                   else [])
+            results[key] = compile_report(mod._draft_head_partial_kernel, types, constexprs,
+                                          capability, num_warps, aligned=aligned)
         else:
             _, k, group, final, network = case
             constexprs = dict(K=k, K_PAD=triton.next_power_of_2(k), GROUP=group, FINAL=final,
                               SORT_NETWORK=network)
             types = dict(PART="*i64", OUT="*i64", VALUES="*fp32", INDICES="*i64")
-            results[key] = compile_kernel(mod._draft_head_merge_kernel, types, constexprs,
-                                          capability, 4)
+            results[key] = compile_report(mod._draft_head_merge_kernel, types, constexprs,
+                                          capability, 4, aligned=list(types))
     return results
 
 
@@ -329,7 +335,11 @@ def compiled():
 @pytest.mark.parametrize("capability", COMPILE_TARGETS)
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_kernel_compiles_for_gpu(case, capability, compiled):
-    assert compiled["-".join(map(str, case)) + f"-sm{capability}"] == "ok"
+    """Every config compiles, and none spills registers (its stack frame is empty)."""
+    report = compiled["-".join(map(str, case)) + f"-sm{capability}"]
+    assert report["status"] == "ok"
+    if case not in SPILLS_ALLOWED:
+        assert report["stack_bytes"] in (0, None), f"spills: {report}"
 
 
 # ---------------------------------------------------------------- argument guards

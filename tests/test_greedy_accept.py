@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from triton_compile import COMPILE_TARGETS, compile_kernel, compiled_in_children, main
+from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
 
 from layerskip_kernels.decoding.self_speculative import accept
 from layerskip_kernels.ops.greedy_accept import greedy_accept, greedy_accept_reference
@@ -187,9 +187,11 @@ def compile_cases(capability):
         if case[0] == "partial":
             _, dtype, k, vocab, rows = case
             bv = mod.block_v(vocab, rows)
-            results[key] = compile_kernel(
+            aligned = ["VERIFY", "PART", "stride_vb", "stride_vk"] + (
+                ["vocab"] if vocab % 16 == 0 else [])
+            results[key] = compile_report(
                 mod._verify_argmax_partial_kernel, dict(VERIFY=f"*{dtype}", PART="*i64"),
-                dict(K1=k + 1, BLOCK_V=bv), capability, 4 if bv <= 4096 else 8)
+                dict(K1=k + 1, BLOCK_V=bv), capability, 4 if bv <= 4096 else 8, aligned=aligned)
         else:
             _, k, blocks = case
             types = dict(DRAFTS="*i64", VERIFY="*i64", SEQLENS="*i32", ACTIVE="*u8",
@@ -197,8 +199,8 @@ def compile_cases(capability):
             constexprs = dict(K=k, BLOCK_K=triton.next_power_of_2(k + 1),
                               BLOCKS_PAD=triton.next_power_of_2(max(blocks, 1)),
                               FROM_PARTIAL=blocks > 0)
-            results[key] = compile_kernel(mod._greedy_accept_kernel, types, constexprs,
-                                          capability, 4)
+            results[key] = compile_report(mod._greedy_accept_kernel, types, constexprs,
+                                          capability, 4, aligned=list(types))
     return results
 
 
@@ -210,7 +212,9 @@ def compiled():
 @pytest.mark.parametrize("capability", COMPILE_TARGETS)
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_kernel_compiles_for_gpu(case, capability, compiled):
-    assert compiled["-".join(map(str, case)) + f"-sm{capability}"] == "ok"
+    report = compiled["-".join(map(str, case)) + f"-sm{capability}"]
+    assert report["status"] == "ok"
+    assert report["stack_bytes"] in (0, None), f"spills: {report}"
 
 
 # ---------------------------------------------------------------- argument guards

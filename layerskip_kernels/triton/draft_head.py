@@ -227,6 +227,8 @@ def launch_config(n_rows, vocab, dim, k, element_size=2, n_sm=DEFAULT_SMS, varia
       in flight).
     - dot (more rows, padded to 16..64): BLOCK_V 128 where that gives >= 4 blocks per SM, else
       64 (Hopper's wgmma takes M = 64 per warp group); BLOCK_D spans 256 bytes of a weight row.
+      In fp32 the dot is exact FMAs on registers (no tensor cores): BLOCK_D 32 (16 past 16
+      rows) and 8 warps, so that it does not spill.
     K_PAD (a power of 2 >= k) <= BLOCK_V.
     """
     k_pad = triton.next_power_of_2(k)
@@ -241,14 +243,17 @@ def launch_config(n_rows, vocab, dim, k, element_size=2, n_sm=DEFAULT_SMS, varia
         return dict(USE_DOT=False, BLOCK_B=triton.next_power_of_2(min(n_rows, FMA_MAX_ROWS)),
                     BLOCK_V=block_v, BLOCK_D=min(4096 // block_v, 512 // element_size, dim_pad),
                     K_PAD=k_pad, num_warps=4, NUM_STAGES=num_stages or 4)
-    block_d = min(256 // element_size, dim_pad)
-    if block_v is None:
-        block_v = 128 if triton.cdiv(vocab, 128) >= 4 * n_sm else 64
-    block_v = max(block_v, k_pad)
     block_b = min(max(16, triton.next_power_of_2(n_rows)), MAX_DOT_ROWS)
+    if block_v is None:
+        block_v = 128 if triton.cdiv(vocab, 128) >= 4 * n_sm and element_size == 2 else 64
+    block_v = max(block_v, k_pad)
+    num_warps = 8 if block_v * block_b >= 8192 else 4
+    block_d = min(256 // element_size, dim_pad)
+    if element_size == 4:  # an fp32 ("ieee") dot is FMAs on registers: thinner K, 8 warps
+        block_d, num_warps = min(32 if block_b <= 16 else 16, dim_pad), 8
     stages = num_stages or (3 if block_v * block_d * element_size >= 32768 else 4)
     return dict(USE_DOT=True, BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_D=block_d, K_PAD=k_pad,
-                num_warps=8 if block_v * block_b >= 8192 else 4, NUM_STAGES=stages)
+                num_warps=num_warps, NUM_STAGES=stages)
 
 
 def merge_group(k_pad, n_lists, merge_keys=None):
