@@ -313,7 +313,7 @@ def test_path_of_the_wrong_type(path):
 def fake_hf_cache(monkeypatch, cache, repo_id, files):
     """The HF hub cache layout: blobs, a snapshot of symlinks into them, refs/main. files maps
     a name in the snapshot to the file whose bytes it holds."""
-    import huggingface_hub
+    import huggingface_hub.constants
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"
     snapshot = repo / "snapshots" / commit

@@ -18,7 +18,7 @@ from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.model.checkpoint import DEFAULT_MODEL
 from layerskip_kernels.training import new_model
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import DATA  # noqa: E402
 TINY = dict(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=48,
             max_seq_len=32)
 BIG_TOKENIZER = DEFAULT_MODEL / "tokenizer.json"  # 2048 tokens, more than TINY's 64

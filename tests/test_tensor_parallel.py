@@ -138,7 +138,8 @@ def models(tmp_path_factory, stories_path_or_none):
 
 @pytest.fixture(scope="module")
 def stories_path_or_none():
-    path = ROOT.parent / "shared" / "data" / "stories260K.bin"  # as conftest's DATA
+    from conftest import DATA
+    path = DATA / "stories260K.bin"
     return path if path.exists() else None
 
 
