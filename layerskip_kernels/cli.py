@@ -544,6 +544,16 @@ def _subparser(sub, name, help, description=None):
     return p
 
 
+def _add_timing_args(p, repeats):
+    """--repeats, --warmup, --threads: how compare, bench and sweep time their runs."""
+    p.add_argument("--repeats", metavar="N",
+                   type=int_at_least(1), default=repeats, help="timed runs of each")
+    p.add_argument("--warmup", metavar="N",
+                   type=int_at_least(0), default=1, help="untimed runs first")
+    p.add_argument("--threads", metavar="N", type=int_at_least(1),
+                   help="torch CPU threads (default: torch's choice)")
+
+
 def build_parser():
     parser = _Parser(prog="layerskip", description=__doc__, formatter_class=_TopHelpFormatter)
     parser.add_argument("--version", action="version", version=f"layerskip {__version__}")
@@ -595,12 +605,7 @@ def build_parser():
     p.add_argument("--num-speculations", metavar="K", type=speculations,
                    help="k or 'auto' (default: the model's recommendation, else "
                    f"{DEFAULT_NUM_SPECULATIONS})")
-    p.add_argument("--repeats", metavar="N",
-                   type=int_at_least(1), default=3, help="timed runs of each")
-    p.add_argument("--warmup", metavar="N",
-                   type=int_at_least(0), default=1, help="untimed runs first")
-    p.add_argument("--threads", metavar="N", type=int_at_least(1),
-                   help="torch CPU threads (default: torch's choice)")
+    _add_timing_args(p, repeats=3)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_compare)
 
@@ -615,12 +620,7 @@ def build_parser():
                    help="a text file, one prompt per line (default: BOS only)")
     p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=200,
                    help="new tokens per prompt")
-    p.add_argument("--repeats", metavar="N",
-                   type=int_at_least(1), default=5, help="timed runs of each")
-    p.add_argument("--warmup", metavar="N",
-                   type=int_at_least(0), default=1, help="untimed runs first")
-    p.add_argument("--threads", metavar="N", type=int_at_least(1),
-                   help="torch CPU threads (default: torch's choice)")
+    _add_timing_args(p, repeats=5)
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' runs")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="our runs step eagerly (default: replay captured steps on CUDA)")
@@ -645,12 +645,7 @@ def build_parser():
                    default="1,2,4,8", help="comma list of draft lengths k")
     p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=200,
                    help="new tokens per prompt")
-    p.add_argument("--repeats", metavar="N",
-                   type=int_at_least(1), default=5, help="timed runs of each")
-    p.add_argument("--warmup", metavar="N",
-                   type=int_at_least(0), default=1, help="untimed runs first")
-    p.add_argument("--threads", metavar="N", type=int_at_least(1),
-                   help="torch CPU threads (default: torch's choice)")
+    _add_timing_args(p, repeats=5)
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="step eagerly (default: replay captured steps on CUDA)")
     p.add_argument("--output", metavar="DIR", required=True,
