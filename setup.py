@@ -94,8 +94,41 @@ class NinjaBuildExt(build_ext):
         shutil.copyfile(target, out)
 
 
+# ---------------------------------------------------------------- layerskip_kernels._cpu
+# The CPU kernels (csrc/cpu/*.cpp + python/cpu_bindings.cpp): torch-free pybind11 built by the
+# host C++ compiler through setuptools itself, with or without nvcc. csrc/cpu/llama_layer.cpp
+# compiles its kernels for AVX-512, AVX2 and the baseline and picks one at run time, so no
+# -march flag is needed (the wheel runs on any x86-64 or aarch64 machine).
+def cpu_extensions():
+    """[the _cpu Extension], or [] when pybind11 is missing (a plain `setup.py` run outside
+    pip's isolated build; the ops then fall back to their PyTorch references)."""
+    import sys
+
+    try:
+        from pybind11.setup_helpers import Pybind11Extension
+    except ImportError:
+        print("warning: pybind11 is not installed: layerskip_kernels._cpu is not built")
+        return []
+    flags = ["/O2"] if sys.platform == "win32" else ["-O3", "-ffp-contract=fast", "-Wno-psabi"]
+    return [Pybind11Extension(
+        "layerskip_kernels._cpu",
+        [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("csrc/cpu/*.cpp"))]
+        + ["python/cpu_bindings.cpp"],
+        include_dirs=["csrc/cpu"], cxx_std=17, extra_compile_args=flags,
+        extra_link_args=[] if sys.platform == "win32" else ["-pthread"])]
+
+
+class BuildExt(NinjaBuildExt):
+    """_C through nvcc and ninja (NinjaBuildExt), _cpu through setuptools' own C++ build."""
+
+    def build_extension(self, ext):
+        if ext.name == "layerskip_kernels._cpu":
+            return build_ext.build_extension(self, ext)
+        return super().build_extension(ext)
+
+
 ext_modules = []
 if find_nvcc():
     ext_modules.append(Extension("layerskip_kernels._C", [str(p.relative_to(ROOT)) for p in SOURCES]))
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": NinjaBuildExt})
+setup(ext_modules=ext_modules + cpu_extensions(), cmdclass={"build_ext": BuildExt})

@@ -1,0 +1,358 @@
+// The layer's kernels, written once for W float lanes (simd.h). llama_layer.cpp includes this
+// file once per instruction set inside namespace lsk_cpu::<isa>, after simd.h, with LSK_W and
+// LSK_FN defined. Shapes and buffers are in the contract of llama_layer.h and the Plan below;
+// every index is int64_t.
+
+// ---------------------------------------------------------------- matmul: out = y @ w^T
+// One tile: R weight rows x C tokens, R * C == W accumulators (one vector each, W lanes of
+// partial sums along k), reduced to one vector of R * C sums at the end. w rows are ldw floats
+// apart (contiguous, nn.Linear layout); y rows ldy apart and zero-padded up to a multiple of W,
+// so only the weights need a partial load at a k tail. Rows at or past n_end are neither read
+// (clamped) nor written. add: out += result (the residual add of o_proj), else out = result.
+template <int R, int C>
+LSK_INL void matmul_tile(const float* w, int64_t ldw, int64_t K, int64_t n0, int64_t n_end,
+                         const float* y, int64_t ldy, float* out, int64_t ldo, bool add) {
+  static_assert(R * C == W, "a tile fills one vector of sums");
+  const float* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r < n_end ? n0 + r : n_end - 1) * ldw;
+  vf acc[W];
+  for (int i = 0; i < W; ++i) acc[i] = vf{};
+  const int64_t full = K - K % W;
+  for (int64_t k = 0; k < full; k += W) {
+    vf yv[C];
+    for (int c = 0; c < C; ++c) yv[c] = loadu(y + c * ldy + k);
+    for (int r = 0; r < R; ++r) {
+      const vf wv = loadu(wr[r] + k);
+      for (int c = 0; c < C; ++c) acc[c * R + r] += wv * yv[c];
+    }
+  }
+  if (full < K) {
+    const int tail = static_cast<int>(K - full);
+    vf yv[C];
+    for (int c = 0; c < C; ++c) yv[c] = loadu(y + c * ldy + full);
+    for (int r = 0; r < R; ++r) {
+      const vf wv = load_part(wr[r] + full, tail);
+      for (int c = 0; c < C; ++c) acc[c * R + r] += wv * yv[c];
+    }
+  }
+  const vf s = reduce_lanes(acc);
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r)
+      if (n0 + r < n_end) {
+        float* o = out + c * ldo + n0 + r;
+        *o = add ? *o + s[c * R + r] : s[c * R + r];
+      }
+}
+
+// out[t, n] (+)= y[t, :K] . w[n, :K] for t < T, n in [n_begin, n_end). Each panel of W weight
+// rows is read from memory once and then served from L1 to every tile of tokens (4 at a time,
+// then 2, then 1), so the weights stream once per call whatever T is.
+LSK_INL void matmul(const float* w, int64_t K, int64_t n_begin, int64_t n_end, const float* y,
+                    int64_t ldy, int64_t T, float* out, int64_t ldo, bool add) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += W) {
+    const int64_t pend = n0 + W < n_end ? n0 + W : n_end;
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4)
+      for (int64_t r0 = n0; r0 < pend; r0 += W / 4)
+        matmul_tile<W / 4, 4>(w, K, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
+    if (T - t >= 2) {
+      for (int64_t r0 = n0; r0 < pend; r0 += W / 2)
+        matmul_tile<W / 2, 2>(w, K, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
+      t += 2;
+    }
+    if (T - t == 1) matmul_tile<W, 1>(w, K, K, n0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
+  }
+}
+
+// ---------------------------------------------------------------- elementwise
+// y[:dim] = h * (1 / sqrt(mean(h^2) + eps)) * weight, y zero-padded to ldy (a multiple of W).
+LSK_INL void rms_norm_row(const float* h, const float* weight, int64_t dim, float eps, float* y,
+                          int64_t ldy) {
+  vf ss0 = {}, ss1 = {};
+  int64_t j = 0;
+  for (; j + 2 * W <= dim; j += 2 * W) {
+    const vf a = loadu(h + j), b = loadu(h + j + W);
+    ss0 += a * a;
+    ss1 += b * b;
+  }
+  for (; j < dim; j += W) {
+    const vf a = j + W <= dim ? loadu(h + j) : load_part(h + j, static_cast<int>(dim - j));
+    ss0 += a * a;
+  }
+  const float r = 1.0f / std::sqrt(hsum(ss0 + ss1) / static_cast<float>(dim) + eps);
+  for (j = 0; j + W <= dim; j += W) storeu(y + j, loadu(h + j) * r * loadu(weight + j));
+  if (j < dim) {
+    const int n = static_cast<int>(dim - j);
+    storeu(y + j, load_part(h + j, n) * r * load_part(weight + j, n));  // zeros past dim
+    j += W;
+  }
+  for (; j < ldy; j += W) storeu(y + j, vf{});
+}
+
+// Llama's half rotation of one head vector x (D floats) into out (may be x):
+// out[j] = x[j] cos[j] - x[j + D/2] sin[j], out[j + D/2] = x[j + D/2] cos[j] + x[j] sin[j].
+LSK_INL void rope_row(const float* x, float* out, const float* cos, const float* sin,
+                      int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t j = 0; j < half; j += W) {
+    const int n = static_cast<int>(half - j < W ? half - j : W);
+    const bool whole = n == W;
+    const vf x1 = whole ? loadu(x + j) : load_part(x + j, n);
+    const vf x2 = whole ? loadu(x + half + j) : load_part(x + half + j, n);
+    const vf c = whole ? loadu(cos + j) : load_part(cos + j, n);
+    const vf s = whole ? loadu(sin + j) : load_part(sin + j, n);
+    const vf o1 = x1 * c - x2 * s, o2 = x2 * c + x1 * s;
+    if (whole) {
+      storeu(out + j, o1);
+      storeu(out + half + j, o2);
+    } else {
+      store_part(out + j, o1, n);
+      store_part(out + half + j, o2, n);
+    }
+  }
+}
+
+// act[:H] = silu(gate) * up, act zero-padded to lda; gate and up are H floats each.
+LSK_INL void silu_mul_row(const float* gate, const float* up, int64_t begin, int64_t end,
+                          float* act) {
+  for (int64_t j = begin; j < end; j += W) {
+    const int n = static_cast<int>(end - j < W ? end - j : W);
+    const vf g = n == W ? loadu(gate + j) : load_part(gate + j, n);
+    const vf u = n == W ? loadu(up + j) : load_part(up + j, n);
+    const vf v = g / (1.0f + vexp(-g)) * u;
+    if (n == W) storeu(act + j, v); else store_part(act + j, v, n);
+  }
+}
+
+// ---------------------------------------------------------------- attention
+// Scores of QC queries against one block of W keys held transposed (kt[d * W + lane]): QC
+// independent FMA chains over d.
+template <int QC>
+LSK_INL void score_block(const float* const* q, const float* kt, int64_t D, vf* s) {
+  for (int c = 0; c < QC; ++c) s[c] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vf k = loadu(kt + d * W);
+    for (int c = 0; c < QC; ++c) s[c] += q[c][d] * k;
+  }
+}
+
+// acc(dlen floats, NV vectors) = sum_{j < keys} p[j] * v[j * vstride + :dlen]; out = acc * inv.
+// Two accumulators per vector (even and odd keys) keep 2 NV FMA chains in flight.
+template <int NV>
+LSK_INL void pv_chunk(const float* p, int64_t keys, const float* v, int64_t vstride, int64_t dlen,
+                      float inv, float* out) {
+  vf a0[NV], a1[NV];
+  for (int u = 0; u < NV; ++u) a0[u] = a1[u] = vf{};
+  const bool whole = dlen == NV * W;
+  const int last = static_cast<int>(dlen - (NV - 1) * W);  // lanes of the last vector
+  int64_t j = 0;
+  if (whole) {
+    for (; j + 2 <= keys; j += 2) {
+      const float* r0 = v + j * vstride;
+      const float* r1 = r0 + vstride;
+      for (int u = 0; u < NV; ++u) {
+        a0[u] += p[j] * loadu(r0 + u * W);
+        a1[u] += p[j + 1] * loadu(r1 + u * W);
+      }
+    }
+  }
+  for (; j < keys; ++j) {
+    const float* r = v + j * vstride;
+    for (int u = 0; u < NV; ++u)
+      a0[u] += p[j] * (whole || u < NV - 1 ? loadu(r + u * W) : load_part(r + u * W, last));
+  }
+  for (int u = 0; u < NV; ++u) {
+    const vf o = (a0[u] + a1[u]) * inv;
+    if (whole || u < NV - 1) storeu(out + u * W, o); else store_part(out + u * W, o, last);
+  }
+}
+
+// One (row b, KV head g): RoPE, the cache write of the S new keys / values, then the G x S
+// queries of the group against keys [0, L + S): scores for all keys (bottom-right causal mask),
+// an exact two-pass softmax in fp32, then P @ V. Keys past each query's position get weight
+// exactly 0 and are never read by P @ V; slots at or past L + S are never read at all.
+LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, float* kt, int64_t b,
+                          int64_t g) {
+  const int64_t S = a.seqlen, D = a.head_dim, Hq = a.heads_q, Hkv = a.heads_kv, G = Hq / Hkv;
+  const int64_t L = a.cache_seqlens[b], keys = L + S;
+  float* kc = a.k_cache + b * a.k_strides[0] + g * a.k_strides[2];
+  float* vc = a.v_cache + b * a.v_strides[0] + g * a.v_strides[2];
+  for (int64_t i = 0; i < S; ++i) {
+    float* row = p.qkv + (b * S + i) * p.ldqkv;
+    const float* k = row + Hq * D + g * D;
+    const float* v = row + (Hq + Hkv) * D + g * D;
+    float* kdst = kc + (L + i) * a.k_strides[1];
+    if (a.rotary_cos != nullptr) {
+      const float* cos = a.rotary_cos + (L + i) * a.cos_stride;
+      const float* sin = a.rotary_sin + (L + i) * a.sin_stride;
+      rope_row(k, kdst, cos, sin, D);
+      for (int64_t hh = 0; hh < G; ++hh) {
+        float* q = row + (g * G + hh) * D;
+        rope_row(q, q, cos, sin, D);
+      }
+    } else {
+      std::memcpy(kdst, k, D * sizeof(float));
+    }
+    std::memcpy(vc + (L + i) * a.v_strides[1], v, D * sizeof(float));
+  }
+
+  // Scores: query qi = hh * S + i (head g * G + hh, new position i) sees keys [0, L + i].
+  const int64_t nq = G * S, lds = (keys + W - 1) / W * W;
+  vi lane;
+  for (int l = 0; l < W; ++l) lane[l] = l;
+  for (int64_t j0 = 0; j0 < keys; j0 += W) {
+    const int nj = static_cast<int>(keys - j0 < W ? keys - j0 : W);
+    if (nj < W) std::memset(kt, 0, D * W * sizeof(float));
+    for (int l = 0; l < nj; ++l) {
+      const float* k = kc + (j0 + l) * a.k_strides[1];
+      for (int64_t d = 0; d < D; ++d) kt[d * W + l] = k[d];
+    }
+    const vi key = lane + static_cast<int32_t>(j0);
+    for (int64_t q0 = 0; q0 < nq; q0 += 4) {
+      const int n = static_cast<int>(nq - q0 < 4 ? nq - q0 : 4);
+      const float* qs[4];
+      vf s[4];
+      for (int c = 0; c < n; ++c)
+        qs[c] = p.qkv + (b * S + (q0 + c) % S) * p.ldqkv + (g * G + (q0 + c) / S) * D;
+      switch (n) {
+        case 4: score_block<4>(qs, kt, D, s); break;
+        case 3: score_block<3>(qs, kt, D, s); break;
+        case 2: score_block<2>(qs, kt, D, s); break;
+        default: score_block<1>(qs, kt, D, s); break;
+      }
+      for (int c = 0; c < n; ++c) {
+        const int64_t qi = q0 + c;
+        const vi hidden = key > isplat(static_cast<int32_t>(L + qi % S));
+        storeu(scores + qi * lds + j0,
+               select(hidden, splat(-__builtin_inff()), s[c] * a.softmax_scale));
+      }
+    }
+  }
+
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int64_t i = qi % S, visible = L + i + 1;
+    float* sc = scores + qi * lds;
+    vf m = splat(-__builtin_inff());
+    for (int64_t j = 0; j < visible; j += W) {
+      const vi shown = lane + static_cast<int32_t>(j) < isplat(static_cast<int32_t>(visible));
+      m = vmax(m, select(shown, loadu(sc + j), splat(-__builtin_inff())));
+    }
+    const float mx = hmax(m);
+    vf sum = {};
+    for (int64_t j = 0; j < visible; j += W) {
+      const vi shown = lane + static_cast<int32_t>(j) < isplat(static_cast<int32_t>(visible));
+      const vf e = select(shown, vexp(loadu(sc + j) - mx), vf{});
+      storeu(sc + j, e);
+      sum += e;
+    }
+    const float inv = 1.0f / hsum(sum);
+    float* out = p.attn + (b * S + i) * p.lda + (g * G + qi / S) * D;
+    for (int64_t d0 = 0; d0 < D; d0 += 4 * W) {
+      const int64_t dlen = D - d0 < 4 * W ? D - d0 : 4 * W;
+      const float* v = vc + d0;
+      switch ((dlen + W - 1) / W) {
+        case 4: pv_chunk<4>(sc, visible, v, a.v_strides[1], dlen, inv, out + d0); break;
+        case 3: pv_chunk<3>(sc, visible, v, a.v_strides[1], dlen, inv, out + d0); break;
+        case 2: pv_chunk<2>(sc, visible, v, a.v_strides[1], dlen, inv, out + d0); break;
+        default: pv_chunk<1>(sc, visible, v, a.v_strides[1], dlen, inv, out + d0); break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- the layer, SPMD
+// Every thread of the team runs this with its tid; work is split in panels of W rows so that
+// each output element has one writer. Four barriers: after attention (o_proj reads every head),
+// after o_proj (the norm reads whole rows of h), after gate/up, and the caller's join. The
+// norms are recomputed by every thread (a few thousand flops) instead of adding barriers.
+LSK_FN void layer(const LayerArgs& a, const Plan& p, const Team& team) {
+  const int64_t T = p.T, dim = a.dim, D = a.head_dim, Hq = a.heads_q, Hkv = a.heads_kv;
+  const int64_t G = Hq / Hkv, H = a.hidden;
+  float* y = p.y[team.tid];
+  const Range cols = team.split(dim, W);  // this thread's columns of h, o_proj and down
+
+  // h = x + residual (own columns), y = rms_norm(h) (all of it, privately)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* x = a.x + t * a.x_row;
+    float* h = a.h + t * dim;
+    float* yt = y + t * p.ldd;
+    if (a.residual != nullptr) {
+      const float* r = a.residual + t * a.residual_row;
+      for (int64_t j = 0; j < dim; ++j) yt[j] = x[j] + r[j];  // h, staged in y
+    } else {
+      std::memcpy(yt, x, dim * sizeof(float));
+    }
+    std::memcpy(h + cols.begin, yt + cols.begin, (cols.end - cols.begin) * sizeof(float));
+    rms_norm_row(yt, a.w_in, dim, a.eps, yt, p.ldd);
+  }
+
+  // q, k, v and attention: by KV head when there are enough for the team, else in two phases.
+  const int64_t qrows = G * D;
+  if (Hkv >= team.nt) {
+    const Range heads = team.split(Hkv, 1);
+    for (int64_t g = heads.begin; g < heads.end; ++g) {
+      const int64_t q0 = g * qrows, k0 = Hq * D + g * D, v0 = (Hq + Hkv) * D + g * D;
+      matmul(a.w_qkv, dim, q0, q0 + qrows, y, p.ldd, T, p.qkv, p.ldqkv, false);
+      matmul(a.w_qkv, dim, k0, k0 + D, y, p.ldd, T, p.qkv, p.ldqkv, false);
+      matmul(a.w_qkv, dim, v0, v0 + D, y, p.ldd, T, p.qkv, p.ldqkv, false);
+      for (int64_t b = 0; b < a.batch; ++b)
+        attend_group(a, p, p.scores[team.tid], p.keys[team.tid], b, g);
+    }
+  } else {
+    const Range rows = team.split((Hq + 2 * Hkv) * D, W);
+    matmul(a.w_qkv, dim, rows.begin, rows.end, y, p.ldd, T, p.qkv, p.ldqkv, false);
+    team.sync();
+    const Range pairs = team.split(a.batch * Hkv, 1);
+    for (int64_t bg = pairs.begin; bg < pairs.end; ++bg)
+      attend_group(a, p, p.scores[team.tid], p.keys[team.tid], bg / Hkv, bg % Hkv);
+  }
+  team.sync();
+
+  // h += attn @ w_o^T (own columns)
+  matmul(a.w_o, Hq * D, cols.begin, cols.end, p.attn, p.lda, T, a.h, dim, true);
+  team.sync();
+
+  // y = rms_norm(h); gate, up = y @ w_gate_up^T; act = silu(gate) * up (own hidden units)
+  for (int64_t t = 0; t < T; ++t) rms_norm_row(a.h + t * dim, a.w_post, dim, a.eps, y + t * p.ldd, p.ldd);
+  const Range units = team.split(H, W);
+  matmul(a.w_gate_up, dim, units.begin, units.end, y, p.ldd, T, p.gate_up, p.ldgu, false);
+  matmul(a.w_gate_up, dim, H + units.begin, H + units.end, y, p.ldd, T, p.gate_up, p.ldgu, false);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* gu = p.gate_up + t * p.ldgu;
+    silu_mul_row(gu, gu + H, units.begin, units.end, p.act + t * p.ldact);
+  }
+  team.sync();
+
+  // delta = act @ w_down^T (own columns)
+  matmul(a.w_down, H, cols.begin, cols.end, p.act, p.ldact, T, a.delta, dim, false);
+}
+
+// ---------------------------------------------------------------- the draft head
+// tokens[r] = argmax_v lm_head[v] . (rms_norm(h[r]) * norm_weight), the first of equal maxima.
+// One matmul panel of W vocabulary rows at a time into a small logits buffer (never the full
+// vocabulary), then a running argmax over it; the team splits the vocabulary and the caller
+// merges the per-thread winners (lowest index on ties).
+LSK_FN void head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
+                        const float* norm_weight, float eps, const float* lm_head, float* y, int64_t ldy, float* logits, int64_t begin, int64_t end,
+                        int64_t* best_index, float* best_value) {
+  for (int64_t r = 0; r < rows; ++r) rms_norm_row(h + r * h_row, norm_weight, dim, eps, y + r * ldy, ldy);
+  for (int64_t r = 0; r < rows; ++r) {
+    best_index[r] = begin;
+    best_value[r] = -__builtin_inff();
+  }
+  const int64_t panel = 16 * W;
+  for (int64_t v0 = begin; v0 < end; v0 += panel) {
+    const int64_t v1 = v0 + panel < end ? v0 + panel : end;
+    matmul(lm_head + v0 * dim, dim, 0, v1 - v0, y, ldy, rows, logits, panel, false);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* l = logits + r * panel;
+      for (int64_t v = v0; v < v1; ++v) {
+        const float x = l[v - v0];
+        if (x > best_value[r]) {
+          best_value[r] = x;
+          best_index[r] = v;
+        }
+      }
+    }
+  }
+}
