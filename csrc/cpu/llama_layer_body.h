@@ -9,7 +9,9 @@
 // apart (contiguous, nn.Linear layout); y rows ldy apart and zero-padded up to a multiple of W,
 // so only the weights need a partial load at a k tail. Rows at or past n_end are neither read
 // (clamped) nor written. add: out += result (the residual add of o_proj), else out = result.
-template <int R, int C>
+// Tail: K is no multiple of W (a separate instantiation, so that the common case carries no
+// partial-load code, whose library call would make the compiler spill the accumulators).
+template <int R, int C, bool Tail>
 LSK_INL void matmul_tile(const float* w, int64_t ldw, int64_t K, int64_t n0, int64_t n_end,
                          const float* y, int64_t ldy, float* out, int64_t ldo, bool add) {
   static_assert(R * C == W, "a tile fills one vector of sums");
@@ -26,7 +28,7 @@ LSK_INL void matmul_tile(const float* w, int64_t ldw, int64_t K, int64_t n0, int
       for (int c = 0; c < C; ++c) acc[c * R + r] += wv * yv[c];
     }
   }
-  if (full < K) {
+  if (Tail && full < K) {
     const int tail = static_cast<int>(K - full);
     vf yv[C];
     for (int c = 0; c < C; ++c) yv[c] = loadu(y + c * ldy + full);
@@ -35,13 +37,31 @@ LSK_INL void matmul_tile(const float* w, int64_t ldw, int64_t K, int64_t n0, int
       for (int c = 0; c < C; ++c) acc[c * R + r] += wv * yv[c];
     }
   }
-  const vf s = reduce_lanes(acc);
-  for (int c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r)
-      if (n0 + r < n_end) {
-        float* o = out + c * ldo + n0 + r;
-        *o = add ? *o + s[c * R + r] : s[c * R + r];
+  float s[W];
+  storeu(s, reduce_lanes(acc));
+  const int rows = n0 + R <= n_end ? R : static_cast<int>(n_end - n0);
+  for (int c = 0; c < C; ++c) {
+    float* o = out + c * ldo + n0;
+    const float* sc = s + c * R;
+    if (rows == R) {  // fixed trip counts: the compiler turns these into vector moves
+      if (add) {
+        for (int r = 0; r < R; ++r) o[r] += sc[r];
+      } else {
+        for (int r = 0; r < R; ++r) o[r] = sc[r];
       }
+    } else {
+      for (int r = 0; r < rows; ++r) o[r] = add ? o[r] + sc[r] : sc[r];
+    }
+  }
+}
+
+template <int R, int C>
+LSK_INL void matmul_tile_any(const float* w, int64_t K, int64_t n0, int64_t n_end,
+                             const float* y, int64_t ldy, float* out, int64_t ldo, bool add) {
+  if (K % W == 0)
+    matmul_tile<R, C, false>(w, K, K, n0, n_end, y, ldy, out, ldo, add);
+  else
+    matmul_tile<R, C, true>(w, K, K, n0, n_end, y, ldy, out, ldo, add);
 }
 
 // out[t, n] (+)= y[t, :K] . w[n, :K] for t < T, n in [n_begin, n_end). Each panel of W weight
@@ -54,13 +74,14 @@ LSK_INL void matmul(const float* w, int64_t K, int64_t n_begin, int64_t n_end, c
     int64_t t = 0;
     for (; t + 4 <= T; t += 4)
       for (int64_t r0 = n0; r0 < pend; r0 += W / 4)
-        matmul_tile<W / 4, 4>(w, K, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
+        matmul_tile_any<W / 4, 4>(w, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
     if (T - t >= 2) {
       for (int64_t r0 = n0; r0 < pend; r0 += W / 2)
-        matmul_tile<W / 2, 2>(w, K, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
+        matmul_tile_any<W / 2, 2>(w, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
       t += 2;
     }
-    if (T - t == 1) matmul_tile<W, 1>(w, K, K, n0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
+    if (T - t == 1)
+      matmul_tile_any<W, 1>(w, K, n0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
   }
 }
 
@@ -136,6 +157,22 @@ LSK_INL void score_block(const float* const* q, const float* kt, int64_t D, vf* 
   }
 }
 
+// Scores of one query against W keys (rows j0 .. j0 + nj - 1, kstride apart; lanes past nj
+// repeat key j0 and are masked by the caller): W dot products of D floats (D a multiple of W),
+// reduced together. Cheaper than a transposed block when few queries share it.
+LSK_INL vf score_dot(const float* q, const float* kc, int64_t kstride, int64_t j0, int nj,
+                     int64_t D) {
+  const float* k[W];
+  for (int l = 0; l < W; ++l) k[l] = kc + (j0 + (l < nj ? l : 0)) * kstride;
+  vf acc[W];
+  for (int l = 0; l < W; ++l) acc[l] = vf{};
+  for (int64_t d = 0; d < D; d += W) {
+    const vf qv = loadu(q + d);
+    for (int l = 0; l < W; ++l) acc[l] += qv * loadu(k[l] + d);
+  }
+  return reduce_lanes(acc);
+}
+
 // acc(dlen floats, NV vectors) = sum_{j < keys} p[j] * v[j * vstride + :dlen]; out = acc * inv.
 // Two accumulators per vector (even and odd keys) keep 2 NV FMA chains in flight.
 template <int NV>
@@ -200,14 +237,27 @@ LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, floa
   const int64_t nq = G * S, lds = (keys + W - 1) / W * W;
   vi lane;
   for (int l = 0; l < W; ++l) lane[l] = l;
+  // Few queries per key (decode): dot products straight from the cache rows; many (verify):
+  // each block of W keys transposed once, then D broadcast FMAs per query.
+  const bool dot = D % W == 0 && nq * 48 < W * D;
   for (int64_t j0 = 0; j0 < keys; j0 += W) {
     const int nj = static_cast<int>(keys - j0 < W ? keys - j0 : W);
+    const vi key = lane + static_cast<int32_t>(j0);
+    if (dot) {
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const float* q = p.qkv + (b * S + qi % S) * p.ldqkv + (g * G + qi / S) * D;
+        const vf sc = score_dot(q, kc, a.k_strides[1], j0, nj, D);
+        const vi hidden = key > isplat(static_cast<int32_t>(L + qi % S));
+        storeu(scores + qi * lds + j0,
+               select(hidden, splat(-__builtin_inff()), sc * a.softmax_scale));
+      }
+      continue;
+    }
     if (nj < W) std::memset(kt, 0, D * W * sizeof(float));
     for (int l = 0; l < nj; ++l) {
       const float* k = kc + (j0 + l) * a.k_strides[1];
       for (int64_t d = 0; d < D; ++d) kt[d * W + l] = k[d];
     }
-    const vi key = lane + static_cast<int32_t>(j0);
     for (int64_t q0 = 0; q0 < nq; q0 += 4) {
       const int n = static_cast<int>(nq - q0 < 4 ? nq - q0 : 4);
       const float* qs[4];

@@ -61,60 +61,58 @@ LSK_INL float hmax(vf v) {
 }
 
 // Lane j of the result is the sum of the lanes of acc[j], for W vectors acc[0..W): a tree of
-// pairwise half-swaps (2W - 2 shuffles and W - 1 adds for W sums, instead of W reductions).
-// At each level every input vector holds sources in groups of 2h lanes; LO takes the first h
-// lanes of each group of both inputs, HI the last h, so LO + HI holds each source in h lanes.
+// pairwise shuffles and adds (2W - 2 shuffles and W - 1 adds for W sums, instead of W
+// reductions). The first two levels stay inside 128-bit chunks (unpcklps / unpckhps, then
+// unpcklpd / unpckhpd: cheap, no index vectors) and leave, in chunk c of vector k, the partial
+// sums over input chunk c of sources 4k..4k+3; each further level adds the even chunks to the
+// odd ones (vshuff32x4 / vperm2f128), so that chunk k ends up holding sources 4k..4k+3.
 #define LSK_PAIR(x, y, LO, HI) (LSK_SHUF(x, y, LO) + LSK_SHUF(x, y, HI))
 #if LSK_W == 16
-#define LSK_LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
-#define LSK_HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
-#define LSK_LO4 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
-#define LSK_HI4 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
-#define LSK_LO2 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29
-#define LSK_HI2 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31
-#define LSK_LO1 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
-#define LSK_HI1 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#define LSK_UNPCKLPS 0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29
+#define LSK_UNPCKHPS 2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31
+#define LSK_UNPCKLPD 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define LSK_UNPCKHPD 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LSK_EVEN_CHUNKS 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
+#define LSK_ODD_CHUNKS 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
 LSK_INL vf reduce_lanes(const vf* a) {
   vf b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i) b[i] = LSK_PAIR(a[2 * i], a[2 * i + 1], LSK_LO8, LSK_HI8);
-  for (int i = 0; i < 4; ++i) c[i] = LSK_PAIR(b[2 * i], b[2 * i + 1], LSK_LO4, LSK_HI4);
-  for (int i = 0; i < 2; ++i) d[i] = LSK_PAIR(c[2 * i], c[2 * i + 1], LSK_LO2, LSK_HI2);
-  return LSK_PAIR(d[0], d[1], LSK_LO1, LSK_HI1);
+  for (int i = 0; i < 8; ++i) b[i] = LSK_PAIR(a[2 * i], a[2 * i + 1], LSK_UNPCKLPS, LSK_UNPCKHPS);
+  for (int i = 0; i < 4; ++i) c[i] = LSK_PAIR(b[2 * i], b[2 * i + 1], LSK_UNPCKLPD, LSK_UNPCKHPD);
+  for (int i = 0; i < 2; ++i) d[i] = LSK_PAIR(c[2 * i], c[2 * i + 1], LSK_EVEN_CHUNKS, LSK_ODD_CHUNKS);
+  return LSK_PAIR(d[0], d[1], LSK_EVEN_CHUNKS, LSK_ODD_CHUNKS);
 }
 #elif LSK_W == 8
-#define LSK_LO4 0, 1, 2, 3, 8, 9, 10, 11
-#define LSK_HI4 4, 5, 6, 7, 12, 13, 14, 15
-#define LSK_LO2 0, 1, 4, 5, 8, 9, 12, 13
-#define LSK_HI2 2, 3, 6, 7, 10, 11, 14, 15
-#define LSK_LO1 0, 2, 4, 6, 8, 10, 12, 14
-#define LSK_HI1 1, 3, 5, 7, 9, 11, 13, 15
+#define LSK_UNPCKLPS 0, 8, 1, 9, 4, 12, 5, 13
+#define LSK_UNPCKHPS 2, 10, 3, 11, 6, 14, 7, 15
+#define LSK_UNPCKLPD 0, 1, 8, 9, 4, 5, 12, 13
+#define LSK_UNPCKHPD 2, 3, 10, 11, 6, 7, 14, 15
+#define LSK_EVEN_CHUNKS 0, 1, 2, 3, 8, 9, 10, 11
+#define LSK_ODD_CHUNKS 4, 5, 6, 7, 12, 13, 14, 15
 LSK_INL vf reduce_lanes(const vf* a) {
-  vf c[4], d[2];
-  for (int i = 0; i < 4; ++i) c[i] = LSK_PAIR(a[2 * i], a[2 * i + 1], LSK_LO4, LSK_HI4);
-  for (int i = 0; i < 2; ++i) d[i] = LSK_PAIR(c[2 * i], c[2 * i + 1], LSK_LO2, LSK_HI2);
-  return LSK_PAIR(d[0], d[1], LSK_LO1, LSK_HI1);
+  vf b[4], c[2];
+  for (int i = 0; i < 4; ++i) b[i] = LSK_PAIR(a[2 * i], a[2 * i + 1], LSK_UNPCKLPS, LSK_UNPCKHPS);
+  for (int i = 0; i < 2; ++i) c[i] = LSK_PAIR(b[2 * i], b[2 * i + 1], LSK_UNPCKLPD, LSK_UNPCKHPD);
+  return LSK_PAIR(c[0], c[1], LSK_EVEN_CHUNKS, LSK_ODD_CHUNKS);
 }
 #elif LSK_W == 4
-#define LSK_LO2 0, 1, 4, 5
-#define LSK_HI2 2, 3, 6, 7
-#define LSK_LO1 0, 2, 4, 6
-#define LSK_HI1 1, 3, 5, 7
+#define LSK_UNPCKLPS 0, 4, 1, 5
+#define LSK_UNPCKHPS 2, 6, 3, 7
+#define LSK_UNPCKLPD 0, 1, 4, 5
+#define LSK_UNPCKHPD 2, 3, 6, 7
 LSK_INL vf reduce_lanes(const vf* a) {
-  vf d[2];
-  for (int i = 0; i < 2; ++i) d[i] = LSK_PAIR(a[2 * i], a[2 * i + 1], LSK_LO2, LSK_HI2);
-  return LSK_PAIR(d[0], d[1], LSK_LO1, LSK_HI1);
+  vf b[2];
+  for (int i = 0; i < 2; ++i) b[i] = LSK_PAIR(a[2 * i], a[2 * i + 1], LSK_UNPCKLPS, LSK_UNPCKHPS);
+  return LSK_PAIR(b[0], b[1], LSK_UNPCKLPD, LSK_UNPCKHPD);
 }
 #else
 #error "LSK_W must be 4, 8 or 16"
 #endif
-#undef LSK_LO8
-#undef LSK_HI8
-#undef LSK_LO4
-#undef LSK_HI4
-#undef LSK_LO2
-#undef LSK_HI2
-#undef LSK_LO1
-#undef LSK_HI1
+#undef LSK_UNPCKLPS
+#undef LSK_UNPCKHPS
+#undef LSK_UNPCKLPD
+#undef LSK_UNPCKHPD
+#undef LSK_EVEN_CHUNKS
+#undef LSK_ODD_CHUNKS
 
 // exp(x) to about 2 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
 // in r, times 2^n built in the exponent bits). x is clamped to [-87.3, 88.3]: callers that need
