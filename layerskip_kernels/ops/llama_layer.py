@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check
+from ._checks import check, fail
 from .attention_with_kvcache import attention_with_kvcache_reference
 from .backend import Impl, Op
 from .rms_norm import rms_norm_reference
@@ -139,56 +139,58 @@ def llama_layer_reference(x, residual, weights, eps, k_cache, v_cache, cache_seq
     return F.linear(F.silu(g) * u, down), h
 
 
-def _row_stride(t):
-    """Floats between consecutive (b, s) rows of t (B, S, dim), or None when b and s do not
-    flatten to one stride."""
+def _rows(t):
+    """(t, floats between consecutive (b, s) rows) of t (B, S, dim) with a unit last stride;
+    a contiguous copy when b and s do not flatten to one stride."""
+    if t.is_contiguous():
+        return t, t.shape[2]
     B, S, _ = t.shape
-    if S == 1 or B == 1 or t.stride(0) == S * t.stride(1):
-        return t.stride(1) if S > 1 else t.stride(0) if B > 1 else t.shape[2]
-    return None
+    if S == 1:
+        return t, t.stride(0)
+    if B == 1 or t.stride(0) == S * t.stride(1):
+        return t, t.stride(1)
+    return t.contiguous(), t.shape[2]
+
+
+def _float_rows(t):
+    return t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous()
 
 
 def _launch_cpu(x, residual, weights, eps, k_cache, v_cache, cache_seqlens, rotary_cos=None,
                 rotary_sin=None, out=None):
     """The C++ layer (csrc/cpu/llama_layer.cpp): arguments checked by the op and within
-    _cpu_limits. out: optional (delta, h), each a contiguous float32 (B, S, dim) tensor that
-    does not overlap the inputs. Returns (delta, h)."""
+    _cpu_limits. out: optional (delta, h), each a contiguous float32 CPU tensor of x's shape
+    that overlaps no input. Returns (delta, h). Kept lean: the model calls it once per layer,
+    where each Python step costs about as much as the S = 1 layer's arithmetic on small models.
+    """
     B, S, dim = x.shape
-    Hq, Hkv, D, hidden = _layer_shapes(x, weights, k_cache)
+    Hkv, D = k_cache.shape[2], k_cache.shape[3]
     if out is None:
-        delta, h = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty(
-            x.shape, dtype=x.dtype)
+        delta, h = torch.empty_like(x), torch.empty_like(x)
     else:
         delta, h = out
         for name, t in (("out[0] (delta)", delta), ("out[1] (h)", h)):
-            check(t.shape == x.shape and t.dtype == torch.float32 and t.is_contiguous()
-                  and t.device.type == "cpu", name,
-                  f"a contiguous float32 CPU tensor of shape {tuple(x.shape)}",
-                  f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
-    x_row = _row_stride(x)
-    if x_row is None:
-        x = x.contiguous()
-        x_row = dim
-    res_row = 0
-    if residual is not None:
-        res_row = _row_stride(residual)
-        if res_row is None:
-            residual = residual.contiguous()
-            res_row = dim
-    if rotary_cos is not None and (rotary_cos.dtype != torch.float32 or rotary_cos.stride(-1) != 1):
-        rotary_cos = rotary_cos.float().contiguous()
-    if rotary_sin is not None and (rotary_sin.dtype != torch.float32 or rotary_sin.stride(-1) != 1):
-        rotary_sin = rotary_sin.float().contiguous()
+            if not (t.shape == x.shape and t.dtype == torch.float32 and t.is_contiguous()
+                    and t.device.type == "cpu"):  # the messages only when failing: hot path
+                fail(name, f"a contiguous float32 CPU tensor of shape {tuple(x.shape)}",
+                     f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
+    if not (delta.is_contiguous() and h.is_contiguous()):  # empty_like keeps x's strides
+        delta, h = torch.empty(x.shape), torch.empty(x.shape)
+    x, x_row = _rows(x)
+    residual, res_row = (None, 0) if residual is None else _rows(residual)
+    rope = rotary_cos is not None
+    if rope:
+        rotary_cos, rotary_sin = _float_rows(rotary_cos), _float_rows(rotary_sin)
+    w_in, qkv, o, post, gate_up, down = weights
     _cpu.llama_layer(
         x.data_ptr(), 0 if residual is None else residual.data_ptr(), x_row, res_row,
-        *(w.data_ptr() for w in weights), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache.stride()[:3], v_cache.stride()[:3], cache_seqlens.data_ptr(),
-        0 if rotary_cos is None else rotary_cos.data_ptr(),
-        0 if rotary_sin is None else rotary_sin.data_ptr(),
-        0 if rotary_cos is None else rotary_cos.stride(0),
-        0 if rotary_sin is None else rotary_sin.stride(0),
-        0 if rotary_cos is None else min(rotary_cos.shape[0], rotary_sin.shape[0]),
-        delta.data_ptr(), h.data_ptr(), B, S, dim, Hq, Hkv, D, hidden, k_cache.shape[1],
+        w_in.data_ptr(), qkv.data_ptr(), o.data_ptr(), post.data_ptr(), gate_up.data_ptr(),
+        down.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride()[:3],
+        v_cache.stride()[:3], cache_seqlens.data_ptr(),
+        rotary_cos.data_ptr() if rope else 0, rotary_sin.data_ptr() if rope else 0,
+        rotary_cos.stride(0) if rope else 0, rotary_sin.stride(0) if rope else 0,
+        min(rotary_cos.shape[0], rotary_sin.shape[0]) if rope else 0, delta.data_ptr(), h.data_ptr(),
+        B, S, dim, qkv.shape[0] // D - 2 * Hkv, Hkv, D, down.shape[1], k_cache.shape[1],
         float(eps), 1.0 / math.sqrt(D))
     return delta, h
 
