@@ -34,20 +34,24 @@ struct Range {
   int64_t begin, end;
 };
 
-// The threads running one call, each with its tid. split(n, unit): this thread's share of n
-// items in whole units (the last unit may be short), contiguous, in tid order.
+// The threads of one call. run(n, fn, ctx): fn(ctx, task, tid) for every task in [0, n), the
+// caller (tid 0) and any awake pool thread claiming tasks until none is left; returns when all
+// are done. tasks(units): how many tasks to cut `units` W-row panels into (1 when alone: no
+// scheduling at all; else a few per thread, so a late thread leaves little to wait for).
+typedef void (*TaskFn)(void* ctx, int64_t task, int tid);
+
 struct Team {
-  int tid, nt;
-  void (*barrier)(void*);
+  int nt;
   void* pool;
-  Range split(int64_t n, int64_t unit) const {
-    const int64_t units = (n + unit - 1) / unit;
-    const int64_t u0 = units * tid / nt, u1 = units * (tid + 1) / nt;
-    return {std::min(u0 * unit, n), std::min(u1 * unit, n)};
+  void (*for_each)(void* pool, int64_t tasks, TaskFn fn, void* ctx);
+  void run(int64_t n, TaskFn fn, void* ctx) const {
+    if (nt == 1 || n == 1) {
+      for (int64_t i = 0; i < n; ++i) fn(ctx, i, 0);
+      return;
+    }
+    for_each(pool, n, fn, ctx);
   }
-  void sync() const {
-    if (nt > 1) barrier(pool);
-  }
+  int64_t tasks(int64_t units) const { return nt == 1 ? 1 : std::min<int64_t>(units, 4 * nt); }
 };
 
 // The work buffers of one call (floats; ld* are row strides, multiples of the vector width,
@@ -58,7 +62,7 @@ struct Plan {
   float* attn;     // (T, lda)     attention output, heads side by side
   float* gate_up;  // (T, ldgu)    gate | up
   float* act;      // (T, ldact)   silu(gate) * up
-  float* const* y;       // per thread (T, ldd): normed activations
+  float* y;        // (T, ldd)     normed activations
   float* const* scores;  // per thread: (G * S, keys rounded up) softmax rows
   float* const* keys;    // per thread: (D, W) a block of keys, transposed
 };
@@ -142,9 +146,13 @@ class Buffer {
 };
 
 // ---------------------------------------------------------------- the thread team
-// The caller is thread 0; pool threads 1..n-1 persist between calls. Between jobs they spin a
-// little (a decode step calls the layer back to back, a few microseconds apart), then sleep on
-// a condition variable, so an idle process does not burn a core.
+// The caller is thread 0; pool threads 1..n-1 persist between calls. A parallel phase is
+// published as one 64-bit word (phase id | task count | next task), so claiming a task is one
+// fetch_add that also says which phase it belongs to: a thread that wakes late cannot take a
+// task of a phase it did not see. The caller claims tasks too and never waits for a thread
+// that has claimed nothing, so an oversubscribed machine degrades to about one thread's speed
+// instead of stalling on a descheduled helper. Between phases the pool threads spin a little
+// (a decode step runs its layers a few microseconds apart), then sleep on a condition variable.
 class Pool {
  public:
   ~Pool() { resize(1); }
@@ -152,7 +160,7 @@ class Pool {
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
   void resize(int n) {
-    n = std::max(1, n);
+    n = std::max(1, std::min(n, 64));
     if (n == size()) return;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -163,80 +171,79 @@ class Pool {
     for (auto& t : workers_) t.join();
     workers_.clear();
     stop_ = false;
-    // A worker must know the epoch it was born in: a job posted before it first runs is its.
-    const uint64_t born = epoch_.load();
-    for (int tid = 1; tid < n; ++tid) workers_.emplace_back([this, tid, born] { loop(tid, born); });
+    for (int tid = 1; tid < n; ++tid) workers_.emplace_back([this, tid] { loop(tid); });
   }
 
-  // fn(tid) on every thread of the pool, the caller as tid 0; returns when all have finished.
-  void run(const std::function<void(int)>& fn) {
-    const int helpers = static_cast<int>(workers_.size());
-    if (helpers == 0) return fn(0);
-    job_ = &fn;
-    done_.store(0);
+  static void for_each_of(void* pool, int64_t n, TaskFn fn, void* ctx) {
+    static_cast<Pool*>(pool)->for_each(n, fn, ctx);
+  }
+
+  void for_each(int64_t n, TaskFn fn, void* ctx) {
+    fn_ = fn;
+    ctx_ = ctx;
+    done_.store(0, std::memory_order_relaxed);
+    phase_id_ = (phase_id_ + 1) & 0xffff;
+    work_.store(phase_id_ << 48 | static_cast<uint64_t>(n) << 32, std::memory_order_release);
     epoch_.fetch_add(1);
     if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
       wake_.notify_all();
     }
-    fn(0);
-    spin_until([&] { return done_.load(std::memory_order_acquire) == helpers; });
-  }
-
-  static void barrier_of(void* pool) { static_cast<Pool*>(pool)->barrier(); }
-
-  // A barrier for the n threads of the current job (sense-reversing).
-  void barrier() {
-    const int n = size();
-    const int gen = generation_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
-      arrived_.store(0, std::memory_order_relaxed);
-      generation_.fetch_add(1, std::memory_order_release);
-      return;
-    }
-    spin_until([&] { return generation_.load(std::memory_order_acquire) != gen; });
+    claim(0);
+    for (int i = 0; done_.load(std::memory_order_acquire) != n; ++i)
+      if (i < 4096) LSK_PAUSE(); else std::this_thread::yield();
   }
 
  private:
-  template <class Ready>
-  static void spin_until(Ready ready) {
-    for (int i = 0; !ready(); ++i) {
-      if (i < 4096) LSK_PAUSE(); else std::this_thread::yield();
+  // Run tasks of the published phase until none is left.
+  void claim(int tid) {
+    for (;;) {
+      const uint64_t w = work_.fetch_add(1, std::memory_order_acq_rel);
+      const int64_t task = static_cast<int64_t>(w & 0xffffffffu);
+      if (task >= static_cast<int64_t>(w >> 32 & 0xffff)) return;
+      fn_(ctx_, task, tid);
+      done_.fetch_add(1, std::memory_order_acq_rel);
     }
   }
 
-  void loop(int tid, uint64_t seen) {
+  static bool open(uint64_t w) { return (w & 0xffffffffu) < (w >> 32 & 0xffff); }
+
+  void loop(int tid) {
     for (;;) {
-      // Spin for the next job about 100 us, then sleep.
-      for (int i = 0; i < 20000 && epoch_.load(std::memory_order_acquire) == seen; ++i) LSK_PAUSE();
-      if (epoch_.load(std::memory_order_acquire) == seen) {
+      const uint64_t seen = epoch_.load();
+      // Spin about 50 us for work, then sleep until the next phase is published.
+      for (int i = 0; i < 10000 && !open(work_.load(std::memory_order_acquire)) && !stop_; ++i)
+        LSK_PAUSE();
+      if (stop_) return;
+      if (!open(work_.load(std::memory_order_acquire))) {
         std::unique_lock<std::mutex> lock(mutex_);
         sleepers_.fetch_add(1);
         wake_.wait(lock, [&] { return epoch_.load() != seen; });
         sleepers_.fetch_sub(1);
+        continue;
       }
-      seen = epoch_.load();
-      if (stop_) return;
-      (*job_)(tid);
-      done_.fetch_add(1, std::memory_order_release);
+      claim(tid);
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::atomic<uint64_t> epoch_{0};
-  std::atomic<int> done_{0}, sleepers_{0}, arrived_{0}, generation_{0};
-  const std::function<void(int)>* job_ = nullptr;
+  std::atomic<uint64_t> work_{0}, epoch_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
+  uint64_t phase_id_ = 0;
+  TaskFn fn_ = nullptr;
+  void* ctx_ = nullptr;
 };
 
 struct State {
   std::mutex call;  // one call at a time: the buffers and the pool are shared
   Pool pool;
-  Buffer qkv, attn, gate_up, act;
-  std::vector<Buffer> y, scores, keys;
-  std::vector<float*> y_ptr, scores_ptr, keys_ptr;
+  Buffer y, qkv, attn, gate_up, act;
+  std::vector<Buffer> scores, keys;  // per thread
+  std::vector<float*> scores_ptr, keys_ptr;
 };
 
 State& state() {
@@ -301,22 +308,18 @@ void llama_layer(const LayerArgs& a) {
     std::memset(p.attn + t * p.lda + a.heads_q * D, 0, (p.lda - a.heads_q * D) * sizeof(float));
     std::memset(p.act + t * p.ldact + a.hidden, 0, (p.ldact - a.hidden) * sizeof(float));
   }
-  s.y.resize(nt);
+  p.y = s.y.get(T * p.ldd);
   s.scores.resize(nt);
   s.keys.resize(nt);
-  s.y_ptr.resize(nt);
   s.scores_ptr.resize(nt);
   s.keys_ptr.resize(nt);
   for (int i = 0; i < nt; ++i) {
-    s.y_ptr[i] = s.y[i].get(T * p.ldd);
     s.scores_ptr[i] = s.scores[i].get(G * a.seqlen * round_up(longest + a.seqlen, kLanes));
     s.keys_ptr[i] = s.keys[i].get(D * kLanes);
   }
-  p.y = s.y_ptr.data();
   p.scores = s.scores_ptr.data();
   p.keys = s.keys_ptr.data();
-
-  s.pool.run([&](int tid) { run_layer(a, p, Team{tid, nt, &Pool::barrier_of, &s.pool}); });
+  run_layer(a, p, Team{nt, &s.pool, &Pool::for_each_of});
 }
 
 void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
@@ -328,42 +331,42 @@ void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
   std::lock_guard<std::mutex> lock(s.call);
   const int nt = s.pool.size();
   const int64_t ldy = round_up(dim, kLanes), panel = 16 * kLanes;
-  std::vector<int64_t> index(rows * nt);
-  std::vector<float> value(rows * nt);
-  s.y.resize(nt);
+  const Team team{nt, &s.pool, &Pool::for_each_of};
+  const int64_t tasks = team.tasks((vocab + panel - 1) / panel);
+  std::vector<int64_t> index(rows * tasks);
+  std::vector<float> value(rows * tasks);
+  float* y = s.y.get(rows * ldy);
   s.scores.resize(nt);
-  for (int i = 0; i < nt; ++i) {
-    s.y[i].get(rows * ldy);
-    s.scores[i].get(rows * panel);
-  }
-  s.pool.run([&](int tid) {
-    const Range part = Team{tid, nt, nullptr, nullptr}.split(vocab, panel);
-    float* y = s.y[tid].get(rows * ldy);
-    float* logits = s.scores[tid].get(rows * panel);
-    int64_t* bi = index.data() + tid * rows;
-    float* bv = value.data() + tid * rows;
-    if (part.begin >= part.end) {
-      for (int64_t r = 0; r < rows; ++r) bi[r] = -1;
-      return;
-    }
-    switch (kIsa) {
+  s.scores_ptr.resize(nt);
+  for (int i = 0; i < nt; ++i) s.scores_ptr[i] = s.scores[i].get(rows * panel);
+  switch (kIsa) {
 #ifdef LSK_HAVE_X86_CLONES
-      case Isa::kAvx512:
-        return avx512::head_argmax(h, rows, h_row, dim, norm_weight, eps, lm_head, y, ldy,
-                                   logits, part.begin, part.end, bi, bv);
-      case Isa::kAvx2:
-        return avx2::head_argmax(h, rows, h_row, dim, norm_weight, eps, lm_head, y, ldy,
-                                 logits, part.begin, part.end, bi, bv);
-#endif
-      default:
-        return generic::head_argmax(h, rows, h_row, dim, norm_weight, eps, lm_head, y,
-                                    ldy, logits, part.begin, part.end, bi, bv);
+    case Isa::kAvx512: {
+      avx512::head_norm(h, rows, h_row, dim, norm_weight, eps, y, ldy);
+      avx512::HeadArgs ha{y, rows, ldy, dim, vocab, tasks, lm_head, s.scores_ptr.data(),
+                          index.data(), value.data()};
+      team.run(tasks, &avx512::head_task, &ha);
+      break;
     }
-  });
-  for (int64_t r = 0; r < rows; ++r) {  // threads hold ascending vocabulary ranges
+    case Isa::kAvx2: {
+      avx2::head_norm(h, rows, h_row, dim, norm_weight, eps, y, ldy);
+      avx2::HeadArgs ha{y, rows, ldy, dim, vocab, tasks, lm_head, s.scores_ptr.data(),
+                        index.data(), value.data()};
+      team.run(tasks, &avx2::head_task, &ha);
+      break;
+    }
+#endif
+    default: {
+      generic::head_norm(h, rows, h_row, dim, norm_weight, eps, y, ldy);
+      generic::HeadArgs ha{y, rows, ldy, dim, vocab, tasks, lm_head, s.scores_ptr.data(),
+                           index.data(), value.data()};
+      team.run(tasks, &generic::head_task, &ha);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // tasks hold ascending vocabulary ranges
     tokens[r] = index[r];
     max_logit[r] = value[r];
-    for (int t = 1; t < nt; ++t)
+    for (int64_t t = 1; t < tasks; ++t)
       if (index[t * rows + r] >= 0 && value[t * rows + r] > max_logit[r]) {
         tokens[r] = index[t * rows + r];
         max_logit[r] = value[t * rows + r];

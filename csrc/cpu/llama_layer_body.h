@@ -310,99 +310,151 @@ LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, floa
   }
 }
 
-// ---------------------------------------------------------------- the layer, SPMD
-// Every thread of the team runs this with its tid; work is split in panels of W rows so that
-// each output element has one writer. Four barriers: after attention (o_proj reads every head),
-// after o_proj (the norm reads whole rows of h), after gate/up, and the caller's join. The
-// norms are recomputed by every thread (a few thousand flops) instead of adding barriers.
+// ---------------------------------------------------------------- the layer, in phases
+// The caller runs the norms; the rest is four parallel phases of independent tasks (KV heads,
+// then chunks of W-row panels of o_proj, gate/up and down), each ending when all its tasks are
+// done. Tasks are claimed dynamically (Team::run), so a pool thread that the OS has not
+// scheduled simply takes none; which thread runs a task never changes its result.
+struct Phase {
+  const LayerArgs* a;
+  const Plan* p;
+  int64_t n, tasks;  // rows (or items) split in `tasks` chunks of whole W-row panels
+  Range chunk(int64_t i) const {
+    const int64_t panels = (n + W - 1) / W;
+    const int64_t b = panels * i / tasks * W, e = panels * (i + 1) / tasks * W;
+    return {b < n ? b : n, e < n ? e : n};
+  }
+};
+
+LSK_FN void qkv_head_task(void* ctx, int64_t g, int tid) {
+  const Phase& ph = *static_cast<const Phase*>(ctx);
+  const LayerArgs& a = *ph.a;
+  const Plan& p = *ph.p;
+  const int64_t D = a.head_dim, Hq = a.heads_q, Hkv = a.heads_kv, qrows = Hq / Hkv * D;
+  const int64_t q0 = g * qrows, k0 = Hq * D + g * D, v0 = (Hq + Hkv) * D + g * D;
+  matmul(a.w_qkv, a.dim, q0, q0 + qrows, p.y, p.ldd, p.T, p.qkv, p.ldqkv, false);
+  matmul(a.w_qkv, a.dim, k0, k0 + D, p.y, p.ldd, p.T, p.qkv, p.ldqkv, false);
+  matmul(a.w_qkv, a.dim, v0, v0 + D, p.y, p.ldd, p.T, p.qkv, p.ldqkv, false);
+  for (int64_t b = 0; b < a.batch; ++b) attend_group(a, p, p.scores[tid], p.keys[tid], b, g);
+}
+
+LSK_FN void qkv_rows_task(void* ctx, int64_t i, int) {
+  const Phase& ph = *static_cast<const Phase*>(ctx);
+  const Range r = ph.chunk(i);
+  matmul(ph.a->w_qkv, ph.a->dim, r.begin, r.end, ph.p->y, ph.p->ldd, ph.p->T, ph.p->qkv,
+         ph.p->ldqkv, false);
+}
+
+LSK_FN void attend_task(void* ctx, int64_t bg, int tid) {
+  const Phase& ph = *static_cast<const Phase*>(ctx);
+  const int64_t Hkv = ph.a->heads_kv;
+  attend_group(*ph.a, *ph.p, ph.p->scores[tid], ph.p->keys[tid], bg / Hkv, bg % Hkv);
+}
+
+LSK_FN void o_task(void* ctx, int64_t i, int) {  // h += attn @ w_o^T
+  const Phase& ph = *static_cast<const Phase*>(ctx);
+  const Range r = ph.chunk(i);
+  matmul(ph.a->w_o, ph.a->heads_q * ph.a->head_dim, r.begin, r.end, ph.p->attn, ph.p->lda,
+         ph.p->T, ph.a->h, ph.a->dim, true);
+}
+
+LSK_FN void gate_up_task(void* ctx, int64_t i, int) {  // act = silu(y @ gate^T) * (y @ up^T)
+  const Phase& ph = *static_cast<const Phase*>(ctx);
+  const LayerArgs& a = *ph.a;
+  const Plan& p = *ph.p;
+  const Range r = ph.chunk(i);
+  const int64_t H = a.hidden;
+  matmul(a.w_gate_up, a.dim, r.begin, r.end, p.y, p.ldd, p.T, p.gate_up, p.ldgu, false);
+  matmul(a.w_gate_up, a.dim, H + r.begin, H + r.end, p.y, p.ldd, p.T, p.gate_up, p.ldgu, false);
+  for (int64_t t = 0; t < p.T; ++t) {
+    const float* gu = p.gate_up + t * p.ldgu;
+    silu_mul_row(gu, gu + H, r.begin, r.end, p.act + t * p.ldact);
+  }
+}
+
+LSK_FN void down_task(void* ctx, int64_t i, int) {  // delta = act @ w_down^T
+  const Phase& ph = *static_cast<const Phase*>(ctx);
+  const Range r = ph.chunk(i);
+  matmul(ph.a->w_down, ph.a->hidden, r.begin, r.end, ph.p->act, ph.p->ldact, ph.p->T,
+         ph.a->delta, ph.a->dim, false);
+}
+
 LSK_FN void layer(const LayerArgs& a, const Plan& p, const Team& team) {
   const int64_t T = p.T, dim = a.dim, D = a.head_dim, Hq = a.heads_q, Hkv = a.heads_kv;
-  const int64_t G = Hq / Hkv, H = a.hidden;
-  float* y = p.y[team.tid];
-  const Range cols = team.split(dim, W);  // this thread's columns of h, o_proj and down
-
-  // h = x + residual (own columns), y = rms_norm(h) (all of it, privately)
+  // h = x + residual, y = rms_norm(h)
   for (int64_t t = 0; t < T; ++t) {
     const float* x = a.x + t * a.x_row;
     float* h = a.h + t * dim;
-    float* yt = y + t * p.ldd;
     if (a.residual != nullptr) {
       const float* r = a.residual + t * a.residual_row;
-      for (int64_t j = 0; j < dim; ++j) yt[j] = x[j] + r[j];  // h, staged in y
+      for (int64_t j = 0; j < dim; ++j) h[j] = x[j] + r[j];
     } else {
-      std::memcpy(yt, x, dim * sizeof(float));
+      std::memcpy(h, x, dim * sizeof(float));
     }
-    std::memcpy(h + cols.begin, yt + cols.begin, (cols.end - cols.begin) * sizeof(float));
-    rms_norm_row(yt, a.w_in, dim, a.eps, yt, p.ldd);
+    rms_norm_row(h, a.w_in, dim, a.eps, p.y + t * p.ldd, p.ldd);
   }
-
-  // q, k, v and attention: by KV head when there are enough for the team, else in two phases.
-  const int64_t qrows = G * D;
-  if (Hkv >= team.nt) {
-    const Range heads = team.split(Hkv, 1);
-    for (int64_t g = heads.begin; g < heads.end; ++g) {
-      const int64_t q0 = g * qrows, k0 = Hq * D + g * D, v0 = (Hq + Hkv) * D + g * D;
-      matmul(a.w_qkv, dim, q0, q0 + qrows, y, p.ldd, T, p.qkv, p.ldqkv, false);
-      matmul(a.w_qkv, dim, k0, k0 + D, y, p.ldd, T, p.qkv, p.ldqkv, false);
-      matmul(a.w_qkv, dim, v0, v0 + D, y, p.ldd, T, p.qkv, p.ldqkv, false);
-      for (int64_t b = 0; b < a.batch; ++b)
-        attend_group(a, p, p.scores[team.tid], p.keys[team.tid], b, g);
-    }
+  // q, k, v and attention: one task per KV head when there are enough, else two phases
+  if (team.nt == 1 || Hkv >= team.nt) {
+    Phase ph{&a, &p, Hkv, Hkv};
+    team.run(Hkv, &qkv_head_task, &ph);
   } else {
-    const Range rows = team.split((Hq + 2 * Hkv) * D, W);
-    matmul(a.w_qkv, dim, rows.begin, rows.end, y, p.ldd, T, p.qkv, p.ldqkv, false);
-    team.sync();
-    const Range pairs = team.split(a.batch * Hkv, 1);
-    for (int64_t bg = pairs.begin; bg < pairs.end; ++bg)
-      attend_group(a, p, p.scores[team.tid], p.keys[team.tid], bg / Hkv, bg % Hkv);
+    const int64_t rows = (Hq + 2 * Hkv) * D;
+    Phase rows_ph{&a, &p, rows, team.tasks((rows + W - 1) / W)};
+    team.run(rows_ph.tasks, &qkv_rows_task, &rows_ph);
+    Phase pairs{&a, &p, a.batch * Hkv, a.batch * Hkv};
+    team.run(pairs.tasks, &attend_task, &pairs);
   }
-  team.sync();
-
-  // h += attn @ w_o^T (own columns)
-  matmul(a.w_o, Hq * D, cols.begin, cols.end, p.attn, p.lda, T, a.h, dim, true);
-  team.sync();
-
-  // y = rms_norm(h); gate, up = y @ w_gate_up^T; act = silu(gate) * up (own hidden units)
-  for (int64_t t = 0; t < T; ++t) rms_norm_row(a.h + t * dim, a.w_post, dim, a.eps, y + t * p.ldd, p.ldd);
-  const Range units = team.split(H, W);
-  matmul(a.w_gate_up, dim, units.begin, units.end, y, p.ldd, T, p.gate_up, p.ldgu, false);
-  matmul(a.w_gate_up, dim, H + units.begin, H + units.end, y, p.ldd, T, p.gate_up, p.ldgu, false);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* gu = p.gate_up + t * p.ldgu;
-    silu_mul_row(gu, gu + H, units.begin, units.end, p.act + t * p.ldact);
-  }
-  team.sync();
-
-  // delta = act @ w_down^T (own columns)
-  matmul(a.w_down, H, cols.begin, cols.end, p.act, p.ldact, T, a.delta, dim, false);
+  Phase cols{&a, &p, dim, team.tasks((dim + W - 1) / W)};
+  team.run(cols.tasks, &o_task, &cols);
+  for (int64_t t = 0; t < T; ++t)
+    rms_norm_row(a.h + t * dim, a.w_post, dim, a.eps, p.y + t * p.ldd, p.ldd);
+  Phase units{&a, &p, a.hidden, team.tasks((a.hidden + W - 1) / W)};
+  team.run(units.tasks, &gate_up_task, &units);
+  team.run(cols.tasks, &down_task, &cols);
 }
 
 // ---------------------------------------------------------------- the draft head
 // tokens[r] = argmax_v lm_head[v] . (rms_norm(h[r]) * norm_weight), the first of equal maxima.
-// One matmul panel of W vocabulary rows at a time into a small logits buffer (never the full
-// vocabulary), then a running argmax over it; the team splits the vocabulary and the caller
-// merges the per-thread winners (lowest index on ties).
-LSK_FN void head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
-                        const float* norm_weight, float eps, const float* lm_head, float* y, int64_t ldy, float* logits, int64_t begin, int64_t end,
-                        int64_t* best_index, float* best_value) {
+// The caller norms the rows into y; each task takes a range of the vocabulary, one matmul panel
+// of 16 W rows at a time into a small logits buffer (never the whole vocabulary), and keeps its
+// running argmax; the caller merges the tasks' winners in vocabulary order.
+struct HeadArgs {
+  const float* y;
+  int64_t rows, ldy, dim, vocab, tasks;
+  const float* lm_head;
+  float* const* logits;  // per thread, (rows, 16 W)
+  int64_t* best_index;   // (tasks, rows)
+  float* best_value;
+};
+
+LSK_FN void head_norm(const float* h, int64_t rows, int64_t h_row, int64_t dim,
+                      const float* norm_weight, float eps, float* y, int64_t ldy) {
   for (int64_t r = 0; r < rows; ++r) rms_norm_row(h + r * h_row, norm_weight, dim, eps, y + r * ldy, ldy);
-  for (int64_t r = 0; r < rows; ++r) {
-    best_index[r] = begin;
-    best_value[r] = -__builtin_inff();
+}
+
+LSK_FN void head_task(void* ctx, int64_t i, int tid) {
+  const HeadArgs& ha = *static_cast<const HeadArgs*>(ctx);
+  const int64_t panel = 16 * W, panels = (ha.vocab + panel - 1) / panel;
+  const int64_t begin = panels * i / ha.tasks * panel;
+  const int64_t end_ = panels * (i + 1) / ha.tasks * panel, end = end_ < ha.vocab ? end_ : ha.vocab;
+  int64_t* bi = ha.best_index + i * ha.rows;
+  float* bv = ha.best_value + i * ha.rows;
+  for (int64_t r = 0; r < ha.rows; ++r) {
+    bi[r] = -1;
+    bv[r] = -__builtin_inff();
   }
-  const int64_t panel = 16 * W;
+  float* logits = ha.logits[tid];
   for (int64_t v0 = begin; v0 < end; v0 += panel) {
     const int64_t v1 = v0 + panel < end ? v0 + panel : end;
-    matmul(lm_head + v0 * dim, dim, 0, v1 - v0, y, ldy, rows, logits, panel, false);
-    for (int64_t r = 0; r < rows; ++r) {
+    matmul(ha.lm_head + v0 * ha.dim, ha.dim, 0, v1 - v0, ha.y, ha.ldy, ha.rows, logits, panel,
+           false);
+    for (int64_t r = 0; r < ha.rows; ++r) {
       const float* l = logits + r * panel;
-      for (int64_t v = v0; v < v1; ++v) {
-        const float x = l[v - v0];
-        if (x > best_value[r]) {
-          best_value[r] = x;
-          best_index[r] = v;
+      for (int64_t v = v0; v < v1; ++v)
+        if (bi[r] < 0 || l[v - v0] > bv[r]) {
+          bv[r] = l[v - v0];
+          bi[r] = v;
         }
-      }
     }
   }
 }
