@@ -2,6 +2,7 @@
 // arrive as data_ptr() integers (0 for None), strides in elements. The GIL is released while a
 // kernel runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 
@@ -86,5 +87,8 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("set_num_threads", &lsk_cpu::set_num_threads, py::arg("n"),
         "Threads of the CPU kernels (the caller and n - 1 persistent pool threads).");
   m.def("num_threads", &lsk_cpu::num_threads);
-  m.def("isa", &lsk_cpu::isa, "The instruction set picked at load: avx512, avx2 or generic.");
+  m.def("isa", &lsk_cpu::isa, "The instruction set the kernels run with: avx512, avx2 or generic.");
+  m.def("available_isas", &lsk_cpu::available_isas, "The instruction sets this CPU can run.");
+  m.def("set_isa", &lsk_cpu::set_isa, py::arg("name"),
+        "Run the kernels with another available instruction set (tests every path).");
 }

@@ -33,6 +33,18 @@ def cpu():
     op._cpu.set_num_threads(threads)
 
 
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def isa(request, cpu):
+    """Every instruction-set path of the kernels that this CPU can run (the widest is the
+    default; the others ship for older x86-64 and other architectures)."""
+    if request.param not in cpu.available_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    default = cpu.isa()
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa(default)
+
+
 def run_cpu(*args, out=None):
     """backend="cpu" by name: the op's checks, the backend's limits, then its launcher."""
     op._check_llama_layer(*args)
@@ -133,7 +145,7 @@ def case_id(case):
 # ---------------------------------------------------------------- kernel and reference vs oracle
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "noresidual"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_cpu_matches_oracle(case, residual, cpu, generator):
+def test_cpu_matches_oracle(case, residual, isa, generator):
     B, S, dim, Hq, Hkv, D, hidden, lens = case
     args = make_inputs(B, S, dim, Hq, Hkv, D, hidden, lens, residual, True, generator)
     x, res, weights, eps, k_cache, v_cache, seqlens, cos, sin = args
@@ -247,7 +259,7 @@ def test_public_op_torch_and_auto(generator):
 # ---------------------------------------------------------------- the CPU draft head
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows, dim, vocab", [(1, 192, 2048), (3, 40, 1001), (5, 64, 130)])
-def test_cpu_draft_head_argmax(rows, dim, vocab, threads, cpu, generator):
+def test_cpu_draft_head_argmax(rows, dim, vocab, threads, isa, cpu, generator):
     cpu.set_num_threads(threads)
     h = torch.randn(rows, dim, generator=generator)
     norm_weight = torch.rand(dim, generator=generator) + 0.5
@@ -340,6 +352,12 @@ def test_cpu_out_guard(cpu, generator):
     run_cpu(*args, out=good)  # the passing control
     with pytest.raises(ValueError, match=r"^out\[1\] \(h\):"):
         run_cpu(*args, out=(good[0], torch.empty(2, 2, 41)))
+
+
+def test_set_isa_guard(cpu):
+    cpu.set_isa(cpu.isa())  # the passing control
+    with pytest.raises(ValueError, match="set_isa: expected"):
+        cpu.set_isa("sse9")
 
 
 def test_cpp_bounds_guard(cpu, generator):

@@ -103,18 +103,27 @@ namespace {
 
 enum class Isa { kAvx512, kAvx2, kGeneric };
 
-Isa detect() {
+bool supported(Isa isa) {
 #ifdef LSK_HAVE_X86_CLONES
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  if (isa == Isa::kAvx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
+  return isa == Isa::kGeneric;
+}
+
+Isa detect() {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
+    if (supported(isa)) return isa;
   return Isa::kGeneric;
 }
 
-const Isa kIsa = detect();
+const char* const kIsaNames[] = {"avx512", "avx2", "generic"};
+
+// The widest instruction set the CPU has; set_isa() may pick a narrower one (tests).
+std::atomic<Isa> g_isa{detect()};
 
 // ---------------------------------------------------------------- work buffers
 class Buffer {
@@ -260,7 +269,7 @@ void require(bool ok, const std::string& what) {
 constexpr int64_t kLanes = 16;  // row padding for every ISA (a multiple of each W)
 
 void run_layer(const LayerArgs& a, const Plan& p, const Team& team) {
-  switch (kIsa) {
+  switch (g_isa.load()) {
 #ifdef LSK_HAVE_X86_CLONES
     case Isa::kAvx512: return avx512::layer(a, p, team);
     case Isa::kAvx2: return avx2::layer(a, p, team);
@@ -339,7 +348,7 @@ void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
   s.scores.resize(nt);
   s.scores_ptr.resize(nt);
   for (int i = 0; i < nt; ++i) s.scores_ptr[i] = s.scores[i].get(rows * panel);
-  switch (kIsa) {
+  switch (g_isa.load()) {
 #ifdef LSK_HAVE_X86_CLONES
     case Isa::kAvx512: {
       avx512::head_norm(h, rows, h_row, dim, norm_weight, eps, y, ldy);
@@ -382,12 +391,24 @@ void set_num_threads(int n) {
 
 int num_threads() { return state().pool.size(); }
 
-const char* isa() {
-  switch (kIsa) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "generic";
-  }
+const char* isa() { return kIsaNames[static_cast<int>(g_isa.load())]; }
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> names;
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kGeneric})
+    if (supported(isa)) names.push_back(kIsaNames[static_cast<int>(isa)]);
+  return names;
+}
+
+void set_isa(const std::string& name) {
+  for (Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kGeneric})
+    if (name == kIsaNames[static_cast<int>(isa)]) {
+      require(supported(isa), "set_isa: this CPU cannot run " + name);
+      std::lock_guard<std::mutex> lock(state().call);
+      g_isa = isa;
+      return;
+    }
+  require(false, "set_isa: expected avx512, avx2 or generic, got " + name);
 }
 
 }  // namespace lsk_cpu

@@ -25,6 +25,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace lsk_cpu {
 
@@ -66,7 +68,10 @@ void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
 void set_num_threads(int n);
 int num_threads();
 
-// Which instruction set the dispatcher picked: "avx512", "avx2", "generic".
+// The instruction set the kernels run with: the widest the CPU has ("avx512", "avx2",
+// "generic"), unless set_isa() picked another of available_isas() (to test every path).
 const char* isa();
+std::vector<std::string> available_isas();
+void set_isa(const std::string& name);
 
 }  // namespace lsk_cpu

@@ -11,16 +11,25 @@
 // (clamped) nor written. add: out += result (the residual add of o_proj), else out = result.
 // Tail: K is no multiple of W (a separate instantiation, so that the common case carries no
 // partial-load code, whose library call would make the compiler spill the accumulators).
-template <int R, int C, bool Tail>
+// Ahead: also prefetch the R rows after this tile's (next in memory: w rows are contiguous), so
+// that a tile of few rows still keeps about 2R cache-line misses in flight. Each row is a few
+// lines long, too short for the hardware's stream prefetcher to ramp up on its own.
+template <int R, int C, bool Tail, bool Ahead>
 LSK_INL void matmul_tile(const float* w, int64_t ldw, int64_t K, int64_t n0, int64_t n_end,
-                         const float* y, int64_t ldy, float* out, int64_t ldo, bool add) {
+                         const float* y, int64_t ldy, float* out, int64_t ldo, bool add,
+                         int64_t ahead_end) {
   static_assert(R * C == W, "a tile fills one vector of sums");
   const float* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r < n_end ? n0 + r : n_end - 1) * ldw;
+  const int64_t ahead_rows = Ahead ? (ahead_end - n0 - R < R ? ahead_end - n0 - R : R) : 0;
+  const char* next = reinterpret_cast<const char*>(w + (n0 + R) * ldw);
   vf acc[W];
   for (int i = 0; i < W; ++i) acc[i] = vf{};
   const int64_t full = K - K % W;
   for (int64_t k = 0; k < full; k += W) {
+    if (Ahead)
+      for (int r = 0; r < R; ++r)
+        if (r < ahead_rows) __builtin_prefetch(next + (r * ldw + k) * 4, 0, 3);
     vf yv[C];
     for (int c = 0; c < C; ++c) yv[c] = loadu(y + c * ldy + k);
     for (int r = 0; r < R; ++r) {
@@ -57,11 +66,17 @@ LSK_INL void matmul_tile(const float* w, int64_t ldw, int64_t K, int64_t n0, int
 
 template <int R, int C>
 LSK_INL void matmul_tile_any(const float* w, int64_t K, int64_t n0, int64_t n_end,
-                             const float* y, int64_t ldy, float* out, int64_t ldo, bool add) {
-  if (K % W == 0)
-    matmul_tile<R, C, false>(w, K, K, n0, n_end, y, ldy, out, ldo, add);
-  else
-    matmul_tile<R, C, true>(w, K, K, n0, n_end, y, ldy, out, ldo, add);
+                             const float* y, int64_t ldy, float* out, int64_t ldo, bool add,
+                             int64_t ahead_end) {
+  const bool ahead = C > 1 && ahead_end > n0 + R;  // one row per tile: 16 misses in flight already
+  if (K % W == 0) {
+    if (ahead)
+      matmul_tile<R, C, false, true>(w, K, K, n0, n_end, y, ldy, out, ldo, add, ahead_end);
+    else
+      matmul_tile<R, C, false, false>(w, K, K, n0, n_end, y, ldy, out, ldo, add, 0);
+  } else {
+    matmul_tile<R, C, true, false>(w, K, K, n0, n_end, y, ldy, out, ldo, add, 0);
+  }
 }
 
 // out[t, n] (+)= y[t, :K] . w[n, :K] for t < T, n in [n_begin, n_end). Each panel of W weight
@@ -71,17 +86,22 @@ LSK_INL void matmul(const float* w, int64_t K, int64_t n_begin, int64_t n_end, c
                     int64_t ldy, int64_t T, float* out, int64_t ldo, bool add) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += W) {
     const int64_t pend = n0 + W < n_end ? n0 + W : n_end;
+    // The first pass over the panel reads it from memory: it prefetches ahead (rows up to
+    // n_end); later passes find it in L1.
     int64_t t = 0;
     for (; t + 4 <= T; t += 4)
       for (int64_t r0 = n0; r0 < pend; r0 += W / 4)
-        matmul_tile_any<W / 4, 4>(w, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
+        matmul_tile_any<W / 4, 4>(w, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add,
+                                  t == 0 ? n_end : 0);
     if (T - t >= 2) {
       for (int64_t r0 = n0; r0 < pend; r0 += W / 2)
-        matmul_tile_any<W / 2, 2>(w, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
+        matmul_tile_any<W / 2, 2>(w, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add,
+                                  t == 0 ? n_end : 0);
       t += 2;
     }
     if (T - t == 1)
-      matmul_tile_any<W, 1>(w, K, n0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add);
+      matmul_tile_any<W, 1>(w, K, n0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add,
+                            t == 0 ? n_end : 0);
   }
 }
 
