@@ -123,8 +123,9 @@ def assert_cache(after, before, want64, seqlens, S):
     torch.testing.assert_close(after[written].double(), want64[written], atol=ATOL, rtol=RTOL)
 
 
-# (B, S, dim, Hq, Hkv, D, hidden, lens): S 1 / 2 / 4 / 9 / 16; GQA 1 / 2 / 4 / 8; D 32 / 64 /
-# 128; dims that are no multiple of 16 (40, 72, 200); ragged rows (0, mid, Smax - S).
+# (B, S, dim, Hq, Hkv, D, hidden, lens): S 1 / 2 / 3 / 4 / 9 / 16; GQA 1 / 2 / 3 / 4 / 8; D 10 /
+# 32 / 64 / 128 / 256; dims that are no multiple of 16 (24, 40, 72, 200); ragged rows (0, mid,
+# Smax - S).
 CASES = [
     (1, 1, 192, 6, 2, 32, 512, [100]),  # the default model's layer
     (3, 1, 40, 4, 4, 32, 24, [0, 13, 30]),
@@ -134,6 +135,8 @@ CASES = [
     (2, 9, 64, 8, 1, 32, 48, [5, 40]),
     (3, 16, 72, 8, 1, 128, 40, [0, 20, 3]),
     (2, 16, 48, 4, 1, 128, 33, [1, 0]),
+    (1, 3, 24, 2, 1, 10, 8, [6]),  # head_dim 10: RoPE and vector tails, transposed scores
+    (2, 2, 32, 2, 2, 256, 16, [3, 0]),  # the largest head_dim the kernel takes
 ]
 
 
