@@ -14,6 +14,7 @@ runs once per repeat, so drift in machine speed hits them all alike):
   - one greedy decode step of the whole model (embedding, all layers, head, argmax):
       torch    decoding.autoregressive.decode_step (today's path)
       cpu      the same step with every layer through _launch_cpu and the CPU draft head
+      stack    the same with all layers in one _launch_cpu_layers call
 with 1 and 2 threads (torch.set_num_threads and the kernel team alike). It also checks that
 the two step paths produce the same greedy tokens for `--tokens` steps. Prints a table on
 stderr and the JSON (with machine info) on stdout; --output also writes it to a file.
@@ -73,13 +74,17 @@ def head_calls(model):
             "cpu": lambda: op.draft_head_argmax_cpu(*args)}
 
 
-def cpu_decode_step(model, rows, weights):
-    """decode_step's greedy path with the C++ layer and the CPU draft head."""
+def cpu_decode_step(model, rows, weights, stack=False):
+    """decode_step's greedy path with the C++ layer (one call per layer, or one for the stack)
+    and the CPU draft head."""
     c = model.config
     cos, sin = model.rope(rows.cache.max_seq_len)
     x, res = model.embed_tokens(rows.tokens[:, None]), None
-    for i, w in enumerate(weights):
-        k, v = rows.cache.layer(i, rows.n)
+    kv = [rows.cache.layer(i, rows.n) for i in range(len(weights))]
+    if stack:
+        x, res = op._launch_cpu_layers(x, res, weights, c.norm_eps, kv, rows.cache_seqlens, cos,
+                                       sin)
+    for w, (k, v) in zip(weights, kv) if not stack else ():
         x, res = op._launch_cpu(x, res, w, c.norm_eps, k, v, rows.cache_seqlens, cos, sin)
     tokens, _ = op.draft_head_argmax_cpu((x + res)[:, 0], model.norm.weight, c.norm_eps,
                                          model.lm_head.weight)
@@ -105,14 +110,14 @@ def step_calls(model, context):
     layers, weights = range(model.config.n_layers), [layer_weights(b) for b in model.layers]
     prompt = list(range(1, context + 1))
     calls = {}
-    for name in ("torch", "cpu"):
+    for name in ("torch", "cpu", "stack"):
         rows = decode_rows(model, prompt, context + 16)
 
         def run(rows=rows, name=name):
             if name == "torch":
                 decode_step(model, rows, layers)
             else:
-                cpu_decode_step(model, rows, weights)
+                cpu_decode_step(model, rows, weights, stack=name == "stack")
             rows.cache_seqlens.fill_(context)
         calls[name] = run
     return calls
@@ -121,16 +126,16 @@ def step_calls(model, context):
 def greedy_tokens_match(model, prompt, steps):
     weights = [layer_weights(b) for b in model.layers]
     out = {}
-    for name in ("torch", "cpu"):
+    for name in ("torch", "cpu", "stack"):
         rows, tokens = decode_rows(model, prompt, len(prompt) + steps + 1), []
         for _ in range(steps):
             tokens.append(int(rows.tokens[0]))
             if name == "torch":
                 decode_step(model, rows, range(model.config.n_layers))
             else:
-                cpu_decode_step(model, rows, weights)
+                cpu_decode_step(model, rows, weights, stack=name == "stack")
         out[name] = tokens
-    return out["torch"] == out["cpu"], out
+    return out["torch"] == out["cpu"] == out["stack"], out
 
 
 def measure(configs, repeats, seconds=0.01):
@@ -211,9 +216,9 @@ def main():
             for S in (1, 2, 4, 9):
                 ratios[f"{clock}: layer cpu / torch S={S}, {n} thread(s)"] = round(
                     med[("layer", S, "cpu", n)] / med[("layer", S, "torch", n)], 3)
-            for what in ("head", "step"):
-                ratios[f"{clock}: {what} cpu / torch, {n} thread(s)"] = round(
-                    med[(what, 1, "cpu", n)] / med[(what, 1, "torch", n)], 3)
+            for what, path in (("head", "cpu"), ("step", "cpu"), ("step", "stack")):
+                ratios[f"{clock}: {what} {path} / torch, {n} thread(s)"] = round(
+                    med[(what, 1, path, n)] / med[(what, 1, "torch", n)], 3)
     report = {"benchmark": "cpu_step", "machine": machine_info(), "isa": op._cpu.isa(),
               "model": "default (lsk.load_model())", "context": args.context,
               "repeats": args.repeats, "greedy_tokens_identical": same,

@@ -201,6 +201,41 @@ def test_cpu_two_threads_match_one(cpu, generator):
             assert torch.equal(one.view(BITS), two.view(BITS))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_layer_stack_matches_layer_by_layer(threads, cpu, generator):
+    """_launch_cpu_layers (one C++ call for a stack) equals the layers one by one, bit for bit,
+    and the reference stack within tolerance; each layer writes its own cache."""
+    cpu.set_num_threads(threads)
+    B, S, dim, Hq, Hkv, D, hidden, lens = CASES[3]
+    stack = [make_inputs(B, S, dim, Hq, Hkv, D, hidden, lens, True, True, generator)
+             for _ in range(3)]
+    x, res, _, eps, _, _, seqlens, cos, sin = stack[0]
+    weights = [args[2] for args in stack]
+    caches = [(args[4], args[5]) for args in stack]
+    fresh = lambda: [(k.clone(), v.clone()) for k, v in caches]  # noqa: E731
+    one_by_one, stacked, reference = fresh(), fresh(), fresh()
+    d, h = x, res
+    for w, (k, v) in zip(weights, one_by_one):
+        d, h = run_cpu(d, h, w, eps, k, v, seqlens, cos, sin)
+    out = (torch.full_like(x, float("nan")), torch.full_like(x, float("nan")))
+    got = op._launch_cpu_layers(x, res, weights, eps, stacked, seqlens, cos, sin, out=out)
+    assert got[0] is out[0] and got[1] is out[1]
+    assert torch.equal(got[0].view(BITS), d.view(BITS)) and torch.equal(got[1].view(BITS), h.view(BITS))
+    for (k1, v1), (k2, v2) in zip(one_by_one, stacked):
+        assert torch.equal(k1.view(BITS), k2.view(BITS)) and torch.equal(v1.view(BITS), v2.view(BITS))
+    want = op.llama_layers_reference(x, res, weights, eps, reference, seqlens, cos, sin)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=4 * ATOL, rtol=4 * RTOL)
+
+
+def test_cpu_layer_stack_guard(cpu, generator):
+    args = make_inputs(*CASES[3], residual=True, rope=True, generator=generator)
+    x, res, w, eps, k, v, seqlens, cos, sin = args
+    op._launch_cpu_layers(x, res, [w], eps, [(k, v)], seqlens, cos, sin)  # the passing control
+    with pytest.raises(ValueError, match="^kv:"):
+        op._launch_cpu_layers(x, res, [w, w], eps, [(k, v), (k[:, :-1], v)], seqlens, cos, sin)
+
+
 def test_cpu_out_buffers_poisoned(cpu, generator):
     args = make_inputs(*CASES[3], residual=True, rope=True, generator=generator)
     k, v = args[4].clone(), args[5].clone()

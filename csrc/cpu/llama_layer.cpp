@@ -250,7 +250,7 @@ class Pool {
 struct State {
   std::mutex call;  // one call at a time: the buffers and the pool are shared
   Pool pool;
-  Buffer y, qkv, attn, gate_up, act;
+  Buffer y, qkv, attn, gate_up, act, stack;
   std::vector<Buffer> scores, keys;  // per thread
   std::vector<float*> scores_ptr, keys_ptr;
 };
@@ -280,7 +280,9 @@ void run_layer(const LayerArgs& a, const Plan& p, const Team& team) {
 
 }  // namespace
 
-void llama_layer(const LayerArgs& a) {
+namespace {
+
+void check_layer(const LayerArgs& a) {
   // Memory safety only: the op checked shapes and dtypes.
   require(a.batch >= 0 && a.seqlen >= 1 && a.seqlen <= 16, "seqlen must be in [1, 16]");
   require(a.head_dim >= 2 && a.head_dim % 2 == 0 && a.head_dim <= 256,
@@ -296,10 +298,12 @@ void llama_layer(const LayerArgs& a) {
   }
   require(a.rotary_cos == nullptr || a.max_seqlen <= a.rotary_rows,
           "rotary tables need max_seqlen rows");
-  if (a.batch == 0) return;
+}
 
-  State& s = state();
-  std::lock_guard<std::mutex> lock(s.call);
+// One layer, the call lock held.
+void run_locked(State& s, const LayerArgs& a) {
+  int64_t longest = 0;
+  for (int64_t b = 0; b < a.batch; ++b) longest = std::max<int64_t>(longest, a.cache_seqlens[b]);
   const int nt = s.pool.size();
   const int64_t T = a.batch * a.seqlen, D = a.head_dim, G = a.heads_q / a.heads_kv;
   Plan p{};
@@ -329,6 +333,46 @@ void llama_layer(const LayerArgs& a) {
   p.scores = s.scores_ptr.data();
   p.keys = s.keys_ptr.data();
   run_layer(a, p, Team{nt, &s.pool, &Pool::for_each_of});
+}
+
+}  // namespace
+
+void llama_layer(const LayerArgs& a) {
+  check_layer(a);
+  if (a.batch == 0) return;
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.call);
+  run_locked(s, a);
+}
+
+void llama_layers(const LayerArgs& first, int64_t n, const uintptr_t* weights,
+                  const uintptr_t* k_caches, const uintptr_t* v_caches) {
+  check_layer(first);
+  require(n >= 1, "llama_layers needs at least one layer");
+  if (first.batch == 0) return;
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.call);
+  const int64_t rows = first.batch * first.seqlen * first.dim;
+  float* ping = s.stack.get(4 * rows);  // (delta, h) of even layers, then of odd ones
+  LayerArgs a = first;
+  for (int64_t i = 0; i < n; ++i) {
+    const uintptr_t* w = weights + 6 * i;
+    a.w_in = reinterpret_cast<const float*>(w[0]);
+    a.w_qkv = reinterpret_cast<const float*>(w[1]);
+    a.w_o = reinterpret_cast<const float*>(w[2]);
+    a.w_post = reinterpret_cast<const float*>(w[3]);
+    a.w_gate_up = reinterpret_cast<const float*>(w[4]);
+    a.w_down = reinterpret_cast<const float*>(w[5]);
+    a.k_cache = reinterpret_cast<float*>(k_caches[i]);
+    a.v_cache = reinterpret_cast<float*>(v_caches[i]);
+    const bool last = i == n - 1;
+    a.delta = last ? first.delta : ping + (i % 2) * 2 * rows;
+    a.h = last ? first.h : ping + (i % 2) * 2 * rows + rows;
+    run_locked(s, a);
+    a.x = a.delta;
+    a.residual = a.h;
+    a.x_row = a.residual_row = first.dim;
+  }
 }
 
 void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,

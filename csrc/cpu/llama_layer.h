@@ -57,6 +57,14 @@ struct LayerArgs {
 // read or write out of bounds.
 void llama_layer(const LayerArgs& a);
 
+// n layers in one call (a decode step's stack): layer i runs with first's shapes and inputs
+// replaced by weights[6 i .. 6 i + 6) (w_in, w_qkv, w_o, w_post, w_gate_up, w_down),
+// k_caches[i], v_caches[i] (same strides as first's), its x / residual being layer i-1's
+// (delta, h); the last layer writes first.delta and first.h. Saves the caller's per-layer
+// round trip; the results are those of n llama_layer calls, bit for bit.
+void llama_layers(const LayerArgs& first, int64_t n, const uintptr_t* weights,
+                  const uintptr_t* k_caches, const uintptr_t* v_caches);
+
 // The shared head's greedy token: for each of `rows` hidden states h (dim floats, h_row apart),
 // argmax over the vocabulary of lm_head(rms_norm(h) * norm_weight); ties go to the lowest index.
 // tokens: int64 (rows,), max_logit: float (rows,).
