@@ -155,6 +155,14 @@ class Buffer {
 };
 
 // ---------------------------------------------------------------- the thread team
+// Off by default (one thread: the caller). A layer of a small model is ~20 us and four
+// parallel phases, so a pool must hand work over in well under a microsecond, i.e. spin; on a
+// machine whose cores are also busy (torch's own OpenMP team, other processes) a spinning or
+// descheduled helper then costs more than it brings. Measured on the shared 2-core dev box
+// (load 3-5): 2 threads made the default model's layer ~2x slower than 1 (torch's own 2-thread
+// path ~100x slower), so threads are opt-in via set_num_threads for machines whose cores the
+// process owns.
+//
 // The caller is thread 0; pool threads 1..n-1 persist between calls. A parallel phase is
 // published as one 64-bit word (phase id | task count | next task), so claiming a task is one
 // fetch_add that also says which phase it belongs to: a thread that wakes late cannot take a

@@ -21,6 +21,9 @@ contiguous weights, S <= 16, an even head_dim <= 256) and "torch" (the reference
 the ops' references: the oracle). The C++ kernel streams each weight matrix once for all B * S
 positions (one panel of rows at a time, served from L1 to every position), keeps the
 activations in L1, and runs the attention of a KV head's G query heads x S queries together.
+_launch_cpu_layers runs a decode step's stack of layers in one call (llama_layers_reference is
+its oracle). The kernels run on the calling thread; `_cpu.set_num_threads(n)` adds n - 1
+persistent pool threads (see csrc/cpu/llama_layer.cpp for why one is the default).
 """
 import math
 
