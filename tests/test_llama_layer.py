@@ -175,12 +175,15 @@ def test_reference_matches_oracle(case, generator):
 
 
 def test_cpu_without_rope_and_with_strided_inputs(cpu, generator):
-    """No rotary tables; x and residual as column slices of wider tensors (rows not dim apart)."""
+    """No rotary tables; x and residual as column slices of wider tensors (rows not dim apart);
+    cache_seqlens a strided view."""
     x, res, weights, eps, k_cache, v_cache, seqlens, _, _ = make_inputs(
         2, 3, 40, 4, 2, 16, 24, [4, 0], True, False, generator)
     wide_x, wide_r = torch.randn(2, 3, 50, generator=generator), torch.randn(2, 3, 47, generator=generator)
     wide_x[..., 5:45], wide_r[..., :40] = x, res
-    args = (wide_x[..., 5:45], wide_r[..., :40], weights, eps, k_cache, v_cache, seqlens, None, None)
+    strided_seqlens = torch.stack([seqlens, torch.full_like(seqlens, 99)], dim=1)[:, 0]
+    args = (wide_x[..., 5:45], wide_r[..., :40], weights, eps, k_cache, v_cache, strided_seqlens,
+            None, None)
     d_want, h_want, k_want, _ = oracle(x, res, weights, eps, k_cache, v_cache, seqlens, None, None)
     delta, h = run_cpu(*args)
     torch.testing.assert_close(delta.double(), d_want, atol=ATOL, rtol=RTOL)

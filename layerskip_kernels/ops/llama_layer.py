@@ -184,6 +184,8 @@ def _launch_cpu(x, residual, weights, eps, k_cache, v_cache, cache_seqlens, rota
     rope = rotary_cos is not None
     if rope:
         rotary_cos, rotary_sin = _float_rows(rotary_cos), _float_rows(rotary_sin)
+    if cache_seqlens.stride(0) != 1:
+        cache_seqlens = cache_seqlens.contiguous()
     w_in, qkv, o, post, gate_up, down = weights
     _cpu.llama_layer(
         x.data_ptr(), 0 if residual is None else residual.data_ptr(), x_row, res_row,
@@ -237,6 +239,8 @@ def _launch_cpu_layers(x, residual, layer_weights, eps, kv, cache_seqlens, rotar
     rope = rotary_cos is not None
     if rope:
         rotary_cos, rotary_sin = _float_rows(rotary_cos), _float_rows(rotary_sin)
+    if cache_seqlens.stride(0) != 1:
+        cache_seqlens = cache_seqlens.contiguous()
     qkv, down = layer_weights[0][1], layer_weights[0][5]
     _cpu.llama_layers(
         x.data_ptr(), 0 if residual is None else residual.data_ptr(), x_row, res_row,
