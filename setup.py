@@ -94,8 +94,49 @@ class NinjaBuildExt(build_ext):
         shutil.copyfile(target, out)
 
 
+# ---------------------------------------------------------------- layerskip_kernels._cpu
+# The CPU kernels (csrc/cpu/*.cpp + python/cpu_bindings.cpp): torch-free pybind11 built by the
+# host C++ compiler through setuptools itself, with or without nvcc. csrc/cpu/llama_layer.cpp
+# compiles its kernels for AVX-512, AVX2 and the baseline and picks one at run time, so no
+# -march flag is needed (the wheel runs on any x86-64 or aarch64 machine).
+# The build degrades instead of failing: without pybind11 (a plain `setup.py` run outside pip's
+# isolated build), on MSVC (the kernels use GCC / clang vector extensions) or when the compiler
+# fails, the package installs without _cpu and the ops use their PyTorch references (CI's test
+# of the kernels fails instead of skipping when _cpu is missing there).
+def cpu_extensions():
+    import sys
+
+    try:
+        from pybind11.setup_helpers import Pybind11Extension
+    except ImportError:
+        print("warning: pybind11 is not installed: layerskip_kernels._cpu is not built")
+        return []
+    if sys.platform == "win32":
+        print("warning: layerskip_kernels._cpu needs GCC or clang: not built on Windows")
+        return []
+    return [Pybind11Extension(
+        "layerskip_kernels._cpu",
+        [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("csrc/cpu/*.cpp"))]
+        + ["python/cpu_bindings.cpp"],
+        include_dirs=["csrc/cpu"], cxx_std=17,
+        extra_compile_args=["-O3", "-ffp-contract=fast", "-Wno-psabi"],
+        extra_link_args=["-pthread"])]
+
+
+class BuildExt(NinjaBuildExt):
+    """_C through nvcc and ninja (NinjaBuildExt), _cpu through setuptools' own C++ build."""
+
+    def build_extension(self, ext):
+        if ext.name != "layerskip_kernels._cpu":
+            return super().build_extension(ext)
+        try:
+            build_ext.build_extension(self, ext)
+        except Exception as error:  # CompileError, LinkError: keep the pure-Python install
+            print(f"warning: layerskip_kernels._cpu failed to build ({error}): not built")
+
+
 ext_modules = []
 if find_nvcc():
     ext_modules.append(Extension("layerskip_kernels._C", [str(p.relative_to(ROOT)) for p in SOURCES]))
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": NinjaBuildExt})
+setup(ext_modules=ext_modules + cpu_extensions(), cmdclass={"build_ext": BuildExt})
