@@ -10,6 +10,11 @@ try:
 except ImportError:  # pure-Python install: no nvcc, or LAYERSKIP_BUILD_CUDA=0
     _C = None
 
+try:
+    from . import _cpu
+except ImportError:  # built without the CPU kernels (no pybind11 at build time)
+    _cpu = None
+
 # Keep in sync with lsk::DType in csrc/common.cuh.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -27,3 +32,9 @@ def cuda_unavailable_reason():
 
 def cuda_available() -> bool:
     return cuda_unavailable_reason() is None
+
+
+def cpu_unavailable_reason():
+    """None when the "cpu" backend (layerskip_kernels._cpu) can run, else why not."""
+    return None if _cpu is not None else (
+        "layerskip_kernels._cpu is not built (setup.py build_ext; needs pybind11)")

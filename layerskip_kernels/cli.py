@@ -24,6 +24,7 @@ from .benchmark import compare, dtype_name
 from .decoding import generate
 from .decoding.generate import AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES
 from .model import load_model, load_tokenizer
+from .ops.kernels import PREFERENCES
 from .model.checkpoint import DEFAULT_MODEL
 from .model.parallel import is_first_rank
 from .model.tokenizer import Llama2cTokenizer
@@ -514,7 +515,7 @@ def add_model_args(p, backend=True):
     p.add_argument("--device", metavar="DEVICE",
                    default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
     if backend:
-        p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"],
+        p.add_argument("--backend", default="auto", choices=list(PREFERENCES),
                        help="kernel backend preference")
 
 

@@ -85,7 +85,8 @@ def test_routing_table_from_the_quick_json(tmp_path):
     assert len(written) == 1 and written[0].with_suffix(".md").exists()
     table = json.loads(written[0].read_text())
     assert {r["op"] for r in table["rows"]} == set(routing.OPS)
-    assert all(r["auto"] == "torch" and r["verdict"] == "ok" for r in table["rows"])
+    assert all(r["auto"] in ("torch", "cpu") for r in table["rows"])  # a CPU: no GPU kernel
+    assert all(r["verdict"] == "ok" for r in table["rows"] if r["auto"] == "torch")
     assert table["routing_rules"]["draft_head_argmax"][0]["argument"] == "h"
     assert table["routing_rules"]["greedy_accept"] == []
 

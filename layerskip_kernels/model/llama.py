@@ -151,9 +151,24 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = FeedForward(c)
 
+    def fused_weights(self):
+        """The weights a fused layer kernel (ops.llama_layer) takes, or None when a projection
+        is not a plain nn.Linear (tensor-parallel, quantized...): then the block runs its
+        modules."""
+        linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj,
+                   self.mlp.down_proj)
+        if any(type(m) is not nn.Linear for m in linears):
+            return None
+        return (self.input_layernorm.weight, self.self_attn.qkv_proj.weight,
+                self.self_attn.o_proj.weight, self.post_attention_layernorm.weight,
+                self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight)
+
     def forward(self, x, residual, step, kv=None):
         """The block's output is delta + residual, returned apart so that the next norm fuses
         the add. residual None: x is the whole input."""
+        fused = step.layer(self, x, residual, kv) if kv is not None else None
+        if fused is not None:
+            return fused
         y, residual = self.input_layernorm(x, residual, step.norm)
         a = self.self_attn(y, step, kv)
         y, residual = self.post_attention_layernorm(a, residual, step.norm)
@@ -214,6 +229,10 @@ class Llama(nn.Module):
         applies layer i as it likes: run(h) is the layer's output on h (layer dropout runs it
         on some rows; exit evaluation keeps every hidden state)."""
         step = step or self.step(queries=h.shape[1])
+        if each is None and cache is not None:
+            fused = step.layers(self, h, layers, cache)
+            if fused is not None:
+                return fused
         rows = h.shape[0]
         kv = (lambda i: cache.layer(i, rows)) if cache is not None else (lambda i: None)
         if each is not None:

@@ -5,12 +5,14 @@ checked by the op) and `limits(*args)`, which returns None when the backend can 
 or else (argument, what the backend needs, what came). The backends:
 
   "cuda"    csrc/ kernels through layerskip_kernels._C: CUDA tensors, when _C was built
+  "cpu"     csrc/cpu/ kernels through layerskip_kernels._cpu: CPU tensors, when _cpu was built
   "triton"  Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests)
   "torch"   the PyTorch reference: every device and every shape
 
 How a call picks a backend:
   backend="auto"    on a GPU, the first backend in the op's order that runs there and whose
-                    limits take this call (so "torch" when no kernel does); on a CPU, "torch".
+                    limits take this call (so "torch" when no kernel does); on a CPU, "cpu"
+                    when the op has it and its limits take the call, else "torch".
   backend=<name>    that backend; a ValueError naming the argument it cannot take, or a
                     RuntimeError when it cannot run on the device at all.
   a preference      (a model's backend, `Op.prefer`): that backend when it takes the call,
@@ -21,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .._ext import cuda_available
+from .._ext import cpu_unavailable_reason, cuda_available
 from ._checks import check
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -37,6 +39,9 @@ def _why_not_on(name, device):
     """None when backend `name` can run on `device`, else why not."""
     if name == "torch":
         return None
+    if name == "cpu":
+        return cpu_unavailable_reason() if device.type == "cpu" else (
+            "the cpu backend runs on CPU tensors")
     if name == "triton":
         return None if triton_available(device) else (
             "triton is not installed, or the tensors are on the CPU without TRITON_INTERPRET=1")
@@ -87,6 +92,9 @@ class Op:
 
     def _auto(self, device, args):
         if device.type != "cuda":
+            cpu = self.impls.get("cpu")
+            if cpu and not _why_not_on("cpu", device) and not cpu.why_not(args):
+                return "cpu"
             return "torch"
         return next(name for name, impl in self.impls.items()
                     if not _why_not_on(name, device) and not impl.why_not(args))

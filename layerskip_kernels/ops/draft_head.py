@@ -116,7 +116,18 @@ def _kernel_limits(h, norm_weight, eps, lm_head_weight, k=1):
     return None
 
 
-DRAFT_HEAD_ARGMAX = Op("draft_head_argmax", {"triton": Impl(_triton_argmax, _kernel_limits),
+def _cpu_argmax(h, norm_weight, eps, lm_head_weight):
+    from .llama_layer import draft_head_argmax_cpu
+    return draft_head_argmax_cpu(h, norm_weight, eps, lm_head_weight)
+
+
+def _cpu_limits(*args):
+    from .llama_layer import draft_head_cpu_limits
+    return draft_head_cpu_limits(*args)
+
+
+DRAFT_HEAD_ARGMAX = Op("draft_head_argmax", {"cpu": Impl(_cpu_argmax, _cpu_limits),
+                                             "triton": Impl(_triton_argmax, _kernel_limits),
                                              "torch": Impl(draft_head_argmax_reference)})
 DRAFT_HEAD_TOPK = Op("draft_head_topk", {"triton": Impl(_triton_topk, _kernel_limits),
                                          "torch": Impl(draft_head_topk_reference)})

@@ -17,10 +17,11 @@ from .attention_with_kvcache import (ATTENTION, attend, causal_attention, plan_a
                                      rotary_factors)
 from .draft_head import DRAFT_HEAD_ARGMAX
 from .greedy_accept import GREEDY_ACCEPT
+from .llama_layer import LLAMA_LAYER, _launch_cpu_layers
 from .rms_norm import RMS_NORM
 from .silu_mul import SILU_MUL
 
-PREFERENCES = ("auto", "cuda", "triton", "torch")
+PREFERENCES = ("auto", "cuda", "triton", "cpu", "torch")
 
 
 class Kernels:
@@ -68,7 +69,7 @@ class Kernels:
         tokens per row at cache_seqlens + i), else Causal (positions 0..queries-1, no cache)."""
         if cache_seqlens is None:
             return Causal(self, rotary_factors(rope[0][:queries], rope[1][:queries]), training)
-        return Decode(self, config, rope, cache_seqlens, queries)
+        return Decode(self, config, rope, cache_seqlens, queries, training)
 
     def prefill_step(self, rope, length):
         """A prompt of `length` positions from 0, written to the cache (see Causal)."""
@@ -90,12 +91,20 @@ class Causal:
     def silu_mul(self, gate_up):
         return self.kernels.silu_mul(gate_up, self.training)(gate_up)
 
+    def layer(self, block, x, residual, kv):
+        """The whole block as one fused call, or None: it runs op by op."""
+        return None
+
+    def layers(self, model, h, layers, cache):
+        """The hidden states after `layers`, all in one fused call, or None."""
+        return None
+
 
 class Decode(Causal):
     """`queries` new tokens per row written at cache_seqlens[b] + i, attending to the cache."""
 
-    def __init__(self, kernels, config, rope, cache_seqlens, queries):
-        super().__init__(kernels, None)
+    def __init__(self, kernels, config, rope, cache_seqlens, queries, training=False):
+        super().__init__(kernels, None, training)
         self.config, self.rope, self.cache_seqlens, self.queries = (config, rope, cache_seqlens,
                                                                      queries)
         self.plan = None  # the reference path's shared work, made by the first layer using it
@@ -109,3 +118,42 @@ class Decode(Causal):
             self.plan = plan_attention(self.cache_seqlens, self.queries, kv[0].shape[1],
                                        *self.rope)
         return attend(q, kv[0], kv[1], k, v, self.plan)
+
+    def _fused(self, block, x, residual, kv):
+        """The fused layer's launcher and arguments when its pick for this shape is a kernel
+        (the "cpu" backend), else None. Not while training or compiling (no autograd, no
+        custom op): the blocks then run op by op."""
+        if self.training or torch.compiler.is_compiling():
+            return None
+        weights = block.fused_weights()
+        if weights is None:
+            return None
+        args = lambda: (x, residual, weights, block.input_layernorm.eps,  # noqa: E731
+                        kv[0], kv[1], self.cache_seqlens, *self.rope)
+        run = self.kernels.pick(LLAMA_LAYER, (x.device, x.dtype, self.queries, kv[0].shape[3]),
+                                args)
+        return None if run is LLAMA_LAYER.impls["torch"].run else (run, args())
+
+    def layer(self, block, x, residual, kv):
+        fused = self._fused(block, x, residual, kv)
+        return None if fused is None else fused[0](*fused[1])
+
+    def layers(self, model, h, layers, cache):
+        """A decode step's layers in one C++ call (ops.llama_layer's stack), or None."""
+        layers, rows = list(layers), h.shape[0]
+        if not layers:
+            return h
+        blocks = [model.layers[i] for i in layers]
+        if any(b._forward_hooks or b._forward_pre_hooks for b in blocks):
+            return None  # someone watches the blocks: call them one by one
+        weights = [b.fused_weights() for b in blocks]
+        if None in weights:
+            return None
+        fused = self._fused(model.layers[layers[0]], h, None, cache.layer(layers[0], rows))
+        if fused is None:
+            return None
+        eps = model.layers[layers[0]].input_layernorm.eps
+        delta, residual = _launch_cpu_layers(
+            h, None, weights, eps,
+            [cache.layer(i, rows) for i in layers], self.cache_seqlens, *self.rope)
+        return delta + residual
