@@ -266,11 +266,15 @@ def format_table(report):
 
 
 def load_prompts(model, prompts_path, tokenizer):
-    """(prompts, labels): one prompt per non-empty line of prompts_path (needs a tokenizer),
-    else BOS alone. The labels name each prompt's source for error messages."""
+    """(prompts, labels): one prompt per non-empty line of prompts_path (needs a tokenizer);
+    a .json file instead holds a list of prompts, each a string (needs a tokenizer; may span
+    lines, as code does) or a list of token ids; no file: BOS alone. The labels name each
+    prompt's source for error messages."""
     if not prompts_path:
         bos = model.config.bos_token_id
         return [[bos if bos is not None else 0]], ["the default prompt (BOS)"]
+    if str(prompts_path).endswith(".json"):
+        return _json_prompts(prompts_path, tokenizer)
     if tokenizer is None:
         raise ValueError("--prompts: a prompts file needs --tokenizer")
     if isinstance(tokenizer, (str, Path)):
@@ -280,6 +284,27 @@ def load_prompts(model, prompts_path, tokenizer):
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
     return ([tokenizer.encode(line) for _, line in numbered],
             [f"--prompts {prompts_path} line {n}" for n, _ in numbered])
+
+
+def _json_prompts(path, tokenizer):
+    try:
+        items = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--prompts {path}: expected a JSON list of prompts, got invalid "
+                         f"JSON ({error})") from None
+    ok = isinstance(items, list) and items and all(
+        isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(i, int) for i in p))
+        for p in items)
+    if not ok:
+        raise ValueError(f"--prompts {path}: expected a non-empty JSON list of strings or of "
+                         "non-empty token-id lists")
+    if any(isinstance(p, str) for p in items) and tokenizer is None:
+        raise ValueError("--prompts: text prompts need --tokenizer")
+    if isinstance(tokenizer, (str, Path)):
+        from .model import load_tokenizer
+        tokenizer = load_tokenizer(tokenizer)
+    prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in items]
+    return prompts, [f"--prompts {path} item {n}" for n in range(len(items))]
 
 
 class Progress:

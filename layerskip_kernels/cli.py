@@ -618,7 +618,8 @@ def build_parser():
                    "--max-new-tokens tokens unless the model config has an EOS.")
     add_model_args(p)
     p.add_argument("--prompts", metavar="FILE",
-                   help="a text file, one prompt per line (default: BOS only)")
+                   help="a text file, one prompt per line, or a .json list of prompts (strings "
+                   "or token-id lists) (default: BOS only)")
     p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=200,
                    help="new tokens per prompt")
     _add_timing_args(p, repeats=5)
@@ -639,7 +640,8 @@ def build_parser():
                    '("complete": false); DIR/sweep_heatmap.png comes at the end.')
     add_model_args(p)
     p.add_argument("--prompts", metavar="FILE",
-                   help="a text file, one prompt per line (needs a tokenizer)")
+                   help="a text file, one prompt per line, or a .json list of prompts (strings "
+                   "or token-id lists)")
     p.add_argument("--exit-layers", metavar="E,...",
                    default="1,2,3", help="comma list of exit layers E")
     p.add_argument("--draft-lengths", metavar="K,...",

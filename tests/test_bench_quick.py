@@ -328,3 +328,19 @@ def test_kernel_time_control_flow_with_a_fake_cuda(monkeypatch, capture_fails, s
     assert info["input_copies"] == copies and ("rotating" in info["timing"]) == rotate
     assert ("capture_failed" in info) == capture_fails
     assert info["timing"].startswith("eager" if capture_fails else "graph")
+
+
+def test_json_prompts_hold_text_across_lines_or_ids(tmp_path):
+    """A .json prompts file: strings (code spans lines) or token-id lists, in order."""
+    from layerskip_kernels.benchmark import load_prompts
+    import layerskip_kernels as lsk
+    model, tokenizer = lsk.load_model(), lsk.load_tokenizer()
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(["def f(x):\n    return x", [0, 5, 6]]))
+    prompts, labels = load_prompts(model, path, tokenizer)
+    assert prompts == [tokenizer.encode("def f(x):\n    return x"), [0, 5, 6]]
+    assert labels[1].endswith("item 1")
+    for bad in ("[]", "[[]]", '["a", 3]', "{", '[["x"]]'):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="--prompts"):
+            load_prompts(model, path, tokenizer)
