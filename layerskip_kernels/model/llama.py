@@ -185,7 +185,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.kernels = Kernels()  # the ops' backend preference: "auto", "cuda", "triton", "torch"
+        self.kernels = Kernels()  # the backend preference: ops.kernels.PREFERENCES
         self._rope = None
 
     @property
