@@ -43,7 +43,7 @@ SANITIZE_GRID = [
 
 def sanitize():
     """Every GPU backend of each op on SANITIZE_GRID, checked against the torch reference."""
-    from layerskip_kernels.ops import attention_with_kvcache, kv_cache_append
+    from layerskip_kernels.ops import attention_with_kvcache
     gen = torch.Generator("cuda").manual_seed(0)
     calls, failures = 0, []
     for B, Sq, Hq, Hkv, D, lengths, Smax, dtype in SANITIZE_GRID:

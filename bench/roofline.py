@@ -168,7 +168,7 @@ def roofline_case(model, batch, exit_layer, draft_lengths, context, bandwidth, g
     from layerskip_kernels.decoding.autoregressive import decode_step
     from layerskip_kernels.decoding.self_speculative import ExitDraft, greedy_round
     from layerskip_kernels.decoding.state import DecodeState
-    c, device = model.config, model.embed_tokens.weight.device
+    c = model.config
     L, E = c.n_layers, exit_layer
     state = DecodeState(model, batch, context + max(draft_lengths) + 1, max(draft_lengths),
                         graphs=False)
@@ -208,7 +208,6 @@ def roofline_case(model, batch, exit_layer, draft_lengths, context, bandwidth, g
             str(a): {"leviathan": projected_speedup(a, k, row["c"]),
                      "measured_verify": projected_speedup(a, k, row["c"], row[f"v_k{k}"])}
             for a in ACCEPTANCES}
-    del state, drafter
     return row
 
 

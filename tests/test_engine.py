@@ -10,7 +10,7 @@ import layerskip_kernels as lsk
 from layerskip_kernels.decoding.autoregressive import decode_step
 from layerskip_kernels.decoding.self_speculative import ExitDraft, SkipDraft, greedy_round
 from layerskip_kernels.decoding.state import DecodeState, decode_state
-from layerskip_kernels.model.llama import hf_state_dict
+from layerskip_kernels.model.checkpoint import hf_state_dict
 from layerskip_kernels.ops import library
 
 VOCAB = 61

@@ -327,7 +327,7 @@ def test_head_argmax_topk_and_logits_match_tp1(ranks, models, name):
 
 def _tensor_bytes(model):
     """name -> bytes of each checkpoint tensor (HF names without "model.")."""
-    from layerskip_kernels.model.llama import hf_state_dict
+    from layerskip_kernels.model.checkpoint import hf_state_dict
     state = hf_state_dict(model)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
@@ -376,7 +376,8 @@ if __name__ == "__main__":
 def test_a_shard_is_not_exported_as_a_model():
     """hf_state_dict (and so save_hf_directory) refuses a rank's shard: it would write the
     shard's tensors under the whole model's names."""
-    from layerskip_kernels.model.llama import Llama, LlamaConfig, hf_state_dict
+    from layerskip_kernels.model.checkpoint import hf_state_dict
+    from layerskip_kernels.model.llama import Llama, LlamaConfig
     shard = Llama(LlamaConfig(vocab_size=8, dim=8, n_layers=1, n_heads=2, hidden_dim=8))
     shard.global_config = shard.config
     with pytest.raises(ValueError, match="^model: expected a whole model"):

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..ops._checks import check, fail
-from .llama import Llama, LlamaConfig, hf_state_dict
+from .llama import Llama, LlamaConfig
 
 # dtype names load_model and the CLI accept; "auto" (the checkpoint's dtype) comes on top.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -438,6 +438,27 @@ def load_llama2c(path):
         for name in ("gate_proj", "up_proj", "down_proj"):
             state[f"layers.{i}.mlp.{name}.weight"] = weights[name][i]
     return _from_state_dict(c, state)
+
+
+def hf_state_dict(model):
+    """model's weights under Hugging Face Llama names (fused projections split again)."""
+    if hasattr(model, "global_config"):
+        raise ValueError("model: expected a whole model, got one tensor-parallel rank's shard "
+                         "(export from a tp=1 load)")
+    c, state = model.config, {}
+    for name, tensor in model.state_dict().items():
+        prefix = name.rsplit(".", 2)[0] + "."
+        if name.endswith("qkv_proj.weight"):
+            parts = tensor.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
+                                  c.n_kv_heads * c.head_dim])
+            state.update(zip((prefix + p for p in ("q_proj.weight", "k_proj.weight",
+                                                    "v_proj.weight")), parts))
+        elif name.endswith("gate_up_proj.weight"):
+            state.update(zip((prefix + p for p in ("gate_proj.weight", "up_proj.weight")),
+                             tensor.chunk(2)))
+        else:
+            state[name] = tensor
+    return state
 
 
 def save_hf_directory(model, path):

@@ -2,17 +2,16 @@
 
 Q, K and V share one projection (qkv_proj), gate and up another (gate_up_proj), as in
 gpt-fast: one GEMM each. Checkpoints keep Hugging Face's names: a load_state_dict pre-hook
-fuses them (model.layers.N.self_attn.q_proj.weight, ...) and `hf_state_dict` splits them again.
+fuses them (model.layers.N.self_attn.q_proj.weight, ...) and checkpoint.hf_state_dict splits
+them again.
 """
 import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.kernels import Kernels
-from ..ops.attention_with_kvcache import rotary_factors, rotate
 
 
 @dataclass
@@ -49,6 +48,7 @@ class KVCache:
         shape = (config.n_layers, batch_size, max_seq_len, config.n_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._views = {}  # rows -> every layer's (k, v) views: made once, as steps ask per layer
 
     @property
     def max_seq_len(self):
@@ -57,7 +57,11 @@ class KVCache:
     def layer(self, i, rows=None):
         """Layer i's (k, v), (batch, max_seq_len, n_kv_heads, head_dim), of the first `rows`
         rows: a contiguous view, so a smaller batch runs in the same buffers."""
-        return self.k[i, :rows], self.v[i, :rows]
+        views = self._views.get(rows)
+        if views is None:
+            views = self._views[rows] = list(zip(self.k[:, :rows].unbind(0),
+                                                 self.v[:, :rows].unbind(0)))
+        return views[i]
 
     def move_rows(self, index):
         """Rows `index` (1-D, on the cache's device) become rows 0..len(index)-1."""
@@ -154,14 +158,17 @@ class Block(nn.Module):
     def fused_weights(self):
         """The weights a fused layer kernel (ops.llama_layer) takes, or None when a projection
         is not a plain nn.Linear (tensor-parallel, quantized...): then the block runs its
-        modules."""
-        linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj,
-                   self.mlp.down_proj)
-        if any(type(m) is not nn.Linear for m in linears):
+        modules. Read through _modules / _parameters: a CPU decode step asks once per layer,
+        and nn.Module.__getattr__'s hops would cost more than the layer's norms."""
+        attn, mlp = self._modules["self_attn"]._modules, self._modules["mlp"]._modules
+        qkv, o, gate_up, down = (attn["qkv_proj"], attn["o_proj"], mlp["gate_up_proj"],
+                                 mlp["down_proj"])
+        if not type(qkv) is type(o) is type(gate_up) is type(down) is nn.Linear:
             return None
-        return (self.input_layernorm.weight, self.self_attn.qkv_proj.weight,
-                self.self_attn.o_proj.weight, self.post_attention_layernorm.weight,
-                self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight)
+        return (self._modules["input_layernorm"]._parameters["weight"],
+                qkv._parameters["weight"], o._parameters["weight"],
+                self._modules["post_attention_layernorm"]._parameters["weight"],
+                gate_up._parameters["weight"], down._parameters["weight"])
 
     def forward(self, x, residual, step, kv=None):
         """The block's output is delta + residual, returned apart so that the next norm fuses
@@ -274,24 +281,3 @@ class Llama(nn.Module):
         h = self.run_layers(self.embed_tokens(tokens), layers, step, cache)
         last = h[torch.arange(len(h), device=h.device), lengths.long() - 1]
         return self.head(last)
-
-
-def hf_state_dict(model):
-    """model's weights under Hugging Face Llama names (fused projections split again)."""
-    if hasattr(model, "global_config"):
-        raise ValueError("model: expected a whole model, got one tensor-parallel rank's shard "
-                         "(export from a tp=1 load)")
-    c, state = model.config, {}
-    for name, tensor in model.state_dict().items():
-        prefix = name.rsplit(".", 2)[0] + "."
-        if name.endswith("qkv_proj.weight"):
-            parts = tensor.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
-                                  c.n_kv_heads * c.head_dim])
-            state.update(zip((prefix + p for p in ("q_proj.weight", "k_proj.weight",
-                                                    "v_proj.weight")), parts))
-        elif name.endswith("gate_up_proj.weight"):
-            state.update(zip((prefix + p for p in ("gate_proj.weight", "up_proj.weight")),
-                             tensor.chunk(2)))
-        else:
-            state[name] = tensor
-    return state

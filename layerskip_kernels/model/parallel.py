@@ -413,7 +413,7 @@ def load_model_tp(path=None, tp=None, dtype=torch.float32, device="cpu", backend
 
 def shard_model(model, tp=None, group=None, device=None, backend=None):
     """This rank's ParallelLlama of a whole in-memory Llama (every rank holds `model`)."""
-    from .llama import hf_state_dict
+    from .checkpoint import hf_state_dict
     tp = dist.get_world_size(group) if tp is None else tp
     plan = shard_plan(model.config, tp, _group_rank(tp, group))
     source = StateDictSource(hf_state_dict(model))
