@@ -57,11 +57,30 @@ def write_atomic(path, text):
         tmp.write_text(text)
 
 
-def _ours(model, prompts, max_new_tokens, **kwargs):
+def _ours(model, prompts, max_new_tokens, batch_size=None, **kwargs):
+    """A run of generate() over the prompts, in batches of batch_size (None: all at once):
+    (tokens, stats) with the batches' round counts summed."""
+    size = batch_size or len(prompts)
+
     def run():
-        result = generate(model, prompts, max_new_tokens=max_new_tokens, **kwargs)
-        return result.tokens, result.stats
+        tokens, stats = [], {}
+        for first in range(0, len(prompts), size):
+            result = generate(model, prompts[first:first + size],
+                              max_new_tokens=max_new_tokens, **kwargs)
+            tokens += result.tokens
+            for key, value in result.stats.items():
+                summed = key in SUMMED and key in stats
+                stats[key] = stats[key] + value if summed else value
+        if "drafted" in stats:
+            stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
+            stats["tokens_per_round"] = ((stats["accepted"] + stats["row_rounds"])
+                                         / max(stats["row_rounds"], 1))
+        return tokens, stats
     return run
+
+
+SUMMED = ("rounds", "row_rounds", "drafted", "accepted", "new_tokens", "time_s", "prefill_s",
+          "capture_s")
 
 
 def best_of_runs(model, prompts, max_new_tokens, repeats=3, **settings):
@@ -103,7 +122,7 @@ def _load_transformers(model, dtype):
 
 
 def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, speedups,
-                   with_transformers, cuda_graphs=None):
+                   with_transformers, cuda_graphs=None, batch_size=None):
     """(name, settings, callable) for every strategy to time; cuda_graphs goes to each of our
     generate() calls (False: eager even on CUDA)."""
     L = model.config.n_layers
@@ -123,7 +142,8 @@ def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, s
                  {"strategy": "self_speculative", "draft": "layer_skip", "speedup": s,
                   "num_speculations": k}) for s in speedups for k in draft_lengths]
     timed = [(name, settings,
-              _ours(model, prompts, max_new_tokens, cuda_graphs=cuda_graphs, **settings))
+              _ours(model, prompts, max_new_tokens, batch_size, cuda_graphs=cuda_graphs,
+                    **settings))
              for name, settings in configs]
     if with_transformers:
         hf = _load_transformers(model, model.embed_tokens.weight.dtype)
@@ -211,17 +231,17 @@ DRAFT_LENGTHS = (1, 2, 4, 8)  # run_benchmark's default k grid
 
 def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_layers=None,
                   draft_lengths=DRAFT_LENGTHS, speedups=(1.25, 1.5), with_transformers=True,
-                  progress=None, cuda_graphs=None, on_repeat=None):
+                  progress=None, cuda_graphs=None, on_repeat=None, batch_size=None):
     """Time every configuration; the report: machine, threads, settings, "complete" and the
     result rows. on_repeat(report), if given, gets the report of the repetitions done so far
     after each one ("complete": false, settings["repeats_done"])."""
     timed = configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths,
-                           speedups, with_transformers, cuda_graphs)
+                           speedups, with_transformers, cuda_graphs, batch_size)
     machine = machine_info()
     settings = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "repeats": repeats,
                 "warmup": warmup, "greedy": True,
                 "dtype": dtype_name(next(iter(model.parameters())).dtype),
-                "cuda_graphs": cuda_graphs}
+                "cuda_graphs": cuda_graphs, "batch_size": batch_size or len(prompts)}
 
     def report(results, done):
         hf_base = next((r["tokens_per_s"] for r in results
@@ -239,14 +259,14 @@ def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_
 
 
 def compare(model, prompts, max_new_tokens, repeats=3, warmup=1, cuda_graphs=None,
-            eos_token_id=None, progress=None, **speculative):
+            eos_token_id=None, progress=None, batch_size=None, **speculative):
     """Greedy autoregressive against self-speculative decoding, interleaved: result rows
-    and the outputs of each. cuda_graphs and eos_token_id go to both."""
+    and the outputs of each. cuda_graphs, eos_token_id and batch_size go to both."""
     common = {"cuda_graphs": cuda_graphs, "eos_token_id": eos_token_id}
-    timed = [("autoregressive", {}, _ours(model, prompts, max_new_tokens, **common)),
+    timed = [("autoregressive", {}, _ours(model, prompts, max_new_tokens, batch_size, **common)),
              ("self_speculative", speculative,
-              _ours(model, prompts, max_new_tokens, strategy="self_speculative", **common,
-                    **speculative))]
+              _ours(model, prompts, max_new_tokens, batch_size, strategy="self_speculative",
+                    **common, **speculative))]
     return time_interleaved(timed, repeats, warmup, progress)
 
 
@@ -372,7 +392,8 @@ def main_bench(args):
         with Progress(getattr(args, "quiet", False)) as progress:
             report = run_benchmark(model, prompts, args.max_new_tokens, args.repeats,
                                    args.warmup, with_transformers=not args.no_transformers,
-                                   progress=progress, cuda_graphs=cuda_graphs, on_repeat=keep)
+                                   progress=progress, cuda_graphs=cuda_graphs, on_repeat=keep,
+                                   batch_size=getattr(args, "batch_size", None))
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_kept(output, done, args.repeats)) from None
     report["settings"]["model"] = args.model

@@ -462,7 +462,7 @@ def cmd_compare(args):
         results, outputs = compare(model, prompts, args.max_new_tokens, args.repeats,
                                    args.warmup, cuda_graphs=_cuda_graphs(args),
                                    eos_token_id=eos, progress=progress,
-                                   exit_layer=args.exit_layer,
+                                   batch_size=args.batch_size, exit_layer=args.exit_layer,
                                    num_speculations=args.num_speculations)
     for row in results:
         print(f"== {row['name']} ==")
@@ -546,7 +546,11 @@ def _subparser(sub, name, help, description=None):
 
 
 def _add_timing_args(p, repeats):
-    """--repeats, --warmup, --threads: how compare, bench and sweep time their runs."""
+    """--repeats, --warmup, --threads, --batch-size: how compare, bench and sweep time their
+    runs."""
+    p.add_argument("--batch-size", metavar="N", type=int_at_least(1),
+                   help="decode the prompts in batches of N (default: all in one batch; 1: "
+                   "each prompt alone, as a single user would)")
     p.add_argument("--repeats", metavar="N",
                    type=int_at_least(1), default=repeats, help="timed runs of each")
     p.add_argument("--warmup", metavar="N",

@@ -141,7 +141,8 @@ def main_sweep(args):
                                    draft_lengths=draft_lengths, speedups=(),
                                    with_transformers=False, progress=progress,
                                    cuda_graphs=False if getattr(args, "no_cuda_graphs", False)
-                                   else None, on_repeat=keep)
+                                   else None, on_repeat=keep,
+                                   batch_size=getattr(args, "batch_size", None))
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_kept(out / "sweep.json", done, args.repeats)) from None
     report["settings"].update(model=args.model, exit_layers=exit_layers,

@@ -344,3 +344,20 @@ def test_json_prompts_hold_text_across_lines_or_ids(tmp_path):
         path.write_text(bad)
         with pytest.raises(ValueError, match="--prompts"):
             load_prompts(model, path, tokenizer)
+
+
+def test_batch_size_decodes_prompts_alone_and_sums_the_rounds():
+    """bench / sweep / compare --batch-size 1: each prompt decoded alone, the same tokens as
+    one batch, the rounds of every call summed into one acceptance."""
+    from layerskip_kernels.benchmark import _ours
+    import layerskip_kernels as lsk
+    model = lsk.load_model()
+    prompts = [[0, 5, 6, 7], [0, 9], [0, 11, 12]]
+    kw = dict(strategy="self_speculative", exit_layer=2, num_speculations=3, eos_token_id=[])
+    together, stats = _ours(model, prompts, 12, **kw)()
+    alone, alone_stats = _ours(model, prompts, 12, batch_size=1, **kw)()
+    assert alone == together
+    each = [lsk.generate(model, [p], 12, **kw).stats for p in prompts]
+    assert alone_stats["drafted"] == sum(s["drafted"] for s in each)
+    assert alone_stats["acceptance_rate"] == sum(s["accepted"] for s in each) / sum(
+        s["drafted"] for s in each)
