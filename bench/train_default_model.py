@@ -11,9 +11,14 @@ greedy self-speculative decoding, and they are written into config.json ("layers
     python bench/train_default_model.py --output /tmp/tiny --steps 30 --dim 64 --layers 4 \
         --heads 4 --hidden 128 --vocab 512 --seq-len 64 --batch-size 4   # smoke test
 
-At the defaults (3.5M parameters, 14 MB) training stops after at most 3000 steps or what
---minutes 50 allows (measured after 10 steps); pass --minutes 0 and --steps N to reproduce
-a run exactly.
+At the defaults training stops after at most 3000 steps or what --minutes 50 allows
+(measured after 10 steps); pass --minutes 0 and --steps N to reproduce a run exactly.
+--init-from DIR continues a checkpoint instead (its tokenizer and shape; layer dropout with a
+constant time schedule, as in continual pretraining), e.g. with other --exit-weights.
+
+The (E, k) recommended in config.json is the fastest exact pair of a sweep timed as
+`layerskip sweep --batch-size 1` times it (benchmark.run_benchmark: each held-out prompt
+decoded alone, interleaved repeats, medians).
 
 Writes to --output: config.json + model.safetensors (lsk.load_model), tokenizer.json,
 trainer_state.* (resume by running the same command again), report.json and report.md.
@@ -29,10 +34,11 @@ from pathlib import Path
 import torch
 
 import layerskip_kernels as lsk
-from layerskip_kernels.benchmark import best_of_runs, machine_info, speedup_if_all_accepted
+from layerskip_kernels.benchmark import machine_info, run_benchmark
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.training import (TrainConfig, Trainer, evaluate_exits, format_table,
                                         new_model, plot_exits)
+from layerskip_kernels.sweep import best_pair, sweep_rows
 from layerskip_kernels.training.trainer import STATE_JSON
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
@@ -94,27 +100,30 @@ def held_out_prompts(tokenizer, files, n, prompt_tokens):
 
 
 def choose_exit(model, prompts, args):
-    """Time autoregressive and each (exit layer, draft length); the fastest pair wins."""
-    best_of_runs(model, prompts[:1], 16, repeats=1)  # warm up
-    base = best_of_runs(model, prompts, args.max_new_tokens)
-    rows = []
-    for exit_layer in range(1, model.config.n_layers):
-        for k in args.speculations:
-            r = best_of_runs(model, prompts, args.max_new_tokens, strategy="self_speculative",
-                        exit_layer=exit_layer, num_speculations=k)
-            speedup = r["tokens_per_s"] / base["tokens_per_s"]
-            rows.append({"exit_layer": exit_layer, "num_speculations": k,
-                         "acceptance": r["acceptance"], "tokens_per_s": r["tokens_per_s"],
-                         "speedup": speedup, "same_tokens": r["tokens"] == base["tokens"],
-                         "speedup_if_all_accepted": speedup_if_all_accepted(
-                             speedup, k, tokens_per_round=1 + r["acceptance"] * k)})
-    best = max(rows, key=lambda r: r["speedup"])
-    return base["tokens_per_s"], rows, best
+    """Time autoregressive and each (exit layer, draft length), each prompt decoded alone, as
+    `layerskip sweep --batch-size 1` does; the fastest exact pair wins."""
+    report = run_benchmark(model, prompts, args.max_new_tokens, repeats=args.repeats, warmup=1,
+                           exit_layers=list(range(1, model.config.n_layers)),
+                           draft_lengths=args.speculations, speedups=(),
+                           with_transformers=False, batch_size=1)
+    rows = [{"exit_layer": e, "num_speculations": k, "acceptance": r["acceptance_rate"],
+             "tokens_per_s": r["tokens_per_s"], "speedup": r["speedup_vs_ours_autoregressive"],
+             "speedup_min": r["speedup_vs_ours_autoregressive_min"],
+             "speedup_max": r["speedup_vs_ours_autoregressive_max"],
+             "same_tokens": r["same_tokens_as_autoregressive"],
+             "speedup_if_all_accepted": r["speedup_if_all_accepted"]}
+            for (e, k), r in sweep_rows(report).items() if k != "auto"]
+    best = best_pair(report)
+    best = next(r for r in rows if (r["exit_layer"], r["num_speculations"]) ==
+                (best["exit_layer"], best["num_speculations"]))
+    return report["results"][0]["tokens_per_s"], rows, best
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="runs/default_model")
+    p.add_argument("--init-from", help="continue this checkpoint directory instead of a new "
+                   "model (continual pretraining: constant layer-dropout schedule)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--dim", type=int, default=192)
@@ -137,7 +146,8 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--speculations", type=int, nargs="+", default=[3, 4, 6])
+    p.add_argument("--speculations", type=int, nargs="+", default=[2, 3, 4, 6])
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of the sweep")
     p.add_argument("--minutes", type=float, default=50, help="training time budget: after 10 steps, cut "
                    "--steps to what fits (the schedules follow the new length)")
     p.add_argument("--seed", type=int, default=0)
@@ -152,7 +162,9 @@ def main(argv=None):
 
     train_files, heldout_files, root = stdlib_files(args.heldout_every)
     tokenizer_path = out / "tokenizer.json"
-    if tokenizer_path.exists():  # resuming: the tokenizer must stay the same
+    if args.init_from and not tokenizer_path.exists():
+        tokenizer_path.write_bytes((Path(args.init_from) / "tokenizer.json").read_bytes())
+    if tokenizer_path.exists():  # resuming or continuing: the tokenizer must stay the same
         tokenizer = lsk.load_tokenizer(tokenizer_path)
     else:
         tokenizer = train_tokenizer(train_files, args.vocab, tokenizer_path)
@@ -165,13 +177,16 @@ def main(argv=None):
     config = TrainConfig(
         output=str(out), seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps,
         lr=args.lr, warmup_steps=min(args.warmup, args.steps // 10 + 1), seed=args.seed,
-        p_max=args.p_max, dropout_depth="exp", dropout_time="exp", exit_scale="sum",
+        p_max=args.p_max, dropout_depth="exp",
+        dropout_time="constant" if args.init_from else "exp", exit_scale="sum",
         exit_weights=args.exit_weights,
         exit_curriculum=args.exit_curriculum, rotation=args.rotation,
         save_every=args.save_every, threads=args.threads)
     resuming = (out / STATE_JSON).exists()
     if resuming:
         model = lsk.load_model(out)
+    elif args.init_from:
+        model = lsk.load_model(args.init_from).train().requires_grad_(True)
     else:
         model = new_model(dict(
             vocab_size=tokenizer.vocab_size, dim=args.dim, n_layers=args.layers,
@@ -219,18 +234,21 @@ def main(argv=None):
         "recommended": best, "total_seconds": time.time() - started,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    sweep_md = ["| E | k | acceptance | tokens/s | speedup | if all accepted | same tokens |",
+    sweep_md = ["| E | k | acceptance | tokens/s | speedup (min-max) | if all accepted | same tokens |",
                 "| ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
     sweep_md += [f"| {r['exit_layer']} | {r['num_speculations']} | {100 * r['acceptance']:.1f}% "
-                 f"| {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
-                 f"| {r['speedup_if_all_accepted']:.2f}x | {r['same_tokens']} |" for r in sweep]
+                 f"| {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x ({r['speedup_min']:.2f}-"
+                 f"{r['speedup_max']:.2f}) | {r['speedup_if_all_accepted']:.2f}x "
+                 f"| {r['same_tokens']} |" for r in sweep]
     (out / "report.md").write_text("\n".join([
-        "# Experiment B: LayerSkip default model, pretrained from scratch", "",
+        "# The default model: LayerSkip " + ("continued" if args.init_from else
+                                               "pretrained from scratch"), "",
         f"`{report['command']}`", "",
         f"{report['parameters']} parameters, {report['weights_bytes'] / 1e6:.1f} MB; "
         f"{trainer.step} steps, {steps_per_s:.3f} steps/s; autoregressive {ar_tps:.1f} tokens/s", "",
         format_table(exits, "Held-out stdlib code, per exit"), "",
-        "### Greedy self-speculative decoding on held-out prompts", "", *sweep_md, "",
+        f"### Greedy self-speculative decoding on held-out prompts (each alone, "
+        f"{args.max_new_tokens} new tokens, {torch.get_num_threads()} threads)", "", *sweep_md, "",
         "\"if all accepted\": the speedup had the same rounds accepted all k drafts, speedup x "
         "(k + 1) / (1 + acceptance x k); a better-trained exit cannot beat it at that (E, k).", "",
         f"Recommended: exit_layer {best['exit_layer']}, num_speculations "
