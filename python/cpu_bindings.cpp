@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "decoder.h"
 #include "llama_layer.h"
 
 namespace py = pybind11;
@@ -124,6 +125,52 @@ void draft_head_argmax(uintptr_t h, int64_t rows, int64_t h_row, int64_t dim,
                              ptr<float>(max_logit));
 }
 
+// A Decoder over a model's weights and one decode state's buffers (see csrc/cpu/decoder.h);
+// built once per state, so keywords cost nothing here.
+lsk_cpu::Decoder make_decoder(std::vector<uintptr_t> weights, std::vector<uintptr_t> k_caches,
+                              std::vector<uintptr_t> v_caches, py::tuple k_strides,
+                              py::tuple v_strides, int64_t max_seqlen, uintptr_t rotary_cos,
+                              uintptr_t rotary_sin, int64_t cos_stride, int64_t sin_stride,
+                              int64_t rotary_rows, int64_t dim, int64_t heads_q,
+                              int64_t heads_kv, int64_t head_dim, int64_t hidden, float eps,
+                              float softmax_scale, uintptr_t embed, uintptr_t norm,
+                              float norm_eps, uintptr_t lm_head, int64_t vocab, uintptr_t tokens,
+                              uintptr_t cache_seqlens, uintptr_t active, uintptr_t exit_cache,
+                              uintptr_t drafts, uintptr_t emitted, int64_t batch,
+                              int64_t max_drafts) {
+  lsk_cpu::DecoderModel model{};
+  lsk_cpu::LayerArgs& a = model.shapes;
+  for (int i = 0; i < 3; ++i) {
+    a.k_strides[i] = k_strides[i].cast<int64_t>();
+    a.v_strides[i] = v_strides[i].cast<int64_t>();
+  }
+  a.max_seqlen = max_seqlen;
+  a.rotary_cos = ptr<const float>(rotary_cos);
+  a.rotary_sin = ptr<const float>(rotary_sin);
+  a.cos_stride = cos_stride;
+  a.sin_stride = sin_stride;
+  a.rotary_rows = rotary_rows;
+  a.dim = dim;
+  a.heads_q = heads_q;
+  a.heads_kv = heads_kv;
+  a.head_dim = head_dim;
+  a.hidden = hidden;
+  a.eps = eps;
+  a.softmax_scale = softmax_scale;
+  model.weights = std::move(weights);
+  model.k_caches = std::move(k_caches);
+  model.v_caches = std::move(v_caches);
+  model.embed = ptr<const float>(embed);
+  model.norm = ptr<const float>(norm);
+  model.norm_eps = norm_eps;
+  model.lm_head = ptr<const float>(lm_head);
+  model.vocab = vocab;
+  lsk_cpu::DecoderState state{ptr<int64_t>(tokens), ptr<int32_t>(cache_seqlens),
+                              ptr<const uint8_t>(active), ptr<float>(exit_cache),
+                              ptr<int64_t>(drafts), ptr<int64_t>(emitted), batch, max_drafts};
+  return lsk_cpu::Decoder(std::move(model), state);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -134,6 +181,24 @@ PYBIND11_MODULE(_cpu, m) {
         "A stack of fused layers in one call (a decode step's layers; see csrc/cpu/llama_layer.h).");
   m.def("draft_head_argmax", &draft_head_argmax,
         "Greedy token of the shared head: argmax of lm_head(rms_norm(h)), ties to the lowest index.");
+  py::class_<lsk_cpu::Decoder>(m, "Decoder",
+      "Greedy decode steps and self-speculative rounds over one decode state, one call each "
+      "(see csrc/cpu/decoder.h).")
+      .def(py::init(&make_decoder), py::arg("weights"), py::arg("k_caches"), py::arg("v_caches"),
+           py::arg("k_strides"), py::arg("v_strides"), py::arg("max_seqlen"),
+           py::arg("rotary_cos"), py::arg("rotary_sin"), py::arg("cos_stride"),
+           py::arg("sin_stride"), py::arg("rotary_rows"), py::arg("dim"), py::arg("heads_q"),
+           py::arg("heads_kv"), py::arg("head_dim"), py::arg("hidden"), py::arg("eps"),
+           py::arg("softmax_scale"), py::arg("embed"), py::arg("norm"), py::arg("norm_eps"),
+           py::arg("lm_head"), py::arg("vocab"), py::arg("tokens"), py::arg("cache_seqlens"),
+           py::arg("active"), py::arg("exit_cache"), py::arg("drafts"), py::arg("emitted"),
+           py::arg("batch"), py::arg("max_drafts"))
+      .def("step", &lsk_cpu::Decoder::step, py::arg("n"), py::arg("layers"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("exit_round", &lsk_cpu::Decoder::exit_round, py::arg("n"), py::arg("k"),
+           py::arg("exit_layer"), py::call_guard<py::gil_scoped_release>())
+      .def("skip_round", &lsk_cpu::Decoder::skip_round, py::arg("n"), py::arg("k"),
+           py::arg("draft_layers"), py::call_guard<py::gil_scoped_release>());
   m.def("set_num_threads", &lsk_cpu::set_num_threads, py::arg("n"),
         "Threads of the CPU kernels (the caller and n - 1 persistent pool threads).");
   m.def("num_threads", &lsk_cpu::num_threads);

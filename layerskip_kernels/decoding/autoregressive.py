@@ -5,15 +5,17 @@ import torch
 from .sampling import sample
 
 
-def prefill(model, rows, prompts, layers, sampling, generator):
+def prefill(model, rows, prompts, layers, sampling, generator, cpu_steps=None):
     """Run the ragged prompts (one right-padded batch) into rows.cache; set each row's cache
-    length and first token (emitted by the caller); rows past the prompts stay inactive."""
+    length and first token (emitted by the caller); rows past the prompts stay inactive.
+    cpu_steps: the state's fused CPU steps, when it has them (they prefill in chunks)."""
     device = rows.tokens.device
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32, device=device)
     tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(prompt, device=device)
-    logits = model.prefill(tokens, lengths, rows.cache, layers)
+    run = cpu_steps.prefill if cpu_steps is not None else model.prefill
+    logits = run(tokens, lengths, rows.cache, layers)
     n = len(prompts)
     rows.tokens[:n] = sample(logits, *sampling, generator)
     rows.cache_seqlens.zero_()[:n] = lengths
@@ -100,7 +102,7 @@ def decode_autoregressive(model, batch, sampling, generator, layers):
         rows = batch.rows
         step = lambda: decode_step(model, rows, layers, sampling, generator)  # noqa: E731
         if greedy:
-            batch.state.graphs.run(("step", rows.n, tuple(layers)), step)
+            batch.state.run(("step", rows.n, tuple(layers)), step)
         else:
             step()
         batch.emit([[t] for t in rows.tokens.tolist()])

@@ -179,7 +179,7 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     outputs = Outputs(len(prompts), _stop_ids(model, eos_token_id), max_new_tokens, stream)
     batch = Batch(state, prompts, outputs)
     prefill_layers = range(exit_layer) if strategy == "early_exit" else all_layers
-    prefill(model, batch.rows, prompts, prefill_layers, sampling, generator)
+    prefill(model, batch.rows, prompts, prefill_layers, sampling, generator, state.cpu_steps)
     batch.emit([[t] for t in batch.rows.tokens.tolist()])
     prefill_s = time.perf_counter() - start
     capture_s = state.graphs.capture_s
@@ -211,7 +211,9 @@ def _graph_stats(state, capture_before, graphs, temperature, confidence):
     """Which path ran: "cuda_graphs" is True when steps replayed from CUDA graphs."""
     g = state.graphs
     replayed = any(graph is not None for graph in g.captured.values())
-    if not graphs:
+    if state.cpu_steps is not None and state.cpu_steps.calls:
+        note = "cpu: one C++ call per greedy step or round"
+    elif not graphs:
         note = "eager: not on a CUDA device" if not g.enabled else "eager: cuda_graphs=False"
     elif temperature > 0:
         note = "eager: sampling runs eagerly (a seed stays reproducible)"

@@ -153,8 +153,8 @@ def decode_self_speculative(model, batch, sampling, generator, drafter, num_spec
             k = sampled_round(drafter, rows, num_speculations, sampling, generator, confidence)
         else:
             k = num_speculations
-            batch.state.graphs.run(("round", rows.n, k, drafter.key),
-                                   lambda: greedy_round(drafter, rows, k))
+            batch.state.run(("round", rows.n, k, drafter.key),
+                            lambda: greedy_round(drafter, rows, k))
         emitted = rows.emitted[:, :k + 2].tolist()  # the round's one host sync
         batch.emit([drafts[:m] + [token] for *drafts, token, m in emitted])
         stats["accepted"] += sum(emitted[i][k + 1] for i in live)

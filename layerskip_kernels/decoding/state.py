@@ -3,7 +3,8 @@
 A batch decodes in static, preallocated buffers: the KV cache, each row's pending token, its
 cache length, whether it is still generating, the exit cache and a round's drafts. Steps read
 and write them in place and never sync with the host, so a step captured once in a CUDA graph
-replays for every later step of that shape. The state (and its graphs) stays with the model
+replays for every later step of that shape (on a CPU, the step runs as one C++ call over the
+same buffers: decoding/cpu.py). The state (and its graphs) stays with the model
 between generate() calls that fit it.
 
 Rows that finish stay in the batch, masked (their cache length stops moving), until the live
@@ -15,6 +16,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from .cpu import cpu_steps
 
 MIN_CACHE = 256  # cache lengths are powers of two from here, so calls of similar length share
 
@@ -47,6 +50,13 @@ class DecodeState:
         self.drafts = torch.zeros(batch, max(max_drafts, 1), dtype=torch.int64, device=device)
         self.emitted = torch.zeros(batch, max_drafts + 2, dtype=torch.int64, device=device)
         self.graphs = Graphs(graphs and device.type == "cuda")
+        self.cpu_steps = cpu_steps(model, self) if device.type == "cpu" else None
+
+    def run(self, key, step):
+        """A greedy step or round (step(), named by key): one C++ call on a CPU where that
+        applies (decoding/cpu.py), else a CUDA graph replay or an eager run (Graphs)."""
+        if self.cpu_steps is None or not self.cpu_steps.run(key):
+            self.graphs.run(key, step)
 
     @property
     def max_seq_len(self):

@@ -1,0 +1,167 @@
+#include "decoder.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace lsk_cpu {
+
+namespace {
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("Decoder (C++): " + what);
+}
+
+}  // namespace
+
+Decoder::Decoder(DecoderModel model, DecoderState state)
+    : m_(std::move(model)), s_(state), n_layers_(static_cast<int64_t>(m_.k_caches.size())) {
+  require(n_layers_ >= 1 && m_.v_caches.size() == m_.k_caches.size()
+              && m_.weights.size() == 6 * m_.k_caches.size(),
+          "expected 6 weights, a k_cache and a v_cache per layer");
+  require(m_.vocab >= 1 && m_.shapes.dim >= 1, "vocab and dim must be positive");
+  require(s_.batch >= 1 && s_.max_drafts >= 0, "batch >= 1 and max_drafts >= 0");
+  const int64_t positions = s_.batch * (s_.max_drafts + 1);
+  x_.resize(positions * m_.shapes.dim);
+  delta_.resize(x_.size());
+  h_.resize(x_.size());
+  max_logit_.resize(positions);
+  target_.resize(positions);
+  seqlens_.resize(s_.batch);
+  for (int64_t i = 0; i < n_layers_; ++i) all_layers_.push_back(i);
+}
+
+void Decoder::embed(const int64_t* tokens, int64_t n, int64_t token_stride, float* x) const {
+  const int64_t dim = m_.shapes.dim;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t t = tokens[b * token_stride];
+    require(t >= 0 && t < m_.vocab, "token " + std::to_string(t) + " out of the vocabulary");
+    std::memcpy(x + b * dim, m_.embed + t * dim, dim * sizeof(float));
+  }
+}
+
+const float* Decoder::forward(const float* x, int64_t n, int64_t S, int64_t offset,
+                              const int64_t* layers, int64_t count) {
+  if (count == 0) return x;
+  w_.clear();
+  k_.clear();
+  v_.clear();
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t i = layers[j];
+    require(i >= 0 && i < n_layers_, "layer " + std::to_string(i) + " out of range");
+    w_.insert(w_.end(), m_.weights.begin() + 6 * i, m_.weights.begin() + 6 * i + 6);
+    k_.push_back(m_.k_caches[i]);
+    v_.push_back(m_.v_caches[i]);
+  }
+  for (int64_t b = 0; b < n; ++b) seqlens_[b] = s_.cache_seqlens[b] + static_cast<int32_t>(offset);
+  LayerArgs a = m_.shapes;
+  a.x = x;
+  a.residual = nullptr;
+  a.x_row = a.residual_row = a.dim;
+  a.cache_seqlens = seqlens_.data();
+  a.delta = delta_.data();
+  a.h = h_.data();
+  a.batch = n;
+  a.seqlen = S;
+  llama_layers(a, count, w_.data(), k_.data(), v_.data());
+  const int64_t size = n * S * a.dim;
+  for (int64_t j = 0; j < size; ++j) h_[j] += delta_[j];  // the layers' output: delta + h
+  return h_.data();
+}
+
+void Decoder::head(const float* h, int64_t rows, int64_t* tokens) {
+  draft_head_argmax(h, rows, m_.shapes.dim, m_.shapes.dim, m_.norm, m_.norm_eps, m_.lm_head,
+                    m_.vocab, tokens, max_logit_.data());
+}
+
+void Decoder::check_round(int64_t n, int64_t k) const {
+  // Checked before anything is written, so a refused call leaves the state as it was.
+  require(n >= 1 && n <= s_.batch, "n must be in [1, batch]");
+  require(k >= 0 && k <= s_.max_drafts && k + 1 <= 16, "k must be in [0, max_drafts] and <= 15");
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t L = s_.cache_seqlens[b];
+    require(L >= 0 && L + k + 1 <= m_.shapes.max_seqlen,
+            "cache_seqlens[" + std::to_string(b) + "] + k + 1 must be in [k + 1, max_seqlen] "
+            "(cache full)");
+    require(s_.tokens[b] >= 0 && s_.tokens[b] < m_.vocab,
+            "tokens[" + std::to_string(b) + "] out of the vocabulary");
+  }
+}
+
+void Decoder::accept(int64_t n, int64_t k, const int64_t* target) {
+  const int64_t draft_row = std::max<int64_t>(s_.max_drafts, 1), emitted_row = s_.max_drafts + 2;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t* drafts = s_.drafts + b * draft_row;
+    const int64_t* row_target = target + b * (k + 1);
+    int64_t m = 0;
+    while (m < k && drafts[m] == row_target[m]) ++m;
+    int64_t* emitted = s_.emitted + b * emitted_row;
+    std::copy(drafts, drafts + k, emitted);
+    emitted[k] = row_target[m];
+    emitted[k + 1] = m;
+    if (s_.active[b]) s_.cache_seqlens[b] += static_cast<int32_t>(m + 1);
+    s_.tokens[b] = row_target[m];
+  }
+}
+
+void Decoder::step(int64_t n, const std::vector<int64_t>& layers) {
+  check_round(n, 0);
+  embed(s_.tokens, n, 1, x_.data());
+  head(forward(x_.data(), n, 1, 0, layers.data(), layers.size()), n, target_.data());
+  for (int64_t b = 0; b < n; ++b) {
+    s_.tokens[b] = target_[b];
+    s_.cache_seqlens[b] += s_.active[b] ? 1 : 0;
+  }
+}
+
+void Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer) {
+  check_round(n, k);
+  require(exit_layer >= 1 && exit_layer <= n_layers_, "exit_layer must be in [1, n_layers]");
+  const int64_t dim = m_.shapes.dim, exit_row = (s_.max_drafts + 1) * dim;
+  const int64_t draft_row = std::max<int64_t>(s_.max_drafts, 1);
+  const int64_t* current = s_.tokens;
+  int64_t current_stride = 1;
+  for (int64_t i = 0; i <= k; ++i) {  // the k drafts, then the last draft's exit state
+    embed(current, n, current_stride, x_.data());
+    const float* h = forward(x_.data(), n, 1, i, all_layers_.data(), exit_layer);
+    for (int64_t b = 0; b < n; ++b)
+      std::memcpy(s_.exit_cache + b * exit_row + i * dim, h + b * dim, dim * sizeof(float));
+    if (i == k) break;
+    head(h, n, target_.data());
+    for (int64_t b = 0; b < n; ++b) s_.drafts[b * draft_row + i] = target_[b];
+    current = s_.drafts + i;
+    current_stride = draft_row;
+  }
+  for (int64_t b = 0; b < n; ++b)
+    std::memcpy(x_.data() + b * (k + 1) * dim, s_.exit_cache + b * exit_row,
+                (k + 1) * dim * sizeof(float));
+  const float* h = forward(x_.data(), n, k + 1, 0, all_layers_.data() + exit_layer,
+                           n_layers_ - exit_layer);
+  head(h, n * (k + 1), target_.data());
+  accept(n, k, target_.data());
+}
+
+void Decoder::skip_round(int64_t n, int64_t k, const std::vector<int64_t>& draft_layers) {
+  check_round(n, k);
+  const int64_t dim = m_.shapes.dim, draft_row = std::max<int64_t>(s_.max_drafts, 1);
+  const int64_t* current = s_.tokens;
+  int64_t current_stride = 1;
+  for (int64_t i = 0; i < k; ++i) {
+    embed(current, n, current_stride, x_.data());
+    head(forward(x_.data(), n, 1, i, draft_layers.data(), draft_layers.size()), n,
+         target_.data());
+    for (int64_t b = 0; b < n; ++b) s_.drafts[b * draft_row + i] = target_[b];
+    current = s_.drafts + i;
+    current_stride = draft_row;
+  }
+  for (int64_t b = 0; b < n; ++b) {  // the pending token, then the drafts
+    embed(s_.tokens + b, 1, 1, x_.data() + b * (k + 1) * dim);
+    embed(s_.drafts + b * draft_row, k, 1, x_.data() + (b * (k + 1) + 1) * dim);
+  }
+  const float* h = forward(x_.data(), n, k + 1, 0, all_layers_.data(), n_layers_);
+  head(h, n * (k + 1), target_.data());
+  accept(n, k, target_.data());
+}
+
+}  // namespace lsk_cpu

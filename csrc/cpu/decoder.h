@@ -1,0 +1,73 @@
+// Greedy decoding steps on the CPU, each in one call: a model's weights bound to one decode
+// state's buffers (layerskip_kernels/decoding/state.py), the CPU's counterpart of replaying a
+// captured CUDA graph. Every step is the Python one (decoding/autoregressive.py decode_step,
+// decoding/self_speculative.py greedy_round) made of the same kernels (llama_layers,
+// draft_head_argmax), so the tokens are the same, bit for bit; what it saves is the Python
+// around them: on small models a round's glue costs as much as its arithmetic.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "llama_layer.h"
+
+namespace lsk_cpu {
+
+struct DecoderModel {
+  LayerArgs shapes;  // dims, heads, eps, softmax scale, RoPE tables, cache strides and length
+  std::vector<uintptr_t> weights;  // 6 per layer, as llama_layers takes them
+  std::vector<uintptr_t> k_caches, v_caches;  // each layer's (batch, max_seqlen, heads_kv, D)
+  const float* embed;    // (vocab, dim)
+  const float* norm;     // (dim,): the final norm of the shared head
+  float norm_eps;
+  const float* lm_head;  // (vocab, dim)
+  int64_t vocab;
+};
+
+// A DecodeState's buffers, each contiguous, `batch` rows (a step runs on the first n).
+struct DecoderState {
+  int64_t* tokens;           // (batch,): each row's pending token, not yet in the cache
+  int32_t* cache_seqlens;    // (batch,)
+  const uint8_t* active;     // (batch,) bool: rows that advance
+  float* exit_cache;         // (batch, max_drafts + 1, dim)
+  int64_t* drafts;           // (batch, max(max_drafts, 1))
+  int64_t* emitted;          // (batch, max_drafts + 2): drafts, next token, accepted count
+  int64_t batch, max_drafts;
+};
+
+class Decoder {
+ public:
+  Decoder(DecoderModel model, DecoderState state);
+
+  // decode_step: each row's pending token through `layers`; its greedy token becomes the
+  // pending one; active rows advance by one.
+  void step(int64_t n, const std::vector<int64_t>& layers);
+
+  // greedy_round with ExitDraft: k drafts through layers [0, exit_layer) (their exit hidden
+  // states kept), layers [exit_layer, n_layers) verify the k + 1 positions in one pass, the
+  // longest agreeing prefix and the full model's next token are accepted; `emitted` holds them.
+  void exit_round(int64_t n, int64_t k, int64_t exit_layer);
+
+  // greedy_round with SkipDraft: k drafts through `draft_layers`, every layer verifies.
+  void skip_round(int64_t n, int64_t k, const std::vector<int64_t>& draft_layers);
+
+ private:
+  // The hidden states (n * S rows of dim) after `layers` of x, row b's positions at
+  // cache_seqlens[b] + offset + i; x itself when there are no layers.
+  const float* forward(const float* x, int64_t n, int64_t S, int64_t offset,
+                       const int64_t* layers, int64_t count);
+  void embed(const int64_t* tokens, int64_t n, int64_t token_stride, float* x) const;
+  void head(const float* h, int64_t rows, int64_t* tokens);
+  void accept(int64_t n, int64_t k, const int64_t* target);  // greedy_accept + finish_round
+  void check_round(int64_t n, int64_t k) const;
+
+  DecoderModel m_;
+  DecoderState s_;
+  int64_t n_layers_;
+  std::vector<float> x_, delta_, h_, max_logit_;
+  std::vector<int32_t> seqlens_;
+  std::vector<int64_t> target_, all_layers_;
+  std::vector<uintptr_t> w_, k_, v_;
+};
+
+}  // namespace lsk_cpu

@@ -1,0 +1,104 @@
+"""On a CPU, a greedy decode step or self-speculative round as one C++ call over a DecodeState's
+buffers (csrc/cpu/decoder.h): the CPU's counterpart of replaying a captured CUDA graph.
+
+The C++ runs the step of autoregressive.decode_step / self_speculative.greedy_round with the
+kernels the Python step calls on a CPU (ops.llama_layer's stack, the CPU draft head), so the
+tokens are the same, bit for bit. What it saves is the Python around them: on small models a
+round's glue (an embedding, a layer stack, a head, a few index writes per draft) costs as much
+as its arithmetic, and a round has k + 1 of them against a step's one.
+"""
+import math
+
+import torch
+
+from ..ops.llama_layer import CPU_MAX_HEAD_DIM, CPU_MAX_QUERIES, cpu_unavailable_reason
+
+try:
+    from .. import _cpu
+except ImportError:  # built without the CPU kernels
+    _cpu = None
+
+
+class CpuSteps:
+    """A model bound to one DecodeState: run(key) does the step a Graphs key names, or
+    returns False for one it does not fuse (then the Python step runs)."""
+
+    def __init__(self, model, state):
+        c, cache = model.config, state.cache
+        blocks = list(model.layers)
+        weights = [w for b in blocks for w in b.fused_weights()]
+        kv = [cache.layer(i, state.batch) for i in range(c.n_layers)]
+        cos, sin = model.rope(cache.max_seq_len)
+        head = (model.embed_tokens.weight, model.norm.weight, model.lm_head.weight)
+        buffers = (state.tokens, state.cache_seqlens, state.active, state.exit_cache,
+                   state.drafts, state.emitted)
+        self.model = model
+        self._keep = (weights, kv, cos, sin, head, buffers)  # the C++ holds their addresses
+        self.calls = 0
+        self._decoder = _cpu.Decoder(
+            weights=[w.data_ptr() for w in weights], k_caches=[k.data_ptr() for k, _ in kv],
+            v_caches=[v.data_ptr() for _, v in kv], k_strides=kv[0][0].stride()[:3],
+            v_strides=kv[0][1].stride()[:3], max_seqlen=cache.max_seq_len,
+            rotary_cos=cos.data_ptr(), rotary_sin=sin.data_ptr(), cos_stride=cos.stride(0),
+            sin_stride=sin.stride(0), rotary_rows=min(len(cos), len(sin)), dim=c.dim,
+            heads_q=c.n_heads, heads_kv=c.n_kv_heads, head_dim=c.head_dim,
+            hidden=blocks[0].fused_weights()[5].shape[1], eps=blocks[0].input_layernorm.eps,
+            softmax_scale=1.0 / math.sqrt(c.head_dim), embed=head[0].data_ptr(),
+            norm=head[1].data_ptr(), norm_eps=model.norm.eps, lm_head=head[2].data_ptr(),
+            vocab=head[2].shape[0], tokens=state.tokens.data_ptr(),
+            cache_seqlens=state.cache_seqlens.data_ptr(), active=state.active.data_ptr(),
+            exit_cache=state.exit_cache.data_ptr(), drafts=state.drafts.data_ptr(),
+            emitted=state.emitted.data_ptr(), batch=state.batch, max_drafts=state.max_drafts)
+
+    def prefill(self, tokens, lengths, cache, layers):
+        """model.prefill's logits through the fused layer stack, CPU_MAX_QUERIES positions
+        of every row at a time: the C++ layer attends to the cache, so a prompt is a few
+        verify-sized steps, each a fraction of the causal pass's per-op cost."""
+        model, (B, S) = self.model, tokens.shape
+        hidden = []
+        for start in range(0, S, CPU_MAX_QUERIES):
+            part = tokens[:, start:start + CPU_MAX_QUERIES]
+            seqlens = torch.full((B,), start, dtype=torch.int32)
+            hidden.append(model.run_layers(model.embed_tokens(part), layers,
+                                           model.step(cache, seqlens, part.shape[1]), cache))
+        h = torch.cat(hidden, 1)
+        return model.head(h[torch.arange(B), lengths.long() - 1])
+
+    def run(self, key):
+        kind, n, *rest = key
+        if kind == "step":
+            self._decoder.step(n, list(rest[0]))
+        else:
+            k, (draft, arg) = rest
+            if k + 1 > CPU_MAX_QUERIES:
+                return False
+            if draft == "exit":
+                self._decoder.exit_round(n, k, arg)
+            else:
+                self._decoder.skip_round(n, k, list(arg))
+        self.calls += 1
+        return True
+
+
+def cpu_steps(model, state):
+    """CpuSteps for this model and state when the Python steps would run the CPU kernels on
+    every layer and head (float32 CPU weights in plain nn.Linear layers, a backend preference
+    that allows "cpu", no hooks on the blocks, not compiling), else None."""
+    weight = model.embed_tokens.weight
+    c = model.config
+    if (cpu_unavailable_reason() is not None or weight.device.type != "cpu"
+            or model.kernels.preference not in ("auto", "cpu")
+            or torch.compiler.is_compiling() or model.training_graph()
+            or c.head_dim > CPU_MAX_HEAD_DIM or c.head_dim % 2):
+        return None
+    tensors = [weight, model.norm.weight, model.lm_head.weight]
+    for block in model.layers:
+        if block._forward_hooks or block._forward_pre_hooks:
+            return None
+        weights = block.fused_weights()
+        if weights is None:
+            return None
+        tensors += weights
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return None
+    return CpuSteps(model, state)
