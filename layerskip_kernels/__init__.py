@@ -10,6 +10,7 @@ from . import ops
 from ._ext import cuda_available
 from .decoding import GenerationResult, generate
 from .model import Llama, LlamaConfig, load_model, load_tokenizer
+from .ops.llama_layer import set_num_threads
 
 __all__ = ["GenerationResult", "Llama", "LlamaConfig", "cuda_available", "generate",
-           "load_model", "load_tokenizer", "ops"]
+           "load_model", "load_tokenizer", "ops", "set_num_threads"]

@@ -19,6 +19,7 @@ import torch
 from .decoding import generate
 from .decoding.generate import AUTO_DRAFT_CAP
 from .model import save_hf_directory
+from .ops.llama_layer import _cpu, set_num_threads
 
 
 def machine_info():
@@ -250,6 +251,7 @@ def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_
             row["speedup_vs_transformers_generate"] = (row["tokens_per_s"] / hf_base
                                                        if hf_base else None)
         return {"machine": machine, "threads": torch.get_num_threads(),
+                "kernel_threads": _cpu.num_threads() if _cpu is not None else None,
                 "settings": {**settings, "repeats_done": done}, "complete": done == repeats,
                 "results": results}
 
@@ -373,7 +375,7 @@ def main_bench(args):
     if args.prompts and tokenizer is None:
         raise UsageError("--prompts: a prompts file needs --tokenizer")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_num_threads(args.threads)
     model = load_model_arg(args)
     prompts, labels = load_prompts(model, args.prompts, tokenizer)
     if not prompts:

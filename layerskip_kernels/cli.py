@@ -25,6 +25,7 @@ from .decoding import generate
 from .decoding.generate import AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES
 from .model import load_model, load_tokenizer
 from .ops.kernels import PREFERENCES
+from .ops.llama_layer import set_num_threads
 from .model.checkpoint import DEFAULT_MODEL
 from .model.parallel import is_first_rank
 from .model.tokenizer import Llama2cTokenizer
@@ -447,7 +448,7 @@ def cmd_compare(args):
     tokenizer, tokenizer_path = find_tokenizer(args)
     prompts, labels = _prompts(args, tokenizer)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_num_threads(args.threads)
     model = load_model_arg(args)
     if not prompts:
         bos = model.config.bos_token_id
@@ -556,7 +557,8 @@ def _add_timing_args(p, repeats):
     p.add_argument("--warmup", metavar="N",
                    type=int_at_least(0), default=1, help="untimed runs first")
     p.add_argument("--threads", metavar="N", type=int_at_least(1),
-                   help="torch CPU threads (default: torch's choice)")
+                   help="CPU threads of torch and of the C++ kernels (default: torch's choice, "
+                   "one for the kernels)")
 
 
 def build_parser():

@@ -13,11 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from .benchmark import (Progress, _kept, atomic_path, load_prompts, run_benchmark,
                         write_atomic)
 from .decoding.generate import AUTO_DRAFT_CAP
+from .ops.llama_layer import set_num_threads
 
 OUTPUTS = ("sweep.csv", "sweep.json", "sweep_heatmap.png")
 
@@ -115,7 +114,7 @@ def main_sweep(args):
         if tokenizer is None:
             raise UsageError("--prompts: a prompts file needs --tokenizer")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_num_threads(args.threads)
     model = load_model_arg(args)
     L = model.config.n_layers
     if max(exit_layers) >= L:

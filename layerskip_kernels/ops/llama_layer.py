@@ -53,6 +53,14 @@ def cpu_unavailable_reason():
     return None
 
 
+def set_num_threads(n):
+    """CPU threads for torch's ops and for the C++ kernels' team (`_cpu.set_num_threads`),
+    which is otherwise one thread: set both when the process owns n cores."""
+    torch.set_num_threads(n)
+    if _cpu is not None:
+        _cpu.set_num_threads(n)
+
+
 def _layer_shapes(x, weights, k_cache):
     """(Hq, Hkv, D, hidden) of a call, read off the weights and the cache."""
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
