@@ -200,7 +200,7 @@ def summarize(timed, times, outputs, stats):
                "speedup_vs_ours_autoregressive_max": ratios[-1]}
         s = stats[name]
         row.update({key: s[key] for key in ("acceptance_rate", "tokens_per_round", "rounds",
-                                            "cuda_graphs") if key in s})
+                                            "cuda_graphs", "path") if key in s})
         if s.get("strategy") == "self_speculative":
             for key in ("exit_layer", "num_speculations"):  # what ran, where settings left None
                 if row.get(key) is None and s.get(key) is not None:

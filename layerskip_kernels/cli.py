@@ -424,9 +424,15 @@ def _print_stats(stats):
     draft = (f" ({_draft_settings(stats)})" if stats["strategy"] == "self_speculative" else "")
     extra = (f", acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} "
              "tokens/round" if "acceptance_rate" in stats else "")
-    path = "CUDA graphs" if stats.get("cuda_graphs") else "eager"
     print(f"[{stats['strategy']}{draft}: {stats['new_tokens']} tokens, "
-          f"{stats['tokens_per_s']:.1f} tokens/s{extra}, {path}]", file=sys.stderr)
+          f"{stats['tokens_per_s']:.1f} tokens/s{extra}, {_path(stats)}]", file=sys.stderr)
+
+
+def _path(stats):
+    """How the steps ran, in a word or three (generate()'s stats["path"] has the why)."""
+    if stats.get("cuda_graphs"):
+        return "CUDA graphs"
+    return "C++ steps" if str(stats.get("path", "")).startswith("cpu") else "eager"
 
 
 def _printer(tokenizer, prompts):
@@ -479,7 +485,7 @@ def cmd_compare(args):
           f"{spec['speedup_vs_ours_autoregressive']:.2f}x (ratio of medians over {args.repeats} "
           f"repeats; per-repeat {spec['speedup_vs_ours_autoregressive_min']:.2f}-"
           f"{spec['speedup_vs_ours_autoregressive_max']:.2f}x; "
-          f"{'CUDA graphs' if spec.get('cuda_graphs') else 'eager'})")
+          f"{_path(spec)})")
 
 
 def cmd_info(args):
