@@ -196,9 +196,11 @@ PYBIND11_MODULE(_cpu, m) {
       .def("step", &lsk_cpu::Decoder::step, py::arg("n"), py::arg("layers"),
            py::call_guard<py::gil_scoped_release>())
       .def("exit_round", &lsk_cpu::Decoder::exit_round, py::arg("n"), py::arg("k"),
-           py::arg("exit_layer"), py::call_guard<py::gil_scoped_release>())
+           py::arg("exit_layer"), py::arg("confidence") = 0.0f,
+           py::call_guard<py::gil_scoped_release>())
       .def("skip_round", &lsk_cpu::Decoder::skip_round, py::arg("n"), py::arg("k"),
-           py::arg("draft_layers"), py::call_guard<py::gil_scoped_release>());
+           py::arg("draft_layers"), py::arg("confidence") = 0.0f,
+           py::call_guard<py::gil_scoped_release>());
   m.def("set_num_threads", &lsk_cpu::set_num_threads, py::arg("n"),
         "Threads of the CPU kernels (the caller and n - 1 persistent pool threads).");
   m.def("num_threads", &lsk_cpu::num_threads);

@@ -10,7 +10,8 @@ import torch
 import layerskip_kernels as lsk
 from layerskip_kernels.decoding import cpu, state as state_module
 from layerskip_kernels.decoding.autoregressive import decode_step
-from layerskip_kernels.decoding.self_speculative import ExitDraft, SkipDraft, greedy_round
+from layerskip_kernels.decoding.self_speculative import (ExitDraft, SkipDraft, greedy_round,
+                                                          sampled_round)
 from layerskip_kernels.decoding.state import DecodeState
 
 VOCAB = 97
@@ -96,12 +97,49 @@ def test_one_call_leaves_the_state_as_the_python_step(generator, name, shape, th
     try:
         with torch.inference_mode():
             python_step(model, eager.rows(key[1]))
-            assert fused.cpu_steps.run(key) is True
+            assert fused.cpu_steps.run(key) == (0 if key[0] == "step" else key[2])
     finally:
         cpu._cpu.set_num_threads(previous)
     for buffer, expected in buffers(eager).items():
         assert torch.equal(buffers(fused)[buffer], expected), buffer
     assert not torch.equal(fused.emitted, torch.full_like(fused.emitted, -7)) or key[0] == "step"
+
+
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def isa(request):
+    if request.param not in cpu._cpu.available_isas():
+        pytest.skip(f"this CPU cannot run {request.param}")
+    previous = cpu._cpu.isa()
+    cpu._cpu.set_isa(request.param)
+    yield request.param
+    cpu._cpu.set_isa(previous)
+
+
+@pytest.mark.parametrize("confidence", [0.05, 0.3, 0.6, 0.99])
+@pytest.mark.parametrize("draft", ["exit", "skip"])
+def test_an_adaptive_round_stops_where_the_python_round_does(generator, draft, confidence, isa):
+    """k = "auto": drafting stops after the first draft that no row is sure of (softmax max
+    below confidence, computed in C++ without the logits); the state as the Python round's."""
+    model = random_llama(generator)
+    fused = live_state(model, generator, max_drafts=8)
+    eager = copy_state(model, fused)
+    drafter = ExitDraft(model, 2) if draft == "exit" else SkipDraft(model, [0, 3])
+    with torch.inference_mode():
+        made = fused.cpu_steps.run(("round", 4, 8, drafter.key), confidence)
+        expected = sampled_round(drafter, eager.rows(4), 8, (0.0, 0, 1.0), None, confidence)
+    assert made == expected
+    for buffer, value in buffers(eager).items():
+        assert torch.equal(buffers(fused)[buffer], value), buffer
+
+
+def test_rounds_stop_early_at_some_confidence(generator):
+    model = random_llama(generator)
+    made = set()
+    for confidence in (0.05, 0.5, 0.95):
+        state = live_state(model, generator, max_drafts=8)
+        with torch.inference_mode():
+            made.add(state.cpu_steps.run(("round", 4, 8, ("exit", 2)), confidence))
+    assert len(made) > 1 and min(made) < 8  # the rule did stop some rounds
 
 
 def test_rows_past_n_are_untouched(generator):
@@ -145,7 +183,7 @@ def test_rounds_longer_than_the_kernel_takes_run_in_python(generator):
     model = random_llama(generator)
     state = live_state(model, generator, lengths=(3, 5), max_drafts=16, seq_len=64)
     with torch.inference_mode():
-        assert state.cpu_steps.run(("round", 2, 16, ("exit", 1))) is False
+        assert state.cpu_steps.run(("round", 2, 16, ("exit", 1))) is None
 
 
 def test_the_fused_path_applies_only_where_the_python_step_runs_the_cpu_kernels(generator):
@@ -189,6 +227,8 @@ GENERATE = {
     "self_speculative": dict(strategy="self_speculative", exit_layer=1, num_speculations=3),
     "self_speculative layer_skip draft": dict(strategy="self_speculative", draft="layer_skip",
                                               speedup=2.0, num_speculations=2),
+    "self_speculative k=auto": dict(strategy="self_speculative", exit_layer=2,
+                                    num_speculations="auto"),
 }
 
 

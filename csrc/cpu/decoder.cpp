@@ -27,6 +27,7 @@ Decoder::Decoder(DecoderModel model, DecoderState state)
   delta_.resize(x_.size());
   h_.resize(x_.size());
   max_logit_.resize(positions);
+  max_prob_.resize(positions);
   target_.resize(positions);
   seqlens_.resize(s_.batch);
   for (int64_t i = 0; i < n_layers_; ++i) all_layers_.push_back(i);
@@ -70,9 +71,15 @@ const float* Decoder::forward(const float* x, int64_t n, int64_t S, int64_t offs
   return h_.data();
 }
 
-void Decoder::head(const float* h, int64_t rows, int64_t* tokens) {
+void Decoder::head(const float* h, int64_t rows, int64_t* tokens, bool with_max_prob) {
   draft_head_argmax(h, rows, m_.shapes.dim, m_.shapes.dim, m_.norm, m_.norm_eps, m_.lm_head,
-                    m_.vocab, tokens, max_logit_.data());
+                    m_.vocab, tokens, max_logit_.data(), with_max_prob ? max_prob_.data() : nullptr);
+}
+
+bool Decoder::unsure(int64_t n, float confidence) const {
+  for (int64_t b = 0; b < n; ++b)
+    if (!(max_prob_[b] < confidence)) return false;
+  return true;
 }
 
 void Decoder::check_round(int64_t n, int64_t k) const {
@@ -115,7 +122,7 @@ void Decoder::step(int64_t n, const std::vector<int64_t>& layers) {
   }
 }
 
-void Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer) {
+int64_t Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer, float confidence) {
   check_round(n, k);
   require(exit_layer >= 1 && exit_layer <= n_layers_, "exit_layer must be in [1, n_layers]");
   const int64_t dim = m_.shapes.dim, exit_row = (s_.max_drafts + 1) * dim;
@@ -128,10 +135,11 @@ void Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer) {
     for (int64_t b = 0; b < n; ++b)
       std::memcpy(s_.exit_cache + b * exit_row + i * dim, h + b * dim, dim * sizeof(float));
     if (i == k) break;
-    head(h, n, target_.data());
+    head(h, n, target_.data(), confidence > 0);
     for (int64_t b = 0; b < n; ++b) s_.drafts[b * draft_row + i] = target_[b];
     current = s_.drafts + i;
     current_stride = draft_row;
+    if (confidence > 0 && unsure(n, confidence)) k = i + 1;  // then the last exit state
   }
   for (int64_t b = 0; b < n; ++b)
     std::memcpy(x_.data() + b * (k + 1) * dim, s_.exit_cache + b * exit_row,
@@ -140,9 +148,11 @@ void Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer) {
                            n_layers_ - exit_layer);
   head(h, n * (k + 1), target_.data());
   accept(n, k, target_.data());
+  return k;
 }
 
-void Decoder::skip_round(int64_t n, int64_t k, const std::vector<int64_t>& draft_layers) {
+int64_t Decoder::skip_round(int64_t n, int64_t k, const std::vector<int64_t>& draft_layers,
+                            float confidence) {
   check_round(n, k);
   const int64_t dim = m_.shapes.dim, draft_row = std::max<int64_t>(s_.max_drafts, 1);
   const int64_t* current = s_.tokens;
@@ -150,10 +160,11 @@ void Decoder::skip_round(int64_t n, int64_t k, const std::vector<int64_t>& draft
   for (int64_t i = 0; i < k; ++i) {
     embed(current, n, current_stride, x_.data());
     head(forward(x_.data(), n, 1, i, draft_layers.data(), draft_layers.size()), n,
-         target_.data());
+         target_.data(), confidence > 0);
     for (int64_t b = 0; b < n; ++b) s_.drafts[b * draft_row + i] = target_[b];
     current = s_.drafts + i;
     current_stride = draft_row;
+    if (confidence > 0 && unsure(n, confidence)) k = i + 1;
   }
   for (int64_t b = 0; b < n; ++b) {  // the pending token, then the drafts
     embed(s_.tokens + b, 1, 1, x_.data() + b * (k + 1) * dim);
@@ -162,6 +173,7 @@ void Decoder::skip_round(int64_t n, int64_t k, const std::vector<int64_t>& draft
   const float* h = forward(x_.data(), n, k + 1, 0, all_layers_.data(), n_layers_);
   head(h, n * (k + 1), target_.data());
   accept(n, k, target_.data());
+  return k;
 }
 
 }  // namespace lsk_cpu

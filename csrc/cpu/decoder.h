@@ -46,10 +46,13 @@ class Decoder {
   // greedy_round with ExitDraft: k drafts through layers [0, exit_layer) (their exit hidden
   // states kept), layers [exit_layer, n_layers) verify the k + 1 positions in one pass, the
   // longest agreeing prefix and the full model's next token are accepted; `emitted` holds them.
-  void exit_round(int64_t n, int64_t k, int64_t exit_layer);
+  // confidence > 0: at most k drafts, stopping after the first draft where no row's largest
+  // softmax probability reaches it (sampled_round's greedy rule). Returns the drafts made.
+  int64_t exit_round(int64_t n, int64_t k, int64_t exit_layer, float confidence = 0.0f);
 
   // greedy_round with SkipDraft: k drafts through `draft_layers`, every layer verifies.
-  void skip_round(int64_t n, int64_t k, const std::vector<int64_t>& draft_layers);
+  int64_t skip_round(int64_t n, int64_t k, const std::vector<int64_t>& draft_layers,
+                     float confidence = 0.0f);
 
  private:
   // The hidden states (n * S rows of dim) after `layers` of x, row b's positions at
@@ -57,14 +60,15 @@ class Decoder {
   const float* forward(const float* x, int64_t n, int64_t S, int64_t offset,
                        const int64_t* layers, int64_t count);
   void embed(const int64_t* tokens, int64_t n, int64_t token_stride, float* x) const;
-  void head(const float* h, int64_t rows, int64_t* tokens);
+  void head(const float* h, int64_t rows, int64_t* tokens, bool with_max_prob = false);
+  bool unsure(int64_t n, float confidence) const;  // no row's max_prob_ reaches confidence
   void accept(int64_t n, int64_t k, const int64_t* target);  // greedy_accept + finish_round
   void check_round(int64_t n, int64_t k) const;
 
   DecoderModel m_;
   DecoderState s_;
   int64_t n_layers_;
-  std::vector<float> x_, delta_, h_, max_logit_;
+  std::vector<float> x_, delta_, h_, max_logit_, max_prob_;
   std::vector<int32_t> seqlens_;
   std::vector<int64_t> target_, all_layers_;
   std::vector<uintptr_t> w_, k_, v_;

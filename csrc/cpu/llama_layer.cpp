@@ -385,7 +385,7 @@ void llama_layers(const LayerArgs& first, int64_t n, const uintptr_t* weights,
 
 void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
                        const float* norm_weight, float eps, const float* lm_head, int64_t vocab,
-                       int64_t* tokens, float* max_logit) {
+                       int64_t* tokens, float* max_logit, float* max_prob) {
   require(rows >= 0 && dim >= 1 && vocab >= 1, "rows >= 0, dim >= 1 and vocab >= 1");
   if (rows == 0) return;
   State& s = state();
@@ -395,7 +395,8 @@ void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
   const Team team{nt, &s.pool, &Pool::for_each_of};
   const int64_t tasks = team.tasks((vocab + panel - 1) / panel);
   std::vector<int64_t> index(rows * tasks);
-  std::vector<float> value(rows * tasks);
+  std::vector<float> value(rows * tasks), exp_sum(max_prob ? rows * tasks : 0);
+  float* sums = max_prob ? exp_sum.data() : nullptr;
   float* y = s.y.get(rows * ldy);
   s.scores.resize(nt);
   s.scores_ptr.resize(nt);
@@ -405,14 +406,14 @@ void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
     case Isa::kAvx512: {
       avx512::head_norm(h, rows, h_row, dim, norm_weight, eps, y, ldy);
       avx512::HeadArgs ha{y, rows, ldy, dim, vocab, tasks, lm_head, s.scores_ptr.data(),
-                          index.data(), value.data()};
+                          index.data(), value.data(), sums};
       team.run(tasks, &avx512::head_task, &ha);
       break;
     }
     case Isa::kAvx2: {
       avx2::head_norm(h, rows, h_row, dim, norm_weight, eps, y, ldy);
       avx2::HeadArgs ha{y, rows, ldy, dim, vocab, tasks, lm_head, s.scores_ptr.data(),
-                        index.data(), value.data()};
+                        index.data(), value.data(), sums};
       team.run(tasks, &avx2::head_task, &ha);
       break;
     }
@@ -420,7 +421,7 @@ void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
     default: {
       generic::head_norm(h, rows, h_row, dim, norm_weight, eps, y, ldy);
       generic::HeadArgs ha{y, rows, ldy, dim, vocab, tasks, lm_head, s.scores_ptr.data(),
-                           index.data(), value.data()};
+                           index.data(), value.data(), sums};
       team.run(tasks, &generic::head_task, &ha);
     }
   }
@@ -432,6 +433,12 @@ void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
         tokens[r] = index[t * rows + r];
         max_logit[r] = value[t * rows + r];
       }
+    if (!max_prob) continue;
+    float total = 0.0f;
+    for (int64_t t = 0; t < tasks; ++t)
+      if (index[t * rows + r] >= 0)
+        total += exp_sum[t * rows + r] * std::exp(value[t * rows + r] - max_logit[r]);
+    max_prob[r] = 1.0f / total;
   }
 }
 

@@ -67,10 +67,11 @@ void llama_layers(const LayerArgs& first, int64_t n, const uintptr_t* weights,
 
 // The shared head's greedy token: for each of `rows` hidden states h (dim floats, h_row apart),
 // argmax over the vocabulary of lm_head(rms_norm(h) * norm_weight); ties go to the lowest index.
-// tokens: int64 (rows,), max_logit: float (rows,).
+// tokens: int64 (rows,), max_logit: float (rows,); max_prob (rows,), unless null: the softmax's
+// largest probability, 1 / sum_v exp(logit_v - max_logit).
 void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
                        const float* norm_weight, float eps, const float* lm_head, int64_t vocab,
-                       int64_t* tokens, float* max_logit);
+                       int64_t* tokens, float* max_logit, float* max_prob = nullptr);
 
 // Threads the kernels use (the caller's thread and n - 1 pool threads); 1 runs inline.
 void set_num_threads(int n);

@@ -437,7 +437,9 @@ LSK_FN void layer(const LayerArgs& a, const Plan& p, const Team& team) {
 // tokens[r] = argmax_v lm_head[v] . (rms_norm(h[r]) * norm_weight), the first of equal maxima.
 // The caller norms the rows into y; each task takes a range of the vocabulary, one matmul panel
 // of 16 W rows at a time into a small logits buffer (never the whole vocabulary), and keeps its
-// running argmax; the caller merges the tasks' winners in vocabulary order.
+// running argmax; the caller merges the tasks' winners in vocabulary order. With exp_sum, a task
+// also keeps sum_v exp(logit_v - its running max), rescaled as the max grows: the softmax's
+// largest probability without the full logits.
 struct HeadArgs {
   const float* y;
   int64_t rows, ldy, dim, vocab, tasks;
@@ -445,6 +447,7 @@ struct HeadArgs {
   float* const* logits;  // per thread, (rows, 16 W)
   int64_t* best_index;   // (tasks, rows)
   float* best_value;
+  float* exp_sum;        // (tasks, rows) or null
 };
 
 LSK_FN void head_norm(const float* h, int64_t rows, int64_t h_row, int64_t dim,
@@ -459,9 +462,11 @@ LSK_FN void head_task(void* ctx, int64_t i, int tid) {
   const int64_t end_ = panels * (i + 1) / ha.tasks * panel, end = end_ < ha.vocab ? end_ : ha.vocab;
   int64_t* bi = ha.best_index + i * ha.rows;
   float* bv = ha.best_value + i * ha.rows;
+  float* es = ha.exp_sum ? ha.exp_sum + i * ha.rows : nullptr;
   for (int64_t r = 0; r < ha.rows; ++r) {
     bi[r] = -1;
     bv[r] = -__builtin_inff();
+    if (es) es[r] = 0.0f;
   }
   float* logits = ha.logits[tid];
   for (int64_t v0 = begin; v0 < end; v0 += panel) {
@@ -470,11 +475,21 @@ LSK_FN void head_task(void* ctx, int64_t i, int tid) {
            false);
     for (int64_t r = 0; r < ha.rows; ++r) {
       const float* l = logits + r * panel;
+      const float before = bv[r];
       for (int64_t v = v0; v < v1; ++v)
         if (bi[r] < 0 || l[v - v0] > bv[r]) {
           bv[r] = l[v - v0];
           bi[r] = v;
         }
+      if (!es) continue;
+      if (before != bv[r] && before != -__builtin_inff()) es[r] *= std::exp(before - bv[r]);
+      const vf top = splat(bv[r]);
+      vf acc{};
+      int64_t j = 0;
+      for (; j + W <= v1 - v0; j += W) acc += vexp(loadu(l + j) - top);
+      float sum = hsum(acc);
+      for (; j < v1 - v0; ++j) sum += std::exp(l[j] - bv[r]);
+      es[r] += sum;
     }
   }
 }

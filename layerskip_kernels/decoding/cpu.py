@@ -20,8 +20,9 @@ except ImportError:  # built without the CPU kernels
 
 
 class CpuSteps:
-    """A model bound to one DecodeState: run(key) does the step a Graphs key names, or
-    returns False for one it does not fuse (then the Python step runs)."""
+    """A model bound to one DecodeState: run(key) does the step a Graphs key names and returns
+    the drafts it made (0 for a decode step), or None for a step it does not fuse (then the
+    Python step runs)."""
 
     def __init__(self, model, state):
         c, cache = model.config, state.cache
@@ -64,20 +65,22 @@ class CpuSteps:
         h = torch.cat(hidden, 1)
         return model.head(h[torch.arange(B), lengths.long() - 1])
 
-    def run(self, key):
+    def run(self, key, confidence=None):
+        """confidence (rounds): draft at most k, stopping after the first draft where no row's
+        largest probability reaches it, as sampled_round does when greedy."""
         kind, n, *rest = key
         if kind == "step":
             self._decoder.step(n, list(rest[0]))
+            made = 0
         else:
             k, (draft, arg) = rest
             if k + 1 > CPU_MAX_QUERIES:
-                return False
-            if draft == "exit":
-                self._decoder.exit_round(n, k, arg)
-            else:
-                self._decoder.skip_round(n, k, list(arg))
+                return None
+            confidence = confidence or 0.0
+            made = (self._decoder.exit_round(n, k, arg, confidence) if draft == "exit"
+                    else self._decoder.skip_round(n, k, list(arg), confidence))
         self.calls += 1
-        return True
+        return made
 
 
 def cpu_steps(model, state):

@@ -142,19 +142,22 @@ def sampled_round(drafter, rows, k, sampling, generator, confidence=None):
 
 def decode_self_speculative(model, batch, sampling, generator, drafter, num_speculations,
                             confidence=None):
-    """Rounds until every row is done: greedy fixed-k rounds replay from CUDA graphs, rounds
-    that sample or draft adaptively run eagerly. One host sync per round."""
+    """Rounds until every row is done: greedy fixed-k rounds replay from CUDA graphs (on a CPU,
+    one C++ call each, adaptive ones too), rounds that sample or draft adaptively otherwise run
+    eagerly. One host sync per round."""
     stats = {"rounds": 0, "row_rounds": 0, "drafted": 0, "accepted": 0}
-    eager = sampling[0] != 0 or confidence is not None
+    greedy = sampling[0] == 0
     while not all(batch.outputs.done):
         batch.compact()
-        rows, live = batch.rows, batch.live
-        if eager:
-            k = sampled_round(drafter, rows, num_speculations, sampling, generator, confidence)
+        rows, live, k = batch.rows, batch.live, num_speculations
+        key = ("round", rows.n, k, drafter.key)
+        eager = lambda: sampled_round(drafter, rows, k, sampling, generator, confidence)  # noqa: E731
+        if not greedy:
+            k = eager()
+        elif confidence is not None:
+            k = batch.state.run_adaptive(key, confidence, eager)
         else:
-            k = num_speculations
-            batch.state.run(("round", rows.n, k, drafter.key),
-                            lambda: greedy_round(drafter, rows, k))
+            batch.state.run(key, lambda: greedy_round(drafter, rows, k))
         emitted = rows.emitted[:, :k + 2].tolist()  # the round's one host sync
         batch.emit([drafts[:m] + [token] for *drafts, token, m in emitted])
         stats["accepted"] += sum(emitted[i][k + 1] for i in live)

@@ -55,8 +55,14 @@ class DecodeState:
     def run(self, key, step):
         """A greedy step or round (step(), named by key): one C++ call on a CPU where that
         applies (decoding/cpu.py), else a CUDA graph replay or an eager run (Graphs)."""
-        if self.cpu_steps is None or not self.cpu_steps.run(key):
+        if self.cpu_steps is None or self.cpu_steps.run(key) is None:
             self.graphs.run(key, step)
+
+    def run_adaptive(self, key, confidence, step):
+        """A greedy round that drafts while the draft is sure (at most key's k): one C++ call
+        on a CPU where that applies, else step(), eagerly. Returns the drafts made."""
+        made = self.cpu_steps.run(key, confidence) if self.cpu_steps is not None else None
+        return step() if made is None else made
 
     @property
     def max_seq_len(self):
