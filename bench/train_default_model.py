@@ -21,7 +21,8 @@ The (E, k) recommended in config.json is the fastest exact pair of a sweep timed
 decoded alone, interleaved repeats, medians).
 
 Writes to --output: config.json + model.safetensors (lsk.load_model), tokenizer.json,
-trainer_state.* (resume by running the same command again), report.json and report.md.
+trainer_state.* (resume by running the same command again), history.json (the per-step
+training losses; bench/default_model_report.py plots them), report.json and report.md.
 """
 import argparse
 import json
@@ -206,6 +207,7 @@ def main(argv=None):
     train_s = time.time() - train_start
     steps_per_s = (trainer.step - first_step) / max(train_s, 1e-9)
     trainer.save(out)
+    (out / "history.json").write_text(json.dumps(trainer.history) + "\n")  # the training curve
 
     model = lsk.load_model(out)
     exits = evaluate_exits(model, eval_tokens, seq_len=args.seq_len, max_windows=args.eval_windows)
