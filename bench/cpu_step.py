@@ -1,4 +1,4 @@
-"""CPU timing of the fused layer (ops.llama_layer, backend "cpu") against today's torch path, on
+"""CPU timing of the fused layer (ops.llama_layer, backend "cpu") against the torch path, on
 the embedded default model, in one process.
 
     python bench/cpu_step.py [--repeats 15] [--context 100] [--output bench/results/cpu_step.json]
@@ -6,15 +6,17 @@ the embedded default model, in one process.
 Times, in microseconds per call, median (min-max) over interleaved repeats (every configuration
 runs once per repeat, so drift in machine speed hits them all alike):
   - one layer over S = 1, 2, 4, 9 new positions (B = 1, `context` cached positions):
-      torch    Block.forward with a Decode step (the model's CPU path today)
+      torch    Block.forward with a Decode step on backend "torch" (the reference path, the
+               CPU path before the C++ layer)
       cpu      the op's C++ launcher (_launch_cpu: Python checks-free launch + kernel)
       kernel   the bare _cpu.llama_layer call with its integer arguments prepared
   - the greedy head of one row (final norm, lm_head, argmax): ops.draft_head_argmax's
     reference (torch) against the C++ draft head (cpu)
   - one greedy decode step of the whole model (embedding, all layers, head, argmax):
-      torch    decoding.autoregressive.decode_step (today's path)
+      torch    decoding.autoregressive.decode_step on backend "torch"
       cpu      the same step with every layer through _launch_cpu and the CPU draft head
       stack    the same with all layers in one _launch_cpu_layers call
+      fused    the whole step as one C++ call (decoding/cpu.py, what generate() runs on a CPU)
 with 1 and 2 threads (torch.set_num_threads and the kernel team alike). It also checks that
 the two step paths produce the same greedy tokens for `--tokens` steps. Prints a table on
 stderr and the JSON (with machine info) on stdout; --output also writes it to a file.
@@ -43,7 +45,7 @@ def layer_weights(block):
             block.mlp.gate_up_proj.weight, block.mlp.down_proj.weight)
 
 
-def layer_calls(model, S, context):
+def layer_calls(model, reference, S, context):
     """(torch, cpu, kernel) callables running layer 0 over S new positions at `context`."""
     c = model.config
     cache = model.new_cache(1, context + 16)
@@ -51,8 +53,8 @@ def layer_calls(model, S, context):
     cos, sin = model.rope(cache.max_seq_len)
     k, v = cache.layer(0, 1)
     x, res = torch.randn(1, S, c.dim), torch.randn(1, S, c.dim)
-    block, weights = model.layers[0], layer_weights(model.layers[0])
-    step = model.step(cache, seqlens, S)
+    block, weights = reference.layers[0], layer_weights(model.layers[0])
+    step = reference.step(cache, seqlens, S)
     delta, h = torch.empty_like(x), torch.empty_like(x)
     prepared = (x.data_ptr(), res.data_ptr(), c.dim, c.dim, *(w.data_ptr() for w in weights),
                 k.data_ptr(), v.data_ptr(), k.stride()[:3], v.stride()[:3], seqlens.data_ptr(),
@@ -93,7 +95,8 @@ def cpu_decode_step(model, rows, weights, stack=False):
 
 
 def decode_rows(model, prompt, length):
-    """One row's decode state after the prompt's prefill (its first token pending)."""
+    """One row's decode state after the prompt's prefill (its first token pending): its rows,
+    and its one-call C++ steps (decoding/cpu.py)."""
     state = DecodeState(model, 1, length, 0, graphs=False)
     rows = state.rows(1)
     ids = torch.tensor([prompt])
@@ -101,41 +104,48 @@ def decode_rows(model, prompt, length):
                                     rows.cache).argmax(-1))
     rows.cache_seqlens.fill_(len(prompt))
     rows.active.fill_(True)
-    return rows
+    return rows, state.cpu_steps
 
 
-def step_calls(model, context):
+def step_calls(model, reference, context):
     """(torch, cpu) callables of one decode step at a fixed context (the length is reset after
     each step, so every call does the same work)."""
     layers, weights = range(model.config.n_layers), [layer_weights(b) for b in model.layers]
     prompt = list(range(1, context + 1))
     calls = {}
-    for name in ("torch", "cpu", "stack"):
-        rows = decode_rows(model, prompt, context + 16)
+    for name in PATHS:
+        rows, fused = decode_rows(model, prompt, context + 16)
 
-        def run(rows=rows, name=name):
-            if name == "torch":
-                decode_step(model, rows, layers)
-            else:
-                cpu_decode_step(model, rows, weights, stack=name == "stack")
+        def run(rows=rows, name=name, fused=fused):
+            one_step(model, reference, rows, fused, weights, name)
             rows.cache_seqlens.fill_(context)
         calls[name] = run
     return calls
 
 
-def greedy_tokens_match(model, prompt, steps):
+PATHS = ("torch", "cpu", "stack", "fused")
+
+
+def one_step(model, reference, rows, fused, weights, path):
+    """One greedy step on `path`; reference: the same weights with backend "torch"."""
+    if path == "torch":
+        decode_step(reference, rows, range(model.config.n_layers))
+    elif path == "fused":
+        fused.run(("step", rows.n, tuple(range(model.config.n_layers))))
+    else:
+        cpu_decode_step(model, rows, weights, stack=path == "stack")
+
+
+def greedy_tokens_match(model, reference, prompt, steps):
     weights = [layer_weights(b) for b in model.layers]
     out = {}
-    for name in ("torch", "cpu", "stack"):
-        rows, tokens = decode_rows(model, prompt, len(prompt) + steps + 1), []
+    for name in PATHS:
+        (rows, fused), tokens = decode_rows(model, prompt, len(prompt) + steps + 1), []
         for _ in range(steps):
             tokens.append(int(rows.tokens[0]))
-            if name == "torch":
-                decode_step(model, rows, range(model.config.n_layers))
-            else:
-                cpu_decode_step(model, rows, weights, stack=name == "stack")
+            one_step(model, reference, rows, fused, weights, name)
         out[name] = tokens
-    return out["torch"] == out["cpu"] == out["stack"], out
+    return all(tokens == out["torch"] for tokens in out.values()), out
 
 
 def measure(configs, repeats, seconds=0.01):
@@ -185,19 +195,20 @@ def main():
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     model = lsk.load_model().eval()
+    reference = lsk.load_model(backend="torch").eval()
     threads = [int(t) for t in args.threads.split(",")]
 
     configs = {}
     for n in threads:
         for S in (1, 2, 4, 9):
-            for name, fn in layer_calls(model, S, args.context).items():
+            for name, fn in layer_calls(model, reference, S, args.context).items():
                 configs[("layer", S, name, n)] = (n, fn)
         for name, fn in head_calls(model).items():
             configs[("head", 1, name, n)] = (n, fn)
-        for name, fn in step_calls(model, args.context).items():
+        for name, fn in step_calls(model, reference, args.context).items():
             configs[("step", 1, name, n)] = (n, fn)
     samples = measure(configs, args.repeats)
-    same, tokens = greedy_tokens_match(model, list(range(1, 9)), args.tokens)
+    same, tokens = greedy_tokens_match(model, reference, list(range(1, 9)), args.tokens)
 
     results = []
     for key in configs:
@@ -216,7 +227,8 @@ def main():
             for S in (1, 2, 4, 9):
                 ratios[f"{clock}: layer cpu / torch S={S}, {n} thread(s)"] = round(
                     med[("layer", S, "cpu", n)] / med[("layer", S, "torch", n)], 3)
-            for what, path in (("head", "cpu"), ("step", "cpu"), ("step", "stack")):
+            for what, path in (("head", "cpu"), ("step", "cpu"), ("step", "stack"),
+                               ("step", "fused")):
                 ratios[f"{clock}: {what} {path} / torch, {n} thread(s)"] = round(
                     med[(what, 1, path, n)] / med[(what, 1, "torch", n)], 3)
     report = {"benchmark": "cpu_step", "machine": machine_info(), "isa": op._cpu.isa(),
