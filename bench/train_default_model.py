@@ -152,11 +152,11 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=50, help="training time budget: after 10 steps, cut "
                    "--steps to what fits (the schedules follow the new length)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="CPU threads (torch's and the C++ kernels')")
     p.add_argument("--save-every", type=int, default=200)
     args = p.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        lsk.set_num_threads(args.threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
