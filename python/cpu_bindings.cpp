@@ -20,6 +20,49 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+// A LayerArgs is filled in three parts: its cache strides and RoPE tables, its shapes (both
+// fixed for a model and its cache), and the rows of one call.
+void set_cache_and_rope(lsk_cpu::LayerArgs& a, py::tuple k_strides, py::tuple v_strides,
+                        uintptr_t rotary_cos, uintptr_t rotary_sin, int64_t cos_stride,
+                        int64_t sin_stride, int64_t rotary_rows) {
+  for (int i = 0; i < 3; ++i) {
+    a.k_strides[i] = k_strides[i].cast<int64_t>();
+    a.v_strides[i] = v_strides[i].cast<int64_t>();
+  }
+  a.rotary_cos = ptr<const float>(rotary_cos);
+  a.rotary_sin = ptr<const float>(rotary_sin);
+  a.cos_stride = cos_stride;
+  a.sin_stride = sin_stride;
+  a.rotary_rows = rotary_rows;
+}
+
+void set_shapes(lsk_cpu::LayerArgs& a, int64_t dim, int64_t heads_q, int64_t heads_kv,
+                int64_t head_dim, int64_t hidden, int64_t max_seqlen, float eps,
+                float softmax_scale) {
+  a.dim = dim;
+  a.heads_q = heads_q;
+  a.heads_kv = heads_kv;
+  a.head_dim = head_dim;
+  a.hidden = hidden;
+  a.max_seqlen = max_seqlen;
+  a.eps = eps;
+  a.softmax_scale = softmax_scale;
+}
+
+void set_rows(lsk_cpu::LayerArgs& a, uintptr_t x, uintptr_t residual, int64_t x_row,
+              int64_t residual_row, uintptr_t cache_seqlens, uintptr_t delta, uintptr_t h,
+              int64_t batch, int64_t seqlen) {
+  a.x = ptr<const float>(x);
+  a.residual = ptr<const float>(residual);
+  a.x_row = x_row;
+  a.residual_row = residual_row;
+  a.cache_seqlens = ptr<const int32_t>(cache_seqlens);
+  a.delta = ptr<float>(delta);
+  a.h = ptr<float>(h);
+  a.batch = batch;
+  a.seqlen = seqlen;
+}
+
 // Positional on purpose: the op's launcher calls this once per layer, where keyword matching
 // would cost more than the S = 1 layer's arithmetic on small models.
 void llama_layer(uintptr_t x, uintptr_t residual, int64_t x_row, int64_t residual_row,
@@ -32,10 +75,10 @@ void llama_layer(uintptr_t x, uintptr_t residual, int64_t x_row, int64_t residua
                  int64_t head_dim, int64_t hidden, int64_t max_seqlen, float eps,
                  float softmax_scale) {
   lsk_cpu::LayerArgs a{};
-  a.x = ptr<const float>(x);
-  a.residual = ptr<const float>(residual);
-  a.x_row = x_row;
-  a.residual_row = residual_row;
+  set_rows(a, x, residual, x_row, residual_row, cache_seqlens, delta, h, batch, seqlen);
+  set_cache_and_rope(a, k_strides, v_strides, rotary_cos, rotary_sin, cos_stride, sin_stride,
+                     rotary_rows);
+  set_shapes(a, dim, heads_q, heads_kv, head_dim, hidden, max_seqlen, eps, softmax_scale);
   a.w_in = ptr<const float>(w_in);
   a.w_qkv = ptr<const float>(w_qkv);
   a.w_o = ptr<const float>(w_o);
@@ -44,28 +87,6 @@ void llama_layer(uintptr_t x, uintptr_t residual, int64_t x_row, int64_t residua
   a.w_down = ptr<const float>(w_down);
   a.k_cache = ptr<float>(k_cache);
   a.v_cache = ptr<float>(v_cache);
-  for (int i = 0; i < 3; ++i) {
-    a.k_strides[i] = k_strides[i].cast<int64_t>();
-    a.v_strides[i] = v_strides[i].cast<int64_t>();
-  }
-  a.cache_seqlens = ptr<const int32_t>(cache_seqlens);
-  a.rotary_cos = ptr<const float>(rotary_cos);
-  a.rotary_sin = ptr<const float>(rotary_sin);
-  a.cos_stride = cos_stride;
-  a.sin_stride = sin_stride;
-  a.rotary_rows = rotary_rows;
-  a.delta = ptr<float>(delta);
-  a.h = ptr<float>(h);
-  a.batch = batch;
-  a.seqlen = seqlen;
-  a.dim = dim;
-  a.heads_q = heads_q;
-  a.heads_kv = heads_kv;
-  a.head_dim = head_dim;
-  a.hidden = hidden;
-  a.max_seqlen = max_seqlen;
-  a.eps = eps;
-  a.softmax_scale = softmax_scale;
   py::gil_scoped_release release;
   lsk_cpu::llama_layer(a);
 }
@@ -85,32 +106,10 @@ void llama_layers(uintptr_t x, uintptr_t residual, int64_t x_row, int64_t residu
   if (n == 0 || v_caches.size() != n || weights.size() != 6 * n)
     throw std::invalid_argument("llama_layers: expected 6 weights, a k_cache and a v_cache per layer");
   lsk_cpu::LayerArgs a{};
-  a.x = ptr<const float>(x);
-  a.residual = ptr<const float>(residual);
-  a.x_row = x_row;
-  a.residual_row = residual_row;
-  for (int i = 0; i < 3; ++i) {
-    a.k_strides[i] = k_strides[i].cast<int64_t>();
-    a.v_strides[i] = v_strides[i].cast<int64_t>();
-  }
-  a.cache_seqlens = ptr<const int32_t>(cache_seqlens);
-  a.rotary_cos = ptr<const float>(rotary_cos);
-  a.rotary_sin = ptr<const float>(rotary_sin);
-  a.cos_stride = cos_stride;
-  a.sin_stride = sin_stride;
-  a.rotary_rows = rotary_rows;
-  a.delta = ptr<float>(delta);
-  a.h = ptr<float>(h);
-  a.batch = batch;
-  a.seqlen = seqlen;
-  a.dim = dim;
-  a.heads_q = heads_q;
-  a.heads_kv = heads_kv;
-  a.head_dim = head_dim;
-  a.hidden = hidden;
-  a.max_seqlen = max_seqlen;
-  a.eps = eps;
-  a.softmax_scale = softmax_scale;
+  set_rows(a, x, residual, x_row, residual_row, cache_seqlens, delta, h, batch, seqlen);
+  set_cache_and_rope(a, k_strides, v_strides, rotary_cos, rotary_sin, cos_stride, sin_stride,
+                     rotary_rows);
+  set_shapes(a, dim, heads_q, heads_kv, head_dim, hidden, max_seqlen, eps, softmax_scale);
   py::gil_scoped_release release;
   lsk_cpu::llama_layers(a, static_cast<int64_t>(n), weights.data(), k_caches.data(),
                         v_caches.data());
@@ -139,24 +138,10 @@ lsk_cpu::Decoder make_decoder(std::vector<uintptr_t> weights, std::vector<uintpt
                               uintptr_t drafts, uintptr_t emitted, int64_t batch,
                               int64_t max_drafts) {
   lsk_cpu::DecoderModel model{};
-  lsk_cpu::LayerArgs& a = model.shapes;
-  for (int i = 0; i < 3; ++i) {
-    a.k_strides[i] = k_strides[i].cast<int64_t>();
-    a.v_strides[i] = v_strides[i].cast<int64_t>();
-  }
-  a.max_seqlen = max_seqlen;
-  a.rotary_cos = ptr<const float>(rotary_cos);
-  a.rotary_sin = ptr<const float>(rotary_sin);
-  a.cos_stride = cos_stride;
-  a.sin_stride = sin_stride;
-  a.rotary_rows = rotary_rows;
-  a.dim = dim;
-  a.heads_q = heads_q;
-  a.heads_kv = heads_kv;
-  a.head_dim = head_dim;
-  a.hidden = hidden;
-  a.eps = eps;
-  a.softmax_scale = softmax_scale;
+  set_cache_and_rope(model.shapes, k_strides, v_strides, rotary_cos, rotary_sin, cos_stride,
+                     sin_stride, rotary_rows);
+  set_shapes(model.shapes, dim, heads_q, heads_kv, head_dim, hidden, max_seqlen, eps,
+             softmax_scale);
   model.weights = std::move(weights);
   model.k_caches = std::move(k_caches);
   model.v_caches = std::move(v_caches);

@@ -167,6 +167,36 @@ def _float_rows(t):
     return t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous()
 
 
+def _outputs(x, out):
+    """A launcher's (delta, h): out, checked, or new contiguous float32 tensors of x's shape."""
+    if out is None:
+        return torch.empty(x.shape, dtype=torch.float32), torch.empty(x.shape, dtype=torch.float32)
+    for name, t in zip(("out[0] (delta)", "out[1] (h)"), out):
+        if not (t.shape == x.shape and t.dtype == torch.float32 and t.is_contiguous()
+                and t.device.type == "cpu"):  # the messages only when failing: hot path
+            fail(name, f"a contiguous float32 CPU tensor of shape {tuple(x.shape)}",
+                 f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
+    return out
+
+
+def _inputs(x, residual, cache_seqlens, rotary_cos, rotary_sin):
+    """The arguments the C++ layer's entry points share: (tensors, rows, seqlens, rope),
+    rows being x's and residual's pointers and row strides, seqlens cache_seqlens' pointer,
+    rope the RoPE tables' pointers, row strides and rows (zeros without RoPE). The caller keeps
+    `tensors` alive until the call returns: the pointers may point into copies made here."""
+    x, x_row = _rows(x)
+    residual, res_row = (None, 0) if residual is None else _rows(residual)
+    if cache_seqlens.stride(0) != 1:
+        cache_seqlens = cache_seqlens.contiguous()
+    rows = (x.data_ptr(), 0 if residual is None else residual.data_ptr(), x_row, res_row)
+    if rotary_cos is None:
+        return (x, residual, cache_seqlens), rows, cache_seqlens.data_ptr(), (0, 0, 0, 0, 0)
+    cos, sin = _float_rows(rotary_cos), _float_rows(rotary_sin)
+    rope = (cos.data_ptr(), sin.data_ptr(), cos.stride(0), sin.stride(0),
+            min(cos.shape[0], sin.shape[0]))
+    return (x, residual, cache_seqlens, cos, sin), rows, cache_seqlens.data_ptr(), rope
+
+
 def _launch_cpu(x, residual, weights, eps, k_cache, v_cache, cache_seqlens, rotary_cos=None,
                 rotary_sin=None, out=None):
     """The C++ layer (csrc/cpu/llama_layer.cpp): arguments checked by the op and within
@@ -176,35 +206,15 @@ def _launch_cpu(x, residual, weights, eps, k_cache, v_cache, cache_seqlens, rota
     """
     B, S, dim = x.shape
     Hkv, D = k_cache.shape[2], k_cache.shape[3]
-    if out is None:
-        delta, h = torch.empty_like(x), torch.empty_like(x)
-    else:
-        delta, h = out
-        for name, t in (("out[0] (delta)", delta), ("out[1] (h)", h)):
-            if not (t.shape == x.shape and t.dtype == torch.float32 and t.is_contiguous()
-                    and t.device.type == "cpu"):  # the messages only when failing: hot path
-                fail(name, f"a contiguous float32 CPU tensor of shape {tuple(x.shape)}",
-                     f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
-    if not (delta.is_contiguous() and h.is_contiguous()):  # empty_like keeps x's strides
-        delta, h = torch.empty(x.shape), torch.empty(x.shape)
-    x, x_row = _rows(x)
-    residual, res_row = (None, 0) if residual is None else _rows(residual)
-    rope = rotary_cos is not None
-    if rope:
-        rotary_cos, rotary_sin = _float_rows(rotary_cos), _float_rows(rotary_sin)
-    if cache_seqlens.stride(0) != 1:
-        cache_seqlens = cache_seqlens.contiguous()
+    delta, h = _outputs(x, out)
+    alive, rows, seqlens, rope = _inputs(x, residual, cache_seqlens, rotary_cos, rotary_sin)
     w_in, qkv, o, post, gate_up, down = weights
     _cpu.llama_layer(
-        x.data_ptr(), 0 if residual is None else residual.data_ptr(), x_row, res_row,
-        w_in.data_ptr(), qkv.data_ptr(), o.data_ptr(), post.data_ptr(), gate_up.data_ptr(),
-        down.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride()[:3],
-        v_cache.stride()[:3], cache_seqlens.data_ptr(),
-        rotary_cos.data_ptr() if rope else 0, rotary_sin.data_ptr() if rope else 0,
-        rotary_cos.stride(0) if rope else 0, rotary_sin.stride(0) if rope else 0,
-        min(rotary_cos.shape[0], rotary_sin.shape[0]) if rope else 0, delta.data_ptr(), h.data_ptr(),
-        B, S, dim, qkv.shape[0] // D - 2 * Hkv, Hkv, D, down.shape[1], k_cache.shape[1],
-        float(eps), 1.0 / math.sqrt(D))
+        *rows, w_in.data_ptr(), qkv.data_ptr(), o.data_ptr(), post.data_ptr(),
+        gate_up.data_ptr(), down.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.stride()[:3], v_cache.stride()[:3], seqlens, *rope,
+        delta.data_ptr(), h.data_ptr(), B, S, dim, qkv.shape[0] // D - 2 * Hkv, Hkv, D,
+        down.shape[1], k_cache.shape[1], float(eps), 1.0 / math.sqrt(D))
     return delta, h
 
 
@@ -229,37 +239,19 @@ def _launch_cpu_layers(x, residual, layer_weights, eps, kv, cache_seqlens, rotar
     B, S, dim = x.shape
     k0, v0 = kv[0]
     Hkv, D = k0.shape[2], k0.shape[3]
-    if out is None:
-        delta, h = torch.empty(x.shape), torch.empty(x.shape)
-    else:
-        delta, h = out
-        for name, t in (("out[0] (delta)", delta), ("out[1] (h)", h)):
-            if not (t.shape == x.shape and t.dtype == torch.float32 and t.is_contiguous()
-                    and t.device.type == "cpu"):
-                fail(name, f"a contiguous float32 CPU tensor of shape {tuple(x.shape)}",
-                     f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
+    delta, h = _outputs(x, out)
     for k, v in kv:
         if k.stride() != k0.stride() or v.stride() != v0.stride() or k.shape != k0.shape:
             fail("kv", f"caches of one shape and strides ({tuple(k0.shape)}, {k0.stride()})",
                  f"{tuple(k.shape)}, {k.stride()}")
-    x, x_row = _rows(x)
-    residual, res_row = (None, 0) if residual is None else _rows(residual)
-    rope = rotary_cos is not None
-    if rope:
-        rotary_cos, rotary_sin = _float_rows(rotary_cos), _float_rows(rotary_sin)
-    if cache_seqlens.stride(0) != 1:
-        cache_seqlens = cache_seqlens.contiguous()
+    alive, rows, seqlens, rope = _inputs(x, residual, cache_seqlens, rotary_cos, rotary_sin)
     qkv, down = layer_weights[0][1], layer_weights[0][5]
     _cpu.llama_layers(
-        x.data_ptr(), 0 if residual is None else residual.data_ptr(), x_row, res_row,
-        [w.data_ptr() for weights in layer_weights for w in weights],
+        *rows, [w.data_ptr() for weights in layer_weights for w in weights],
         [k.data_ptr() for k, _ in kv], [v.data_ptr() for _, v in kv], k0.stride()[:3],
-        v0.stride()[:3], cache_seqlens.data_ptr(),
-        rotary_cos.data_ptr() if rope else 0, rotary_sin.data_ptr() if rope else 0,
-        rotary_cos.stride(0) if rope else 0, rotary_sin.stride(0) if rope else 0,
-        min(rotary_cos.shape[0], rotary_sin.shape[0]) if rope else 0, delta.data_ptr(),
-        h.data_ptr(), B, S, dim, qkv.shape[0] // D - 2 * Hkv, Hkv, D, down.shape[1],
-        k0.shape[1], float(eps), 1.0 / math.sqrt(D))
+        v0.stride()[:3], seqlens, *rope, delta.data_ptr(), h.data_ptr(), B, S,
+        dim, qkv.shape[0] // D - 2 * Hkv, Hkv, D, down.shape[1], k0.shape[1], float(eps),
+        1.0 / math.sqrt(D))
     return delta, h
 
 
