@@ -11,12 +11,7 @@ import math
 
 import torch
 
-from ..ops.llama_layer import CPU_MAX_HEAD_DIM, CPU_MAX_QUERIES, cpu_unavailable_reason
-
-try:
-    from .. import _cpu
-except ImportError:  # built without the CPU kernels
-    _cpu = None
+from ..ops.llama_layer import CPU_MAX_HEAD_DIM, CPU_MAX_QUERIES, _cpu, cpu_unavailable_reason
 
 
 class CpuSteps:
@@ -24,10 +19,10 @@ class CpuSteps:
     the drafts it made (0 for a decode step), or None for a step it does not fuse (then the
     Python step runs)."""
 
-    def __init__(self, model, state):
+    def __init__(self, model, state, layer_weights):
+        """layer_weights: each block's fused_weights(), as cpu_steps() found them."""
         c, cache = model.config, state.cache
-        blocks = list(model.layers)
-        weights = [w for b in blocks for w in b.fused_weights()]
+        weights = [w for layer in layer_weights for w in layer]
         kv = [cache.layer(i, state.batch) for i in range(c.n_layers)]
         cos, sin = model.rope(cache.max_seq_len)
         head = (model.embed_tokens.weight, model.norm.weight, model.lm_head.weight)
@@ -43,7 +38,7 @@ class CpuSteps:
             rotary_cos=cos.data_ptr(), rotary_sin=sin.data_ptr(), cos_stride=cos.stride(0),
             sin_stride=sin.stride(0), rotary_rows=min(len(cos), len(sin)), dim=c.dim,
             heads_q=c.n_heads, heads_kv=c.n_kv_heads, head_dim=c.head_dim,
-            hidden=blocks[0].fused_weights()[5].shape[1], eps=blocks[0].input_layernorm.eps,
+            hidden=layer_weights[0][5].shape[1], eps=model.layers[0].input_layernorm.eps,
             softmax_scale=1.0 / math.sqrt(c.head_dim), embed=head[0].data_ptr(),
             norm=head[1].data_ptr(), norm_eps=model.norm.eps, lm_head=head[2].data_ptr(),
             vocab=head[2].shape[0], tokens=state.tokens.data_ptr(),
@@ -94,14 +89,11 @@ def cpu_steps(model, state):
             or torch.compiler.is_compiling() or model.training_graph()
             or c.head_dim > CPU_MAX_HEAD_DIM or c.head_dim % 2):
         return None
-    tensors = [weight, model.norm.weight, model.lm_head.weight]
-    for block in model.layers:
-        if block._forward_hooks or block._forward_pre_hooks:
-            return None
-        weights = block.fused_weights()
-        if weights is None:
-            return None
-        tensors += weights
+    layer_weights = model.stack_weights(range(c.n_layers))
+    if layer_weights is None:
+        return None
+    tensors = [weight, model.norm.weight, model.lm_head.weight,
+               *(w for layer in layer_weights for w in layer)]
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None
-    return CpuSteps(model, state)
+    return CpuSteps(model, state, layer_weights)

@@ -252,6 +252,16 @@ class Llama(nn.Module):
             delta, residual = self.layers[i](delta, residual, step, kv(i))
         return delta if residual is None else delta + residual
 
+    def stack_weights(self, layers):
+        """Block.fused_weights() of each of `layers`, for a kernel that runs them in one call;
+        None when one has none or is watched (hooks: then the blocks run one by one)."""
+        blocks = list(self.layers)
+        blocks = [blocks[i] for i in layers]
+        if any(b._forward_hooks or b._forward_pre_hooks for b in blocks):
+            return None
+        weights = [b.fused_weights() for b in blocks]
+        return None if None in weights else weights
+
     def head(self, h):
         """The head every exit shares: final RMSNorm, then lm_head."""
         norm = self.kernels.rms_norm(h, self.norm.weight, self.training_graph())

@@ -140,19 +140,17 @@ class Decode(Causal):
 
     def layers(self, model, h, layers, cache):
         """A decode step's layers in one C++ call (ops.llama_layer's stack), or None."""
-        layers, rows, all_blocks = list(layers), h.shape[0], list(model.layers)
+        layers, rows = list(layers), h.shape[0]
         if not layers:
             return h
-        blocks = [all_blocks[i] for i in layers]
-        if any(b._forward_hooks or b._forward_pre_hooks for b in blocks):
-            return None  # someone watches the blocks: call them one by one
-        weights = [b.fused_weights() for b in blocks]
-        if None in weights:
+        weights = model.stack_weights(layers)
+        if weights is None:
             return None
-        fused = self._fused(blocks[0], h, None, cache.layer(layers[0], rows))
+        first = model.layers[layers[0]]
+        fused = self._fused(first, h, None, cache.layer(layers[0], rows))
         if fused is None:
             return None
-        eps = blocks[0].input_layernorm.eps
+        eps = first.input_layernorm.eps
         delta, residual = _launch_cpu_layers(
             h, None, weights, eps,
             [cache.layer(i, rows) for i in layers], self.cache_seqlens, *self.rope)
