@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TOLERANCES
-from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
+from triton_compile import compile_report, compile_test, main
 
 from layerskip_kernels.ops.attention_with_kvcache import (
     MAX_KERNEL_QUERIES,
@@ -403,18 +403,8 @@ def compile_cases(capability):
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compiled_in_children(Path(__file__))
-
-
-@pytest.mark.parametrize("capability", COMPILE_TARGETS)
-@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernel_compiles_for_gpu(case, capability, compiled):
-    report = compiled[case_key(case, capability)]
-    assert report["status"] == "ok"
-    if case[:3] not in SPILLS_ALLOWED and report["stack_bytes"] is not None:
-        assert report["stack_bytes"] == 0, f"spills: {report}"
+compiled, test_kernel_compiles_for_gpu = compile_test(
+    __file__, COMPILE_CASES, may_spill=lambda case: case[:3] in SPILLS_ALLOWED, key=case_key)
 
 
 # ---------------------------------------------------------------- argument guards

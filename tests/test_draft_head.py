@@ -4,12 +4,11 @@ here; both kernel variants (FMA, tl.dot), several merge levels, exact ties to th
 NaN as documented, poisoned outputs; the routing rules; every kernel config compiled for sm_80 /
 sm_90 without a GPU; every argument guard with a passing control; on a GPU, Llama shapes."""
 import importlib
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import TOLERANCES
-from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
+from triton_compile import case_key, compile_report, compile_test, main
 
 from layerskip_kernels.ops.draft_head import (
     MAX_KERNEL_ROWS,
@@ -304,7 +303,7 @@ def compile_cases(capability):
 
     results = {}
     for case in COMPILE_CASES:
-        key = "-".join(map(str, case)) + f"-sm{capability}"
+        key = case_key(case, capability)
         if case[0] == "partial":
             _, dtype, rows, vocab, dim, k, variant = case
             size = 4 if dtype == "fp32" else 2
@@ -327,19 +326,8 @@ def compile_cases(capability):
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compiled_in_children(Path(__file__))
-
-
-@pytest.mark.parametrize("capability", COMPILE_TARGETS)
-@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernel_compiles_for_gpu(case, capability, compiled):
-    """Every config compiles, and none spills registers (its stack frame is empty)."""
-    report = compiled["-".join(map(str, case)) + f"-sm{capability}"]
-    assert report["status"] == "ok"
-    if case not in SPILLS_ALLOWED:
-        assert report["stack_bytes"] in (0, None), f"spills: {report}"
+compiled, test_kernel_compiles_for_gpu = compile_test(
+    __file__, COMPILE_CASES, may_spill=lambda case: case in SPILLS_ALLOWED)
 
 
 # ---------------------------------------------------------------- argument guards

@@ -4,11 +4,10 @@ decoding.self_speculative.accept() in greedy mode; argmax ties within and across
 blocks; NaN as torch.argmax; from logits and from tokens; poisoned outputs; the kernels
 compiled for sm_80 / sm_90 without a GPU; every argument guard with a passing control."""
 import importlib
-from pathlib import Path
 
 import pytest
 import torch
-from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
+from triton_compile import case_key, compile_report, compile_test, main
 
 from layerskip_kernels.decoding.self_speculative import accept
 from layerskip_kernels.ops.greedy_accept import greedy_accept, greedy_accept_reference
@@ -183,7 +182,7 @@ def compile_cases(capability):
 
     results = {}
     for case in COMPILE_CASES:
-        key = "-".join(map(str, case)) + f"-sm{capability}"
+        key = case_key(case, capability)
         if case[0] == "partial":
             _, dtype, k, vocab, rows = case
             bv = mod.block_v(vocab, rows)
@@ -204,17 +203,7 @@ def compile_cases(capability):
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compiled_in_children(Path(__file__))
-
-
-@pytest.mark.parametrize("capability", COMPILE_TARGETS)
-@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernel_compiles_for_gpu(case, capability, compiled):
-    report = compiled["-".join(map(str, case)) + f"-sm{capability}"]
-    assert report["status"] == "ok"
-    assert report["stack_bytes"] in (0, None), f"spills: {report}"
+compiled, test_kernel_compiles_for_gpu = compile_test(__file__, COMPILE_CASES)
 
 
 # ---------------------------------------------------------------- argument guards

@@ -1,11 +1,10 @@
 """kv_cache_append: reference against a hand-written loop, the Triton kernel (compiled on a GPU,
 interpreted on the CPU) and the CUDA kernel bit for bit against it, the Triton kernel compiled
 for sm_80 / sm_90 without a GPU, and every argument guard with a passing control."""
-from pathlib import Path
 
 import pytest
 import torch
-from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
+from triton_compile import case_key, compile_report, compile_test, main
 
 from layerskip_kernels import _ext
 from layerskip_kernels.ops.kv_cache_append import (
@@ -222,21 +221,8 @@ def compile_cases(capability):
     return results
 
 
-def case_key(case, capability):
-    return "-".join(map(str, case)) + f"-sm{capability}"
 
-
-@pytest.fixture(scope="module")
-def compiled():
-    return compiled_in_children(Path(__file__))
-
-
-@pytest.mark.parametrize("capability", COMPILE_TARGETS)
-@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernel_compiles_for_gpu(case, capability, compiled):
-    report = compiled[case_key(case, capability)]
-    assert report["status"] == "ok"
-    assert report["stack_bytes"] in (0, None), f"spills: {report}"
+compiled, test_kernel_compiles_for_gpu = compile_test(__file__, COMPILE_CASES)
 
 
 if __name__ == "__main__":  # the compile child of the `compiled` fixture

@@ -4,12 +4,11 @@ add, one and several rows per program; poisoned outputs; NaN stays in its row; t
 compiled for sm_80 / sm_90 without a GPU for every tile shape; every argument guard with a
 passing control."""
 import importlib
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import TOLERANCES
-from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
+from triton_compile import case_key, compile_report, compile_test, main
 
 from layerskip_kernels.ops.rms_norm import MAX_KERNEL_DIM, rms_norm, rms_norm_reference
 from layerskip_kernels.triton.rms_norm import launch_config, rms_norm_triton
@@ -164,7 +163,7 @@ def compile_cases(capability):
         num_warps = config.pop("num_warps")
         types = {name: f"*{dtype}" for name in ("X", "RESIDUAL", "Y", "H_OUT")}
         types.update(W=f"*{dtype}", eps="fp32")
-        key = f"{dtype}-{dim}-{rows}-{residual}-sm{capability}"
+        key = case_key((dtype, dim, rows, residual), capability)
         aligned = ["X", "RESIDUAL", "W", "Y", "H_OUT"] + (
             ["n_cols", "stride_x", "stride_r", "stride_y", "stride_h"] if dim % 16 == 0 else [])
         results[key] = compile_report(mod._rms_norm_fwd_kernel, types,
@@ -173,18 +172,8 @@ def compile_cases(capability):
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compiled_in_children(Path(__file__))
-
-
-@pytest.mark.parametrize("capability", COMPILE_TARGETS)
-@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernel_compiles_for_gpu(case, capability, compiled):
-    report = compiled["-".join(map(str, case)) + f"-sm{capability}"]
-    assert report["status"] == "ok"
-    if case[1] < MAX_KERNEL_DIM:
-        assert report["stack_bytes"] in (0, None), f"spills: {report}"
+compiled, test_kernel_compiles_for_gpu = compile_test(
+    __file__, COMPILE_CASES, may_spill=lambda case: case[1] >= MAX_KERNEL_DIM)
 
 
 # ---------------------------------------------------------------- argument guards

@@ -1,13 +1,12 @@
 """silu_mul: the reference and the Triton kernel (compiled on a GPU, interpreted on the CPU)
 against a float64 oracle written here, the model's two-rounding form in float32, the kernel
 compiled for sm_80 / sm_90 without a GPU, and every argument guard with a passing control."""
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TOLERANCES
-from triton_compile import COMPILE_TARGETS, compile_report, compiled_in_children, main
+from triton_compile import case_key, compile_report, compile_test, main
 
 from layerskip_kernels.ops import Kernels
 from layerskip_kernels.ops.silu_mul import silu_mul, silu_mul_reference
@@ -155,9 +154,6 @@ COMPILE_CASES = [(dtype, hidden) for dtype in ("fp16", "bf16", "fp32")
                  for hidden in (5, 64, 11008, 14336)]
 
 
-def case_key(case, capability):
-    return "-".join(map(str, case)) + f"-sm{capability}"
-
 
 def compile_cases(capability):
     """Run in the child (see triton_compile): compile every COMPILE_CASES entry."""
@@ -176,17 +172,7 @@ def compile_cases(capability):
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    return compiled_in_children(Path(__file__))
-
-
-@pytest.mark.parametrize("capability", COMPILE_TARGETS)
-@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernel_compiles_for_gpu(case, capability, compiled):
-    report = compiled[case_key(case, capability)]
-    assert report["status"] == "ok"
-    assert report["stack_bytes"] in (0, None), f"spills: {report}"
+compiled, test_kernel_compiles_for_gpu = compile_test(__file__, COMPILE_CASES)
 
 
 if __name__ == "__main__":  # the compile child of the `compiled` fixture

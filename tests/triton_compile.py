@@ -6,6 +6,7 @@ test process triton.jit makes interpreted ones (triton.language's own helpers to
 per target runs the test module as a script with the interpreter off: the module's
 ``compile_cases(capability)`` compiles down to a cubin (the wheel ships ptxas) and its
 ``__main__`` prints the results as one JSON line, which ``compiled_in_children`` merges.
+``compile_test`` makes a test module's fixture and test from it.
 
 ``compile_report`` also reads the cubin's resource usage (cuobjdump, shipped with the wheel too):
 registers a thread, stack frame bytes (where ptxas puts spilled registers: a Triton kernel has
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILE_TARGETS = (80, 90)
@@ -99,3 +102,28 @@ def compiled_in_children(test_file):
 def main(compile_cases):
     """The child's entry point: `if __name__ == "__main__": main(compile_cases)`."""
     print(json.dumps(compile_cases(int(sys.argv[1]))))
+
+
+def case_key(case, capability):
+    """The JSON key of a compile case's result for one target."""
+    return "-".join(map(str, case)) + f"-sm{capability}"
+
+
+def compile_test(test_file, cases, may_spill=lambda case: False, key=case_key):
+    """A test module's compile fixture and test: `compiled, test_kernel_compiles_for_gpu =
+    compile_test(__file__, COMPILE_CASES)`. Every case compiles for every target, and none
+    spills registers (an empty stack frame) unless may_spill(case). key: what the module's
+    compile_cases names a result by."""
+    @pytest.fixture(scope="module")
+    def compiled():
+        return compiled_in_children(Path(test_file))
+
+    @pytest.mark.parametrize("capability", COMPILE_TARGETS)
+    @pytest.mark.parametrize("case", cases, ids=lambda c: "-".join(map(str, c)))
+    def test_kernel_compiles_for_gpu(case, capability, compiled):
+        report = compiled[key(case, capability)]
+        assert report["status"] == "ok"
+        if not may_spill(case):
+            assert report["stack_bytes"] in (0, None), f"spills: {report}"
+
+    return compiled, test_kernel_compiles_for_gpu
