@@ -62,7 +62,7 @@ def layer_calls(model, reference, S, context):
                 delta.data_ptr(), h.data_ptr(), 1, S, c.dim, c.n_heads, c.n_kv_heads,
                 c.head_dim, c.hidden_dim, cache.max_seq_len, c.norm_eps,
                 1.0 / math.sqrt(c.head_dim))
-    alive = (cache, x, res, delta, h, cos, sin)  # the prepared pointers point into these
+    alive = (cache, seqlens, x, res, delta, h, cos, sin)  # the prepared pointers point into these
     return {"torch": lambda: block(x, res, step, (k, v)),
             "cpu": lambda: op._launch_cpu(x, res, weights, c.norm_eps, k, v, seqlens, cos, sin),
             "kernel": lambda alive=alive: op._cpu.llama_layer(*prepared)}

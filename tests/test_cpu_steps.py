@@ -250,3 +250,42 @@ def test_generate_gives_the_python_paths_tokens(generator, monkeypatch, name):
     assert fused.tokens == eager.tokens
     model.backend = "torch"
     assert lsk.generate(model, prompts, eos_token_id=stop, **settings).tokens == fused.tokens
+
+
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads(), cpu._cpu.num_threads()
+    lsk.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous[0])
+    cpu._cpu.set_num_threads(previous[1])
+
+
+def test_torch_runs_on_one_thread_while_the_team_decodes(generator, monkeypatch, two_threads):
+    """A greedy generate() on the C++ steps leaves torch one thread (its spinning OpenMP
+    helpers would take the team's cores) and gives the threads back, also when the call
+    raises; sampling and models the C++ steps do not run keep torch's threads."""
+    model = random_llama(generator)
+    seen = []
+    run = cpu.CpuSteps.run
+    monkeypatch.setattr(cpu.CpuSteps, "run", lambda self, *args: (
+        seen.append(torch.get_num_threads()), run(self, *args))[1])
+    prompts = [[1, 2, 3], [4, 5]]
+    lsk.generate(model, prompts, max_new_tokens=5, strategy="self_speculative", exit_layer=1,
+                 num_speculations=2)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+
+    def stream(row, tokens):
+        assert torch.get_num_threads() == 1
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        lsk.generate(model, prompts, max_new_tokens=5, stream=stream)
+    assert torch.get_num_threads() == 2
+
+    threads = []
+    lsk.generate(model, prompts, max_new_tokens=2, temperature=1.0, seed=0,
+                 stream=lambda row, tokens: threads.append(torch.get_num_threads()))
+    model.backend = "torch"
+    lsk.generate(model, prompts, max_new_tokens=2,
+                 stream=lambda row, tokens: threads.append(torch.get_num_threads()))
+    assert threads and set(threads) == {2}

@@ -7,6 +7,7 @@ tokens are the same, bit for bit. What it saves is the Python around them: on sm
 round's glue (an embedding, a layer stack, a head, a few index writes per draft) costs as much
 as its arithmetic, and a round has k + 1 of them against a step's one.
 """
+import contextlib
 import math
 
 import torch
@@ -78,10 +79,28 @@ class CpuSteps:
         return made
 
 
-def cpu_steps(model, state):
-    """CpuSteps for this model and state when the Python steps would run the CPU kernels on
-    every layer and head (float32 CPU weights in plain nn.Linear layers, a backend preference
-    that allows "cpu", no hooks on the blocks, not compiling), else None."""
+@contextlib.contextmanager
+def torch_threads_idle(model):
+    """Within it, torch runs on one thread while the model decodes in C++ steps on a team of
+    several (lsk.set_num_threads): torch is left only small ops (cache allocation, the
+    prefill's head), and after a parallel op its OpenMP threads spin for milliseconds waiting
+    for the next one, taking the cores from the team's helpers. Measured on 2 cores: a
+    generate() of 128 tokens lost about 6 ms that way, a sixth of its time."""
+    threads = torch.get_num_threads()
+    if threads == 1 or _cpu is None or _cpu.num_threads() == 1 or fused_weights(model) is None:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fused_weights(model):
+    """Each block's fused weights when the Python steps would run the CPU kernels on every
+    layer and head (float32 CPU weights in plain nn.Linear layers, a backend preference that
+    allows "cpu", no hooks on the blocks, not compiling), else None."""
     weight = model.embed_tokens.weight
     c = model.config
     if (cpu_unavailable_reason() is not None or weight.device.type != "cpu"
@@ -96,4 +115,10 @@ def cpu_steps(model, state):
                *(w for layer in layer_weights for w in layer)]
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
         return None
-    return CpuSteps(model, state, layer_weights)
+    return layer_weights
+
+
+def cpu_steps(model, state):
+    """CpuSteps for this model and state where fused_weights() finds them, else None."""
+    layer_weights = fused_weights(model)
+    return None if layer_weights is None else CpuSteps(model, state, layer_weights)

@@ -1,4 +1,5 @@
 """`generate`: the one entry point of every decoding strategy, with its argument checks."""
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -6,6 +7,7 @@ import torch
 
 from ..ops._checks import fail
 from .autoregressive import Batch, Outputs, decode_autoregressive, prefill
+from .cpu import torch_threads_idle
 from .layer_skip import kept_layers
 from .self_speculative import ExitDraft, SkipDraft, decode_self_speculative
 from .state import decode_state
@@ -173,24 +175,26 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     generator.manual_seed(seed) if seed is not None else generator.seed()
     sampling = (temperature, top_k, top_p)
     graphs = cuda_graphs is not False and device.type == "cuda"
-    start = time.perf_counter()
-    state = decode_state(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens
-                         + reserve, max(reserve - 1, 0), graphs)
-    outputs = Outputs(len(prompts), _stop_ids(model, eos_token_id), max_new_tokens, stream)
-    batch = Batch(state, prompts, outputs)
     prefill_layers = range(exit_layer) if strategy == "early_exit" else all_layers
-    prefill(model, batch.rows, prompts, prefill_layers, sampling, generator, state.cpu_steps)
-    batch.emit([[t] for t in batch.rows.tokens.tolist()])
-    prefill_s = time.perf_counter() - start
-    capture_s = state.graphs.capture_s
-    if strategy == "self_speculative":
-        drafter = (ExitDraft(model, exit_layer) if draft == "early_exit"
-                   else SkipDraft(model, kept_layers(c.n_layers, speedup)))
-        stats = decode_self_speculative(model, batch, sampling, generator, drafter,
-                                        num_speculations, confidence)
-    else:
-        layers = kept_layers(c.n_layers, speedup) if strategy == "layer_skip" else prefill_layers
-        stats = decode_autoregressive(model, batch, sampling, generator, layers)
+    decode_layers = kept_layers(c.n_layers, speedup) if strategy == "layer_skip" else prefill_layers
+    start = time.perf_counter()
+    # Greedy decoding on a CPU is C++ calls end to end; sampling interleaves torch ops.
+    with torch_threads_idle(model) if temperature == 0 else contextlib.nullcontext():
+        state = decode_state(model, len(prompts), max(len(p) for p in prompts)
+                             + max_new_tokens + reserve, max(reserve - 1, 0), graphs)
+        outputs = Outputs(len(prompts), _stop_ids(model, eos_token_id), max_new_tokens, stream)
+        batch = Batch(state, prompts, outputs)
+        prefill(model, batch.rows, prompts, prefill_layers, sampling, generator, state.cpu_steps)
+        batch.emit([[t] for t in batch.rows.tokens.tolist()])
+        prefill_s = time.perf_counter() - start
+        capture_s = state.graphs.capture_s
+        if strategy == "self_speculative":
+            drafter = (ExitDraft(model, exit_layer) if draft == "early_exit"
+                       else SkipDraft(model, kept_layers(c.n_layers, speedup)))
+            stats = decode_self_speculative(model, batch, sampling, generator, drafter,
+                                            num_speculations, confidence)
+        else:
+            stats = decode_autoregressive(model, batch, sampling, generator, decode_layers)
     elapsed = time.perf_counter() - start
     tokens = outputs.tokens
     new_tokens = sum(len(t) for t in tokens)
