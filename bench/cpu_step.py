@@ -17,9 +17,10 @@ runs once per repeat, so drift in machine speed hits them all alike):
       cpu      the same step with every layer through _launch_cpu and the CPU draft head
       stack    the same with all layers in one _launch_cpu_layers call
       fused    the whole step as one C++ call (decoding/cpu.py, what generate() runs on a CPU)
-with 1 and 2 threads (torch.set_num_threads and the kernel team alike). It also checks that
-the two step paths produce the same greedy tokens for `--tokens` steps. Prints a table on
-stderr and the JSON (with machine info) on stdout; --output also writes it to a file.
+with 1 and 2 threads (torch's for the torch path; the kernel team's, torch on one, for the
+others). It also checks that the two step paths produce the same greedy tokens for `--tokens`
+steps. Prints a table on stderr and the JSON (with machine info) on stdout; --output also
+writes it to a file.
 Absolute times on a shared machine are noisy: read the ratios within one run.
 """
 import argparse
@@ -149,12 +150,13 @@ def greedy_tokens_match(model, reference, prompt, steps):
 
 
 def measure(configs, repeats, seconds=0.01):
-    """configs: {key: (threads, fn)}. Interleaved repeats; each sample times enough calls to
-    fill about `seconds`. Returns {key: [(wall µs, this thread's CPU µs) per call, ...]}: on a
-    shared machine the CPU time of a 1-thread run leaves out the time it was preempted."""
+    """configs: {key: (threads, fn)}, key[2] the path. Interleaved repeats; each sample times
+    enough calls to fill about `seconds`. Returns {key: [(wall µs, this thread's CPU µs) per
+    call, ...]}: on a shared machine the CPU time of a 1-thread run leaves out the time it was
+    preempted."""
     inner = {}
     for key, (threads, fn) in configs.items():  # warm up and size the inner loops
-        set_threads(threads)
+        set_threads(threads, key[2] == "torch")
         fn()
         t = time.perf_counter()
         fn()
@@ -162,8 +164,9 @@ def measure(configs, repeats, seconds=0.01):
     samples = {key: [] for key in configs}
     for _ in range(repeats):
         for key, (threads, fn) in configs.items():
-            set_threads(threads)
+            set_threads(threads, key[2] == "torch")
             fn()
+            time.sleep(0.02)  # torch's OpenMP threads, spinning after the last torch op, sleep
             t, c = time.perf_counter(), time.thread_time()
             for _ in range(inner[key]):
                 fn()
@@ -172,8 +175,11 @@ def measure(configs, repeats, seconds=0.01):
     return samples
 
 
-def set_threads(n):
-    torch.set_num_threads(n)
+def set_threads(n, torch_path):
+    """n threads for the path timed: torch's own for the torch path; for the C++ paths the
+    kernels' team, with torch on one, as generate() runs them (decoding/cpu.py
+    torch_threads_idle): torch's spinning OpenMP threads would take the team's cores."""
+    torch.set_num_threads(n if torch_path else 1)
     op._cpu.set_num_threads(n)
 
 
