@@ -111,7 +111,7 @@ def decode_rows(model, prompt, length):
 def step_calls(model, reference, context):
     """(torch, cpu) callables of one decode step at a fixed context (the length is reset after
     each step, so every call does the same work)."""
-    layers, weights = range(model.config.n_layers), [layer_weights(b) for b in model.layers]
+    weights = [layer_weights(b) for b in model.layers]
     prompt = list(range(1, context + 1))
     calls = {}
     for name in PATHS:

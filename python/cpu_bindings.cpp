@@ -178,6 +178,15 @@ PYBIND11_MODULE(_cpu, m) {
            py::arg("lm_head"), py::arg("vocab"), py::arg("tokens"), py::arg("cache_seqlens"),
            py::arg("active"), py::arg("exit_cache"), py::arg("drafts"), py::arg("emitted"),
            py::arg("batch"), py::arg("max_drafts"))
+      .def("prefill",
+           [](lsk_cpu::Decoder& d, uintptr_t tokens, int64_t n, int64_t S, int64_t token_row,
+              uintptr_t lengths, const std::vector<int64_t>& layers, uintptr_t hidden) {
+             py::gil_scoped_release release;
+             d.prefill(ptr<const int64_t>(tokens), n, S, token_row, ptr<const int32_t>(lengths),
+                       layers, ptr<float>(hidden));
+           },
+           py::arg("tokens"), py::arg("n"), py::arg("S"), py::arg("token_row"),
+           py::arg("lengths"), py::arg("layers"), py::arg("hidden"))
       .def("step", &lsk_cpu::Decoder::step, py::arg("n"), py::arg("layers"),
            py::call_guard<py::gil_scoped_release>())
       .def("exit_round", &lsk_cpu::Decoder::exit_round, py::arg("n"), py::arg("k"),

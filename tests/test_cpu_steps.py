@@ -200,7 +200,8 @@ def test_the_fused_path_applies_only_where_the_python_step_runs_the_cpu_kernels(
 
 def test_chunked_prefill_matches_the_causal_pass(generator):
     """Prompts longer than a chunk (16 positions) and ragged: the same last logits and cache
-    as model.prefill, to float32 rounding."""
+    as model.prefill, to float32 rounding, and exactly those of the layer op run chunk by
+    chunk from Python (the same kernel)."""
     model = random_llama(generator)
     prompts = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (40, 5, 17)]
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
@@ -212,12 +213,37 @@ def test_chunked_prefill_matches_the_causal_pass(generator):
         reference_cache = model.new_cache(3, 64)
         expected = model.prefill(padded, lengths, reference_cache)
         got = state.cpu_steps.prefill(padded, lengths, state.cache, range(4))
+        chunk_cache = model.new_cache(3, 64)
+        hidden = [model.run_layers(model.embed_tokens(padded[:, i:i + 16]), range(4),
+                                   model.step(chunk_cache, torch.full((3,), i, dtype=torch.int32),
+                                              len(padded[0, i:i + 16])), chunk_cache)
+                  for i in range(0, 40, 16)]
+        chunked = model.head(torch.cat(hidden, 1)[torch.arange(3), lengths.long() - 1])
+    assert torch.equal(got, chunked)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for row, n in enumerate(lengths.tolist()):
         for got, expected in ((state.cache.k, reference_cache.k),
                               (state.cache.v, reference_cache.v)):
             torch.testing.assert_close(got[:, row, :n], expected[:, row, :n], rtol=1e-4,
                                        atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens, lengths, why", [
+    ([[1, 2, 3], [4, 5, 6]], [3, 0], "lengths"),
+    ([[1, 2, 3], [4, 5, 6]], [3, 4], "lengths"),
+    ([[1, 2, 3], [4, VOCAB, 6]], [3, 3], "vocabulary"),
+    ([[1] * 49], [49], "max_seqlen"),
+], ids=["empty prompt", "length past the tokens", "token outside the vocabulary", "too long"])
+def test_refused_prefills_write_nothing(generator, tokens, lengths, why):
+    model = random_llama(generator)
+    state = DecodeState(model, 2, 48, 2, graphs=False)
+    for t in (state.cache.k, state.cache.v):
+        t.copy_(torch.randn(t.shape, generator=generator))
+    before = state.cache.k.clone(), state.cache.v.clone()
+    with pytest.raises(ValueError, match=why):
+        state.cpu_steps.prefill(torch.tensor(tokens), torch.tensor(lengths), state.cache,
+                                range(4))
+    assert torch.equal(state.cache.k, before[0]) and torch.equal(state.cache.v, before[1])
 
 
 GENERATE = {

@@ -22,15 +22,19 @@ Decoder::Decoder(DecoderModel model, DecoderState state)
           "expected 6 weights, a k_cache and a v_cache per layer");
   require(m_.vocab >= 1 && m_.shapes.dim >= 1, "vocab and dim must be positive");
   require(s_.batch >= 1 && s_.max_drafts >= 0, "batch >= 1 and max_drafts >= 0");
-  const int64_t positions = s_.batch * (s_.max_drafts + 1);
+  reserve(s_.batch * (s_.max_drafts + 1));
+  seqlens_.resize(s_.batch);
+  for (int64_t i = 0; i < n_layers_; ++i) all_layers_.push_back(i);
+}
+
+void Decoder::reserve(int64_t positions) {
+  if (static_cast<int64_t>(target_.size()) >= positions) return;
   x_.resize(positions * m_.shapes.dim);
   delta_.resize(x_.size());
   h_.resize(x_.size());
   max_logit_.resize(positions);
   max_prob_.resize(positions);
   target_.resize(positions);
-  seqlens_.resize(s_.batch);
-  for (int64_t i = 0; i < n_layers_; ++i) all_layers_.push_back(i);
 }
 
 void Decoder::embed(const int64_t* tokens, int64_t n, int64_t token_stride, float* x) const {
@@ -42,8 +46,8 @@ void Decoder::embed(const int64_t* tokens, int64_t n, int64_t token_stride, floa
   }
 }
 
-const float* Decoder::forward(const float* x, int64_t n, int64_t S, int64_t offset,
-                              const int64_t* layers, int64_t count) {
+const float* Decoder::forward(const float* x, int64_t n, int64_t S, const int32_t* base,
+                              int64_t offset, const int64_t* layers, int64_t count) {
   if (count == 0) return x;
   w_.clear();
   k_.clear();
@@ -55,7 +59,7 @@ const float* Decoder::forward(const float* x, int64_t n, int64_t S, int64_t offs
     k_.push_back(m_.k_caches[i]);
     v_.push_back(m_.v_caches[i]);
   }
-  for (int64_t b = 0; b < n; ++b) seqlens_[b] = s_.cache_seqlens[b] + static_cast<int32_t>(offset);
+  for (int64_t b = 0; b < n; ++b) seqlens_[b] = base[b] + static_cast<int32_t>(offset);
   LayerArgs a = m_.shapes;
   a.x = x;
   a.residual = nullptr;
@@ -85,7 +89,8 @@ bool Decoder::unsure(int64_t n, float confidence) const {
 void Decoder::check_round(int64_t n, int64_t k) const {
   // Checked before anything is written, so a refused call leaves the state as it was.
   require(n >= 1 && n <= s_.batch, "n must be in [1, batch]");
-  require(k >= 0 && k <= s_.max_drafts && k + 1 <= 16, "k must be in [0, max_drafts] and <= 15");
+  require(k >= 0 && k <= s_.max_drafts && k + 1 <= kMaxQueries,
+          "k must be in [0, max_drafts] and <= 15");
   for (int64_t b = 0; b < n; ++b) {
     const int64_t L = s_.cache_seqlens[b];
     require(L >= 0 && L + k + 1 <= m_.shapes.max_seqlen,
@@ -112,10 +117,46 @@ void Decoder::accept(int64_t n, int64_t k, const int64_t* target) {
   }
 }
 
+void Decoder::prefill(const int64_t* tokens, int64_t n, int64_t S, int64_t token_row,
+                      const int32_t* lengths, const std::vector<int64_t>& layers,
+                      float* hidden) {
+  // Checked before anything is written, so a refused call leaves the cache as it was.
+  require(n >= 1 && n <= s_.batch, "n must be in [1, batch]");
+  require(S >= 1 && S <= m_.shapes.max_seqlen && token_row >= S,
+          "the prompts must be 1 to max_seqlen tokens long");
+  for (int64_t b = 0; b < n; ++b) {
+    require(lengths[b] >= 1 && lengths[b] <= S,
+            "lengths[" + std::to_string(b) + "] must be in [1, " + std::to_string(S) + "]");
+    for (int64_t i = 0; i < S; ++i) {
+      const int64_t t = tokens[b * token_row + i];
+      require(t >= 0 && t < m_.vocab, "token " + std::to_string(t) + " out of the vocabulary");
+    }
+  }
+  for (const int64_t i : layers)
+    require(i >= 0 && i < n_layers_, "layer " + std::to_string(i) + " out of range");
+  const int64_t dim = m_.shapes.dim;
+  reserve(n * kMaxQueries);
+  std::vector<int32_t> start(n);
+  for (int64_t first = 0; first < S; first += kMaxQueries) {
+    const int64_t chunk = std::min(kMaxQueries, S - first);
+    for (int64_t b = 0; b < n; ++b) {
+      start[b] = static_cast<int32_t>(first);
+      embed(tokens + b * token_row + first, chunk, 1, x_.data() + b * chunk * dim);
+    }
+    const float* h = forward(x_.data(), n, chunk, start.data(), 0, layers.data(), layers.size());
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t last = lengths[b] - 1 - first;
+      if (last >= 0 && last < chunk)
+        std::memcpy(hidden + b * dim, h + (b * chunk + last) * dim, dim * sizeof(float));
+    }
+  }
+}
+
 void Decoder::step(int64_t n, const std::vector<int64_t>& layers) {
   check_round(n, 0);
   embed(s_.tokens, n, 1, x_.data());
-  head(forward(x_.data(), n, 1, 0, layers.data(), layers.size()), n, target_.data());
+  head(forward(x_.data(), n, 1, s_.cache_seqlens, 0, layers.data(), layers.size()), n,
+       target_.data());
   for (int64_t b = 0; b < n; ++b) {
     s_.tokens[b] = target_[b];
     s_.cache_seqlens[b] += s_.active[b] ? 1 : 0;
@@ -131,7 +172,7 @@ int64_t Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer, float conf
   int64_t current_stride = 1;
   for (int64_t i = 0; i <= k; ++i) {  // the k drafts, then the last draft's exit state
     embed(current, n, current_stride, x_.data());
-    const float* h = forward(x_.data(), n, 1, i, all_layers_.data(), exit_layer);
+    const float* h = forward(x_.data(), n, 1, s_.cache_seqlens, i, all_layers_.data(), exit_layer);
     for (int64_t b = 0; b < n; ++b)
       std::memcpy(s_.exit_cache + b * exit_row + i * dim, h + b * dim, dim * sizeof(float));
     if (i == k) break;
@@ -144,8 +185,8 @@ int64_t Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer, float conf
   for (int64_t b = 0; b < n; ++b)
     std::memcpy(x_.data() + b * (k + 1) * dim, s_.exit_cache + b * exit_row,
                 (k + 1) * dim * sizeof(float));
-  const float* h = forward(x_.data(), n, k + 1, 0, all_layers_.data() + exit_layer,
-                           n_layers_ - exit_layer);
+  const float* h = forward(x_.data(), n, k + 1, s_.cache_seqlens, 0,
+                           all_layers_.data() + exit_layer, n_layers_ - exit_layer);
   head(h, n * (k + 1), target_.data());
   accept(n, k, target_.data());
   return k;
@@ -159,8 +200,9 @@ int64_t Decoder::skip_round(int64_t n, int64_t k, const std::vector<int64_t>& dr
   int64_t current_stride = 1;
   for (int64_t i = 0; i < k; ++i) {
     embed(current, n, current_stride, x_.data());
-    head(forward(x_.data(), n, 1, i, draft_layers.data(), draft_layers.size()), n,
-         target_.data(), confidence > 0);
+    head(forward(x_.data(), n, 1, s_.cache_seqlens, i, draft_layers.data(),
+                 draft_layers.size()),
+         n, target_.data(), confidence > 0);
     for (int64_t b = 0; b < n; ++b) s_.drafts[b * draft_row + i] = target_[b];
     current = s_.drafts + i;
     current_stride = draft_row;
@@ -170,7 +212,8 @@ int64_t Decoder::skip_round(int64_t n, int64_t k, const std::vector<int64_t>& dr
     embed(s_.tokens + b, 1, 1, x_.data() + b * (k + 1) * dim);
     embed(s_.drafts + b * draft_row, k, 1, x_.data() + (b * (k + 1) + 1) * dim);
   }
-  const float* h = forward(x_.data(), n, k + 1, 0, all_layers_.data(), n_layers_);
+  const float* h = forward(x_.data(), n, k + 1, s_.cache_seqlens, 0, all_layers_.data(),
+                           n_layers_);
   head(h, n * (k + 1), target_.data());
   accept(n, k, target_.data());
   return k;

@@ -39,6 +39,13 @@ class Decoder {
  public:
   Decoder(DecoderModel model, DecoderState state);
 
+  // The prompts (tokens: n rows of S ids, right-padded, `token_row` apart) into the cache
+  // through `layers`, kMaxQueries positions of every row at a time (each chunk attends to the
+  // ones before it in the cache); hidden (n, dim) gets row b's hidden state at position
+  // lengths[b] - 1, before the head. The state's tokens and cache lengths are not touched.
+  void prefill(const int64_t* tokens, int64_t n, int64_t S, int64_t token_row,
+               const int32_t* lengths, const std::vector<int64_t>& layers, float* hidden);
+
   // decode_step: each row's pending token through `layers`; its greedy token becomes the
   // pending one; active rows advance by one.
   void step(int64_t n, const std::vector<int64_t>& layers);
@@ -56,9 +63,10 @@ class Decoder {
 
  private:
   // The hidden states (n * S rows of dim) after `layers` of x, row b's positions at
-  // cache_seqlens[b] + offset + i; x itself when there are no layers.
-  const float* forward(const float* x, int64_t n, int64_t S, int64_t offset,
+  // base[b] + offset + i; x itself when there are no layers.
+  const float* forward(const float* x, int64_t n, int64_t S, const int32_t* base, int64_t offset,
                        const int64_t* layers, int64_t count);
+  void reserve(int64_t positions);  // work buffers for n * S positions
   void embed(const int64_t* tokens, int64_t n, int64_t token_stride, float* x) const;
   void head(const float* h, int64_t rows, int64_t* tokens, bool with_max_prob = false);
   bool unsure(int64_t n, float confidence) const;  // no row's max_prob_ reaches confidence

@@ -292,7 +292,8 @@ namespace {
 
 void check_layer(const LayerArgs& a) {
   // Memory safety only: the op checked shapes and dtypes.
-  require(a.batch >= 0 && a.seqlen >= 1 && a.seqlen <= 16, "seqlen must be in [1, 16]");
+  require(a.batch >= 0 && a.seqlen >= 1 && a.seqlen <= kMaxQueries,
+          "seqlen must be in [1, 16]");
   require(a.head_dim >= 2 && a.head_dim % 2 == 0 && a.head_dim <= 256,
           "head_dim must be even and at most 256");
   require(a.heads_kv >= 1 && a.heads_q % a.heads_kv == 0, "heads_q must be a multiple of heads_kv");

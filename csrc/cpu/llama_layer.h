@@ -30,6 +30,8 @@
 
 namespace lsk_cpu {
 
+constexpr int64_t kMaxQueries = 16;  // the most new positions per row (seqlen) a call takes
+
 struct LayerArgs {
   const float* x;
   const float* residual;  // null: h = x

@@ -48,18 +48,16 @@ class CpuSteps:
             emitted=state.emitted.data_ptr(), batch=state.batch, max_drafts=state.max_drafts)
 
     def prefill(self, tokens, lengths, cache, layers):
-        """model.prefill's logits through the fused layer stack, CPU_MAX_QUERIES positions
-        of every row at a time: the C++ layer attends to the cache, so a prompt is a few
-        verify-sized steps, each a fraction of the causal pass's per-op cost."""
-        model, (B, S) = self.model, tokens.shape
-        hidden = []
-        for start in range(0, S, CPU_MAX_QUERIES):
-            part = tokens[:, start:start + CPU_MAX_QUERIES]
-            seqlens = torch.full((B,), start, dtype=torch.int32)
-            hidden.append(model.run_layers(model.embed_tokens(part), layers,
-                                           model.step(cache, seqlens, part.shape[1]), cache))
-        h = torch.cat(hidden, 1)
-        return model.head(h[torch.arange(B), lengths.long() - 1])
+        """model.prefill's logits in one C++ call: the prompts through the fused layer stack,
+        CPU_MAX_QUERIES positions of every row at a time (the C++ layer attends to the cache,
+        so a prompt is a few verify-sized steps); the head runs in torch (sampling needs the
+        logits). cache is the state's (the decoder holds its addresses)."""
+        tokens = tokens.contiguous()
+        lengths = lengths.to(torch.int32).contiguous()
+        hidden = torch.empty(len(tokens), self.model.config.dim)
+        self._decoder.prefill(tokens.data_ptr(), len(tokens), tokens.shape[1], tokens.stride(0),
+                              lengths.data_ptr(), list(layers), hidden.data_ptr())
+        return self.model.head(hidden)
 
     def run(self, key, confidence=None):
         """confidence (rounds): draft at most k, stopping after the first draft where no row's

@@ -39,7 +39,9 @@ class DecodeState:
     def __init__(self, model, batch, max_seq_len, max_drafts, graphs):
         weight = model.embed_tokens.weight
         device = weight.device
-        self.key = state_key(model, max_drafts, graphs)
+        # Only states with graphs are kept for later calls (decode_state): the others need no
+        # key, whose walk over the parameters costs a CPU call a fraction of a millisecond.
+        self.key = state_key(model, max_drafts, graphs) if graphs else None
         self.batch, self.max_drafts = batch, max_drafts
         self.cache = model.new_cache(batch, max_seq_len)
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=device)
