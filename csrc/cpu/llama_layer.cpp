@@ -63,8 +63,8 @@ struct Plan {
   float* gate_up;  // (T, ldgu)    gate | up
   float* act;      // (T, ldact)   silu(gate) * up
   float* y;        // (T, ldd)     normed activations
-  float* const* scores;  // per thread: (G * S, keys rounded up) softmax rows
-  float* const* keys;    // per thread: (D, W) a block of keys, transposed
+  float* const* scores;  // per thread: (G * S, keys) rounded up to 16s: softmax rows or columns
+  float* const* keys;    // per thread: (D, W) up to W queries, transposed
 };
 
 // ---------------------------------------------------------------- the kernels, per ISA
@@ -336,7 +336,8 @@ void run_locked(State& s, const LayerArgs& a) {
   s.scores_ptr.resize(nt);
   s.keys_ptr.resize(nt);
   for (int i = 0; i < nt; ++i) {
-    s.scores_ptr[i] = s.scores[i].get(G * a.seqlen * round_up(longest + a.seqlen, kLanes));
+    s.scores_ptr[i] = s.scores[i].get(round_up(G * a.seqlen, kLanes)
+                                      * round_up(longest + a.seqlen, kLanes));
     s.keys_ptr[i] = s.keys[i].get(D * kLanes);
   }
   p.scores = s.scores_ptr.data();

@@ -166,14 +166,20 @@ LSK_INL void silu_mul_row(const float* gate, const float* up, int64_t begin, int
 }
 
 // ---------------------------------------------------------------- attention
-// Scores of QC queries against one block of W keys held transposed (kt[d * W + lane]): QC
-// independent FMA chains over d.
-template <int QC>
-LSK_INL void score_block(const float* const* q, const float* kt, int64_t D, vf* s) {
-  for (int c = 0; c < QC; ++c) s[c] = vf{};
+// Scores of the W queries in qt (column-major: qt[d * ldq + lane]) against keys j0 .. j0 + KC - 1
+// (kstride apart): KC independent chains of D broadcast FMAs, each key's element broadcast to
+// every query. s[u] holds key j0 + u's score for each query lane.
+template <int KC>
+LSK_INL void score_keys(const float* qt, int64_t ldq, const float* kc, int64_t kstride,
+                        int64_t j0, int64_t D, vf* s) {
+  const float* k[KC];
+  for (int u = 0; u < KC; ++u) {
+    k[u] = kc + (j0 + u) * kstride;
+    s[u] = vf{};
+  }
   for (int64_t d = 0; d < D; ++d) {
-    const vf k = loadu(kt + d * W);
-    for (int c = 0; c < QC; ++c) s[c] += q[c][d] * k;
+    const vf q = loadu(qt + d * ldq);
+    for (int u = 0; u < KC; ++u) s[u] += k[u][d] * q;
   }
 }
 
@@ -193,11 +199,12 @@ LSK_INL vf score_dot(const float* q, const float* kc, int64_t kstride, int64_t j
   return reduce_lanes(acc);
 }
 
-// acc(dlen floats, NV vectors) = sum_{j < keys} p[j] * v[j * vstride + :dlen]; out = acc * inv.
-// Two accumulators per vector (even and odd keys) keep 2 NV FMA chains in flight.
+// acc(dlen floats, NV vectors) = sum_{j < keys} p[j * pstride] * v[j * vstride + :dlen];
+// out = acc * inv. Two accumulators per vector (even and odd keys) keep 2 NV FMA chains in
+// flight.
 template <int NV>
-LSK_INL void pv_chunk(const float* p, int64_t keys, const float* v, int64_t vstride, int64_t dlen,
-                      float inv, float* out) {
+LSK_INL void pv_chunk(const float* p, int64_t pstride, int64_t keys, const float* v,
+                      int64_t vstride, int64_t dlen, float inv, float* out) {
   vf a0[NV], a1[NV];
   for (int u = 0; u < NV; ++u) a0[u] = a1[u] = vf{};
   const bool whole = dlen == NV * W;
@@ -208,15 +215,16 @@ LSK_INL void pv_chunk(const float* p, int64_t keys, const float* v, int64_t vstr
       const float* r0 = v + j * vstride;
       const float* r1 = r0 + vstride;
       for (int u = 0; u < NV; ++u) {
-        a0[u] += p[j] * loadu(r0 + u * W);
-        a1[u] += p[j + 1] * loadu(r1 + u * W);
+        a0[u] += p[j * pstride] * loadu(r0 + u * W);
+        a1[u] += p[(j + 1) * pstride] * loadu(r1 + u * W);
       }
     }
   }
   for (; j < keys; ++j) {
     const float* r = v + j * vstride;
     for (int u = 0; u < NV; ++u)
-      a0[u] += p[j] * (whole || u < NV - 1 ? loadu(r + u * W) : load_part(r + u * W, last));
+      a0[u] += p[j * pstride] * (whole || u < NV - 1 ? loadu(r + u * W)
+                                                     : load_part(r + u * W, last));
   }
   for (int u = 0; u < NV; ++u) {
     const vf o = (a0[u] + a1[u]) * inv;
@@ -224,14 +232,101 @@ LSK_INL void pv_chunk(const float* p, int64_t keys, const float* v, int64_t vstr
   }
 }
 
+// out[:D] = inv * sum_{j < keys} p[j * pstride] * v[j * vstride + :D], 4 vectors at a time.
+LSK_INL void pv(const float* p, int64_t pstride, int64_t keys, const float* v, int64_t vstride,
+                int64_t D, float inv, float* out) {
+  for (int64_t d0 = 0; d0 < D; d0 += 4 * W) {
+    const int64_t dlen = D - d0 < 4 * W ? D - d0 : 4 * W;
+    switch ((dlen + W - 1) / W) {
+      case 4: pv_chunk<4>(p, pstride, keys, v + d0, vstride, dlen, inv, out + d0); break;
+      case 3: pv_chunk<3>(p, pstride, keys, v + d0, vstride, dlen, inv, out + d0); break;
+      case 2: pv_chunk<2>(p, pstride, keys, v + d0, vstride, dlen, inv, out + d0); break;
+      default: pv_chunk<1>(p, pstride, keys, v + d0, vstride, dlen, inv, out + d0); break;
+    }
+  }
+}
+
+// P @ V for QC query lanes of a key-major probability block (p[j * W + c]), dlen <= 2 W
+// columns of V: out[c][:dlen] = inv[c] * sum_{j < keys} p[j * W + c] * v[j * vstride + :dlen].
+// Each V row is read once for the QC queries; 2 QC accumulator chains. A query's masked keys
+// have p exactly 0 (the rows read are this call's or earlier positions: written, finite).
+template <int QC>
+LSK_INL void pv_lanes(const float* p, int64_t keys, const float* v, int64_t vstride,
+                      int64_t dlen, const float* inv, float* const* out) {
+  const bool two = dlen > W;
+  const int tail = static_cast<int>(dlen - (two ? W : 0));  // lanes of the last vector
+  vf a0[QC], a1[QC];
+  for (int c = 0; c < QC; ++c) a0[c] = a1[c] = vf{};
+  for (int64_t j = 0; j < keys; ++j) {
+    const float* r = v + j * vstride;
+    const vf v0 = two || tail == W ? loadu(r) : load_part(r, tail);
+    const vf v1 = !two ? vf{} : tail == W ? loadu(r + W) : load_part(r + W, tail);
+    for (int c = 0; c < QC; ++c) {
+      const vf pj = splat(p[j * W + c]);
+      a0[c] += pj * v0;
+      if (two) a1[c] += pj * v1;
+    }
+  }
+  for (int c = 0; c < QC; ++c) {
+    const vf o0 = a0[c] * inv[c], o1 = a1[c] * inv[c];
+    if (!two) {
+      if (tail == W) storeu(out[c], o0); else store_part(out[c], o0, tail);
+    } else {
+      storeu(out[c], o0);
+      if (tail == W) storeu(out[c] + W, o1); else store_part(out[c] + W, o1, tail);
+    }
+  }
+}
+
+// The G x S queries of (row b, KV head g) one at a time, for few queries (decode): each block
+// of W keys scored by W dot products straight from the cache rows, a softmax along the row
+// (scores[qi * lds + j]), then P @ V.
+LSK_INL void attend_rows(const LayerArgs& a, const Plan& p, float* scores, int64_t b, int64_t g,
+                         const float* kc, const float* vc) {
+  const int64_t S = a.seqlen, D = a.head_dim, G = a.heads_q / a.heads_kv;
+  const int64_t L = a.cache_seqlens[b], keys = L + S, nq = G * S, lds = (keys + W - 1) / W * W;
+  vi lane;
+  for (int l = 0; l < W; ++l) lane[l] = l;
+  for (int64_t j0 = 0; j0 < keys; j0 += W) {
+    const int nj = static_cast<int>(keys - j0 < W ? keys - j0 : W);
+    const vi key = lane + static_cast<int32_t>(j0);
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const float* q = p.qkv + (b * S + qi % S) * p.ldqkv + (g * G + qi / S) * D;
+      const vf sc = score_dot(q, kc, a.k_strides[1], j0, nj, D);
+      const vi hidden = key > isplat(static_cast<int32_t>(L + qi % S));
+      storeu(scores + qi * lds + j0,
+             select(hidden, splat(-__builtin_inff()), sc * a.softmax_scale));
+    }
+  }
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int64_t i = qi % S, visible = L + i + 1;
+    float* sc = scores + qi * lds;
+    vf m = splat(-__builtin_inff());
+    for (int64_t j = 0; j < visible; j += W) {
+      const vi shown = lane + static_cast<int32_t>(j) < isplat(static_cast<int32_t>(visible));
+      m = vmax(m, select(shown, loadu(sc + j), splat(-__builtin_inff())));
+    }
+    const float mx = hmax(m);
+    vf sum = {};
+    for (int64_t j = 0; j < visible; j += W) {
+      const vi shown = lane + static_cast<int32_t>(j) < isplat(static_cast<int32_t>(visible));
+      const vf e = select(shown, vexp(select(shown, loadu(sc + j) - mx, vf{})), vf{});
+      storeu(sc + j, e);
+      sum += e;
+    }
+    pv(sc, 1, visible, vc, a.v_strides[1], D, 1.0f / hsum(sum),
+       p.attn + (b * S + i) * p.lda + (g * G + qi / S) * D);
+  }
+}
+
 // One (row b, KV head g): RoPE, the cache write of the S new keys / values, then the G x S
-// queries of the group against keys [0, L + S): scores for all keys (bottom-right causal mask),
-// an exact two-pass softmax in fp32, then P @ V. Keys past each query's position get weight
-// exactly 0 and are never read by P @ V; slots at or past L + S are never read at all.
+// queries of the group against keys [0, L + S): scores (bottom-right causal mask), an exact
+// two-pass softmax in fp32, then P @ V. Keys past each query's position get weight exactly 0
+// and are never read by P @ V; slots at or past L + S are never read at all.
 LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, float* kt, int64_t b,
                           int64_t g) {
   const int64_t S = a.seqlen, D = a.head_dim, Hq = a.heads_q, Hkv = a.heads_kv, G = Hq / Hkv;
-  const int64_t L = a.cache_seqlens[b], keys = L + S;
+  const int64_t L = a.cache_seqlens[b];
   float* kc = a.k_cache + b * a.k_strides[0] + g * a.k_strides[2];
   float* vc = a.v_cache + b * a.v_strides[0] + g * a.v_strides[2];
   for (int64_t i = 0; i < S; ++i) {
@@ -253,78 +348,80 @@ LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, floa
     std::memcpy(vc + (L + i) * a.v_strides[1], v, D * sizeof(float));
   }
 
-  // Scores: query qi = hh * S + i (head g * G + hh, new position i) sees keys [0, L + i].
-  const int64_t nq = G * S, lds = (keys + W - 1) / W * W;
-  vi lane;
-  for (int l = 0; l < W; ++l) lane[l] = l;
-  // Few queries per key (decode): dot products straight from the cache rows; many (verify):
-  // each block of W keys transposed once, then D broadcast FMAs per query.
-  const bool dot = D % W == 0 && nq * 48 < W * D;
-  for (int64_t j0 = 0; j0 < keys; j0 += W) {
-    const int nj = static_cast<int>(keys - j0 < W ? keys - j0 : W);
-    const vi key = lane + static_cast<int32_t>(j0);
-    if (dot) {
-      for (int64_t qi = 0; qi < nq; ++qi) {
-        const float* q = p.qkv + (b * S + qi % S) * p.ldqkv + (g * G + qi / S) * D;
-        const vf sc = score_dot(q, kc, a.k_strides[1], j0, nj, D);
-        const vi hidden = key > isplat(static_cast<int32_t>(L + qi % S));
-        storeu(scores + qi * lds + j0,
-               select(hidden, splat(-__builtin_inff()), sc * a.softmax_scale));
-      }
-      continue;
-    }
-    if (nj < W) std::memset(kt, 0, D * W * sizeof(float));
-    for (int l = 0; l < nj; ++l) {
-      const float* k = kc + (j0 + l) * a.k_strides[1];
-      for (int64_t d = 0; d < D; ++d) kt[d * W + l] = k[d];
-    }
-    for (int64_t q0 = 0; q0 < nq; q0 += 4) {
-      const int n = static_cast<int>(nq - q0 < 4 ? nq - q0 : 4);
-      const float* qs[4];
-      vf s[4];
-      for (int c = 0; c < n; ++c)
-        qs[c] = p.qkv + (b * S + (q0 + c) % S) * p.ldqkv + (g * G + (q0 + c) / S) * D;
-      switch (n) {
-        case 4: score_block<4>(qs, kt, D, s); break;
-        case 3: score_block<3>(qs, kt, D, s); break;
-        case 2: score_block<2>(qs, kt, D, s); break;
-        default: score_block<1>(qs, kt, D, s); break;
-      }
-      for (int c = 0; c < n; ++c) {
-        const int64_t qi = q0 + c;
-        const vi hidden = key > isplat(static_cast<int32_t>(L + qi % S));
-        storeu(scores + qi * lds + j0,
-               select(hidden, splat(-__builtin_inff()), s[c] * a.softmax_scale));
-      }
-    }
+  // Query qi = hh * S + i (head g * G + hh, new position i) sees keys [0, L + i].
+  const int64_t nq = G * S;
+  if (D % W == 0 && nq <= 4) {  // decode: few queries, dot products straight from the cache
+    attend_rows(a, p, scores, b, g, kc, vc);
+    return;
   }
-
-  for (int64_t qi = 0; qi < nq; ++qi) {
-    const int64_t i = qi % S, visible = L + i + 1;
-    float* sc = scores + qi * lds;
-    vf m = splat(-__builtin_inff());
-    for (int64_t j = 0; j < visible; j += W) {
-      const vi shown = lane + static_cast<int32_t>(j) < isplat(static_cast<int32_t>(visible));
-      m = vmax(m, select(shown, loadu(sc + j), splat(-__builtin_inff())));
+  // Many queries (verify, prefill): W queries at a time, transposed into kt (kt[d * W + lane]),
+  // share each key; scores key-major (scores[j * W + lane]), so the masks, the softmax and its
+  // sums run across queries.
+  for (int64_t q0 = 0; q0 < nq; q0 += W) {
+    const int nl = static_cast<int>(nq - q0 < W ? nq - q0 : W);
+    vi last;  // each lane's last visible key; padding lanes (q = 0) see them all
+    float* out[W];
+    int64_t visible = 0;  // keys any lane sees
+    for (int l = 0; l < W; ++l) {
+      const int64_t qi = q0 + l, i = qi % S, h = g * G + qi / S;
+      last[l] = static_cast<int32_t>(l < nl ? L + i : L + S - 1);
+      if (l >= nl) {
+        for (int64_t d = 0; d < D; ++d) kt[d * W + l] = 0.0f;
+        continue;
+      }
+      const float* q = p.qkv + (b * S + i) * p.ldqkv + h * D;
+      for (int64_t d = 0; d < D; ++d) kt[d * W + l] = q[d];
+      out[l] = p.attn + (b * S + i) * p.lda + h * D;
+      visible = std::max<int64_t>(visible, L + i + 1);
     }
-    const float mx = hmax(m);
+    vf m = splat(-__builtin_inff());
+    int64_t j = 0;
+    for (; j + 8 <= visible; j += 8) {  // 8 chains: enough FMAs in flight to hide latency
+      vf s[8];
+      score_keys<8>(kt, W, kc, a.k_strides[1], j, D, s);
+      for (int u = 0; u < 8; ++u) {
+        const vf sc = select(isplat(static_cast<int32_t>(j + u)) > last,
+                             splat(-__builtin_inff()), s[u] * a.softmax_scale);
+        storeu(scores + (j + u) * W, sc);
+        m = vmax(m, sc);
+      }
+    }
+    for (; j < visible; ++j) {
+      vf s[1];
+      score_keys<1>(kt, W, kc, a.k_strides[1], j, D, s);
+      const vf sc = select(isplat(static_cast<int32_t>(j)) > last, splat(-__builtin_inff()),
+                           s[0] * a.softmax_scale);
+      storeu(scores + j * W, sc);
+      m = vmax(m, sc);
+    }
     vf sum = {};
-    for (int64_t j = 0; j < visible; j += W) {
-      const vi shown = lane + static_cast<int32_t>(j) < isplat(static_cast<int32_t>(visible));
-      const vf e = select(shown, vexp(loadu(sc + j) - mx), vf{});
-      storeu(sc + j, e);
+    for (j = 0; j < visible; ++j) {
+      // exp(-inf) would go through vexp's clamp to a subnormal, which costs the FPU a
+      // slow assist on every use: masked lanes take exp(0) and are then set to 0.
+      const vi hidden = isplat(static_cast<int32_t>(j)) > last;
+      const vf e = select(hidden, vf{}, vexp(select(hidden, vf{}, loadu(scores + j * W) - m)));
+      storeu(scores + j * W, e);
       sum += e;
     }
-    const float inv = 1.0f / hsum(sum);
-    float* out = p.attn + (b * S + i) * p.lda + (g * G + qi / S) * D;
-    for (int64_t d0 = 0; d0 < D; d0 += 4 * W) {
-      const int64_t dlen = D - d0 < 4 * W ? D - d0 : 4 * W;
-      const float* v = vc + d0;
-      switch ((dlen + W - 1) / W) {
-        case 4: pv_chunk<4>(sc, visible, v, a.v_strides[1], dlen, inv, out + d0); break;
-        case 3: pv_chunk<3>(sc, visible, v, a.v_strides[1], dlen, inv, out + d0); break;
-        case 2: pv_chunk<2>(sc, visible, v, a.v_strides[1], dlen, inv, out + d0); break;
-        default: pv_chunk<1>(sc, visible, v, a.v_strides[1], dlen, inv, out + d0); break;
+    float inv[W];
+    for (int l = 0; l < nl; ++l) inv[l] = 1.0f / sum[l];
+    for (int64_t d0 = 0; d0 < D; d0 += 2 * W) {  // 8 queries x 2 vectors of V at a time
+      const int64_t dlen = D - d0 < 2 * W ? D - d0 : 2 * W;
+      for (int c0 = 0; c0 < nl; c0 += 8) {
+        const float* pc = scores + c0;
+        const float* vd = vc + d0;
+        float* o[8];
+        for (int c = 0; c < 8 && c0 + c < nl; ++c) o[c] = out[c0 + c] + d0;
+        switch (nl - c0 < 8 ? nl - c0 : 8) {
+          case 8: pv_lanes<8>(pc, visible, vd, a.v_strides[1], dlen, inv + c0, o); break;
+          case 7: pv_lanes<7>(pc, visible, vd, a.v_strides[1], dlen, inv + c0, o); break;
+          case 6: pv_lanes<6>(pc, visible, vd, a.v_strides[1], dlen, inv + c0, o); break;
+          case 5: pv_lanes<5>(pc, visible, vd, a.v_strides[1], dlen, inv + c0, o); break;
+          case 4: pv_lanes<4>(pc, visible, vd, a.v_strides[1], dlen, inv + c0, o); break;
+          case 3: pv_lanes<3>(pc, visible, vd, a.v_strides[1], dlen, inv + c0, o); break;
+          case 2: pv_lanes<2>(pc, visible, vd, a.v_strides[1], dlen, inv + c0, o); break;
+          default: pv_lanes<1>(pc, visible, vd, a.v_strides[1], dlen, inv + c0, o); break;
+        }
       }
     }
   }
