@@ -64,7 +64,7 @@ struct Plan {
   float* act;      // (T, ldact)   silu(gate) * up
   float* y;        // (T, ldd)     normed activations
   float* const* scores;  // per thread: (G * S, keys) rounded up to 16s: softmax rows or columns
-  float* const* keys;    // per thread: (D, W) up to W queries, transposed
+  float* const* queries; // per thread: (D, W) up to W queries, transposed
 };
 
 // ---------------------------------------------------------------- the kernels, per ISA
@@ -259,8 +259,8 @@ struct State {
   std::mutex call;  // one call at a time: the buffers and the pool are shared
   Pool pool;
   Buffer y, qkv, attn, gate_up, act, stack;
-  std::vector<Buffer> scores, keys;  // per thread
-  std::vector<float*> scores_ptr, keys_ptr;
+  std::vector<Buffer> scores, queries;  // per thread
+  std::vector<float*> scores_ptr, queries_ptr;
 };
 
 State& state() {
@@ -332,16 +332,16 @@ void run_locked(State& s, const LayerArgs& a) {
   }
   p.y = s.y.get(T * p.ldd);
   s.scores.resize(nt);
-  s.keys.resize(nt);
+  s.queries.resize(nt);
   s.scores_ptr.resize(nt);
-  s.keys_ptr.resize(nt);
+  s.queries_ptr.resize(nt);
   for (int i = 0; i < nt; ++i) {
     s.scores_ptr[i] = s.scores[i].get(round_up(G * a.seqlen, kLanes)
                                       * round_up(longest + a.seqlen, kLanes));
-    s.keys_ptr[i] = s.keys[i].get(D * kLanes);
+    s.queries_ptr[i] = s.queries[i].get(D * kLanes);
   }
   p.scores = s.scores_ptr.data();
-  p.keys = s.keys_ptr.data();
+  p.queries = s.queries_ptr.data();
   run_layer(a, p, Team{nt, &s.pool, &Pool::for_each_of});
 }
 

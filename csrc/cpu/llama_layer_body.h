@@ -185,7 +185,7 @@ LSK_INL void score_keys(const float* qt, int64_t ldq, const float* kc, int64_t k
 
 // Scores of one query against W keys (rows j0 .. j0 + nj - 1, kstride apart; lanes past nj
 // repeat key j0 and are masked by the caller): W dot products of D floats (D a multiple of W),
-// reduced together. Cheaper than a transposed block when few queries share it.
+// reduced together. Cheaper than a vector of queries when few queries share a key.
 LSK_INL vf score_dot(const float* q, const float* kc, int64_t kstride, int64_t j0, int nj,
                      int64_t D) {
   const float* k[W];
@@ -323,7 +323,7 @@ LSK_INL void attend_rows(const LayerArgs& a, const Plan& p, float* scores, int64
 // queries of the group against keys [0, L + S): scores (bottom-right causal mask), an exact
 // two-pass softmax in fp32, then P @ V. Keys past each query's position get weight exactly 0
 // and are never read by P @ V; slots at or past L + S are never read at all.
-LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, float* kt, int64_t b,
+LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, float* qt, int64_t b,
                           int64_t g) {
   const int64_t S = a.seqlen, D = a.head_dim, Hq = a.heads_q, Hkv = a.heads_kv, G = Hq / Hkv;
   const int64_t L = a.cache_seqlens[b];
@@ -354,7 +354,7 @@ LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, floa
     attend_rows(a, p, scores, b, g, kc, vc);
     return;
   }
-  // Many queries (verify, prefill): W queries at a time, transposed into kt (kt[d * W + lane]),
+  // Many queries (verify, prefill): W queries at a time, transposed into qt (qt[d * W + lane]),
   // share each key; scores key-major (scores[j * W + lane]), so the masks, the softmax and its
   // sums run across queries.
   for (int64_t q0 = 0; q0 < nq; q0 += W) {
@@ -366,11 +366,11 @@ LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, floa
       const int64_t qi = q0 + l, i = qi % S, h = g * G + qi / S;
       last[l] = static_cast<int32_t>(l < nl ? L + i : L + S - 1);
       if (l >= nl) {
-        for (int64_t d = 0; d < D; ++d) kt[d * W + l] = 0.0f;
+        for (int64_t d = 0; d < D; ++d) qt[d * W + l] = 0.0f;
         continue;
       }
       const float* q = p.qkv + (b * S + i) * p.ldqkv + h * D;
-      for (int64_t d = 0; d < D; ++d) kt[d * W + l] = q[d];
+      for (int64_t d = 0; d < D; ++d) qt[d * W + l] = q[d];
       out[l] = p.attn + (b * S + i) * p.lda + h * D;
       visible = std::max<int64_t>(visible, L + i + 1);
     }
@@ -378,7 +378,7 @@ LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, floa
     int64_t j = 0;
     for (; j + 8 <= visible; j += 8) {  // 8 chains: enough FMAs in flight to hide latency
       vf s[8];
-      score_keys<8>(kt, W, kc, a.k_strides[1], j, D, s);
+      score_keys<8>(qt, W, kc, a.k_strides[1], j, D, s);
       for (int u = 0; u < 8; ++u) {
         const vf sc = select(isplat(static_cast<int32_t>(j + u)) > last,
                              splat(-__builtin_inff()), s[u] * a.softmax_scale);
@@ -388,7 +388,7 @@ LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, floa
     }
     for (; j < visible; ++j) {
       vf s[1];
-      score_keys<1>(kt, W, kc, a.k_strides[1], j, D, s);
+      score_keys<1>(qt, W, kc, a.k_strides[1], j, D, s);
       const vf sc = select(isplat(static_cast<int32_t>(j)) > last, splat(-__builtin_inff()),
                            s[0] * a.softmax_scale);
       storeu(scores + j * W, sc);
@@ -452,7 +452,7 @@ LSK_FN void qkv_head_task(void* ctx, int64_t g, int tid) {
   matmul(a.w_qkv, a.dim, q0, q0 + qrows, p.y, p.ldd, p.T, p.qkv, p.ldqkv, false);
   matmul(a.w_qkv, a.dim, k0, k0 + D, p.y, p.ldd, p.T, p.qkv, p.ldqkv, false);
   matmul(a.w_qkv, a.dim, v0, v0 + D, p.y, p.ldd, p.T, p.qkv, p.ldqkv, false);
-  for (int64_t b = 0; b < a.batch; ++b) attend_group(a, p, p.scores[tid], p.keys[tid], b, g);
+  for (int64_t b = 0; b < a.batch; ++b) attend_group(a, p, p.scores[tid], p.queries[tid], b, g);
 }
 
 LSK_FN void qkv_rows_task(void* ctx, int64_t i, int) {
@@ -465,7 +465,7 @@ LSK_FN void qkv_rows_task(void* ctx, int64_t i, int) {
 LSK_FN void attend_task(void* ctx, int64_t bg, int tid) {
   const Phase& ph = *static_cast<const Phase*>(ctx);
   const int64_t Hkv = ph.a->heads_kv;
-  attend_group(*ph.a, *ph.p, ph.p->scores[tid], ph.p->keys[tid], bg / Hkv, bg % Hkv);
+  attend_group(*ph.a, *ph.p, ph.p->scores[tid], ph.p->queries[tid], bg / Hkv, bg % Hkv);
 }
 
 LSK_FN void o_task(void* ctx, int64_t i, int) {  // h += attn @ w_o^T
