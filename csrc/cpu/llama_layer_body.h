@@ -310,7 +310,7 @@ LSK_INL void attend_rows(const LayerArgs& a, const Plan& p, float* scores, int64
     vf sum = {};
     for (int64_t j = 0; j < visible; j += W) {
       const vi shown = lane + static_cast<int32_t>(j) < isplat(static_cast<int32_t>(visible));
-      const vf e = select(shown, vexp(select(shown, loadu(sc + j) - mx, vf{})), vf{});
+      const vf e = select(shown, vexp(loadu(sc + j) - mx), vf{});
       storeu(sc + j, e);
       sum += e;
     }
@@ -396,10 +396,8 @@ LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, floa
     }
     vf sum = {};
     for (j = 0; j < visible; ++j) {
-      // exp(-inf) would go through vexp's clamp to a subnormal, which costs the FPU a
-      // slow assist on every use: masked lanes take exp(0) and are then set to 0.
-      const vi hidden = isplat(static_cast<int32_t>(j)) > last;
-      const vf e = select(hidden, vf{}, vexp(select(hidden, vf{}, loadu(scores + j * W) - m)));
+      const vf e = select(isplat(static_cast<int32_t>(j)) > last, vf{},
+                          vexp(loadu(scores + j * W) - m));
       storeu(scores + j * W, e);
       sum += e;
     }

@@ -115,10 +115,12 @@ LSK_INL vf reduce_lanes(const vf* a) {
 #undef LSK_ODD_CHUNKS
 
 // exp(x) to about 2 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
-// in r, times 2^n built in the exponent bits). x is clamped to [-87.3, 88.3]: callers that need
-// an exact 0 (masked softmax lanes) select it themselves.
+// in r, times 2^n built in the exponent bits). x is clamped to [-87, 88.3]: at the bottom the
+// result stays a normal float (exp(-87) = 1.6e-38), as a subnormal would cost every FPU
+// instruction that touches it a slow assist; callers that need an exact 0 (masked softmax
+// lanes) select it themselves.
 LSK_INL vf vexp(vf x) {
-  x = vmin(vmax(x, splat(-87.3365448f)), splat(88.3762626f));
+  x = vmin(vmax(x, splat(-87.0f)), splat(88.3762626f));
   vf fx = x * 1.44269504088896341f + 0.5f;
   vi n = __builtin_convertvector(fx, vi);
   n += (vi)(__builtin_convertvector(n, vf) > fx);  // truncation -> floor (-1 where rounded up)
