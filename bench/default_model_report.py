@@ -149,7 +149,8 @@ def main(argv=None):
         f"Greedy self-speculative decoding of {settings['prompts']} held-out prompts (the "
         f"first 64 tokens of held-out modules), each decoded alone, "
         f"{settings['max_new_tokens']} new tokens, "
-        f"{sweep['threads']} torch threads and {sweep.get('kernel_threads')} kernel threads, "
+        f"--threads {sweep['threads']} (the C++ kernels' team of "
+        f"{sweep.get('kernel_threads')}; torch on one while it decodes), "
         f"median of {settings['repeats_done']} interleaved repeats; speedup over our "
         f"autoregressive ({ar['tokens_per_s']:.1f} tokens/s) in the same process, prefill "
         "included. \"if all accepted\": the speedup had every round accepted all k drafts.", "",

@@ -564,7 +564,7 @@ def _add_timing_args(p, repeats):
                    type=int_at_least(0), default=1, help="untimed runs first")
     p.add_argument("--threads", metavar="N", type=int_at_least(1),
                    help="CPU threads of torch and of the C++ kernels (default: torch's choice, "
-                   "one for the kernels)")
+                   "one for the kernels; torch keeps one while the kernels' team decodes)")
 
 
 def build_parser():
