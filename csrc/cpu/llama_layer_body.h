@@ -199,12 +199,11 @@ LSK_INL vf score_dot(const float* q, const float* kc, int64_t kstride, int64_t j
   return reduce_lanes(acc);
 }
 
-// acc(dlen floats, NV vectors) = sum_{j < keys} p[j * pstride] * v[j * vstride + :dlen];
-// out = acc * inv. Two accumulators per vector (even and odd keys) keep 2 NV FMA chains in
-// flight.
+// acc(dlen floats, NV vectors) = sum_{j < keys} p[j] * v[j * vstride + :dlen]; out = acc * inv.
+// Two accumulators per vector (even and odd keys) keep 2 NV FMA chains in flight.
 template <int NV>
-LSK_INL void pv_chunk(const float* p, int64_t pstride, int64_t keys, const float* v,
-                      int64_t vstride, int64_t dlen, float inv, float* out) {
+LSK_INL void pv_chunk(const float* p, int64_t keys, const float* v, int64_t vstride, int64_t dlen,
+                      float inv, float* out) {
   vf a0[NV], a1[NV];
   for (int u = 0; u < NV; ++u) a0[u] = a1[u] = vf{};
   const bool whole = dlen == NV * W;
@@ -215,16 +214,15 @@ LSK_INL void pv_chunk(const float* p, int64_t pstride, int64_t keys, const float
       const float* r0 = v + j * vstride;
       const float* r1 = r0 + vstride;
       for (int u = 0; u < NV; ++u) {
-        a0[u] += p[j * pstride] * loadu(r0 + u * W);
-        a1[u] += p[(j + 1) * pstride] * loadu(r1 + u * W);
+        a0[u] += p[j] * loadu(r0 + u * W);
+        a1[u] += p[j + 1] * loadu(r1 + u * W);
       }
     }
   }
   for (; j < keys; ++j) {
     const float* r = v + j * vstride;
     for (int u = 0; u < NV; ++u)
-      a0[u] += p[j * pstride] * (whole || u < NV - 1 ? loadu(r + u * W)
-                                                     : load_part(r + u * W, last));
+      a0[u] += p[j] * (whole || u < NV - 1 ? loadu(r + u * W) : load_part(r + u * W, last));
   }
   for (int u = 0; u < NV; ++u) {
     const vf o = (a0[u] + a1[u]) * inv;
@@ -232,16 +230,16 @@ LSK_INL void pv_chunk(const float* p, int64_t pstride, int64_t keys, const float
   }
 }
 
-// out[:D] = inv * sum_{j < keys} p[j * pstride] * v[j * vstride + :D], 4 vectors at a time.
-LSK_INL void pv(const float* p, int64_t pstride, int64_t keys, const float* v, int64_t vstride,
-                int64_t D, float inv, float* out) {
+// out[:D] = inv * sum_{j < keys} p[j] * v[j * vstride + :D], 4 vectors at a time.
+LSK_INL void pv(const float* p, int64_t keys, const float* v, int64_t vstride, int64_t D,
+                float inv, float* out) {
   for (int64_t d0 = 0; d0 < D; d0 += 4 * W) {
     const int64_t dlen = D - d0 < 4 * W ? D - d0 : 4 * W;
     switch ((dlen + W - 1) / W) {
-      case 4: pv_chunk<4>(p, pstride, keys, v + d0, vstride, dlen, inv, out + d0); break;
-      case 3: pv_chunk<3>(p, pstride, keys, v + d0, vstride, dlen, inv, out + d0); break;
-      case 2: pv_chunk<2>(p, pstride, keys, v + d0, vstride, dlen, inv, out + d0); break;
-      default: pv_chunk<1>(p, pstride, keys, v + d0, vstride, dlen, inv, out + d0); break;
+      case 4: pv_chunk<4>(p, keys, v + d0, vstride, dlen, inv, out + d0); break;
+      case 3: pv_chunk<3>(p, keys, v + d0, vstride, dlen, inv, out + d0); break;
+      case 2: pv_chunk<2>(p, keys, v + d0, vstride, dlen, inv, out + d0); break;
+      default: pv_chunk<1>(p, keys, v + d0, vstride, dlen, inv, out + d0); break;
     }
   }
 }
@@ -314,7 +312,7 @@ LSK_INL void attend_rows(const LayerArgs& a, const Plan& p, float* scores, int64
       storeu(sc + j, e);
       sum += e;
     }
-    pv(sc, 1, visible, vc, a.v_strides[1], D, 1.0f / hsum(sum),
+    pv(sc, visible, vc, a.v_strides[1], D, 1.0f / hsum(sum),
        p.attn + (b * S + i) * p.lda + (g * G + qi / S) * D);
   }
 }
@@ -322,7 +320,8 @@ LSK_INL void attend_rows(const LayerArgs& a, const Plan& p, float* scores, int64
 // One (row b, KV head g): RoPE, the cache write of the S new keys / values, then the G x S
 // queries of the group against keys [0, L + S): scores (bottom-right causal mask), an exact
 // two-pass softmax in fp32, then P @ V. Keys past each query's position get weight exactly 0
-// and are never read by P @ V; slots at or past L + S are never read at all.
+// (the many-query path still reads their V rows: this call's positions, written); slots at or
+// past L + S are never read at all.
 LSK_INL void attend_group(const LayerArgs& a, const Plan& p, float* scores, float* qt, int64_t b,
                           int64_t g) {
   const int64_t S = a.seqlen, D = a.head_dim, Hq = a.heads_q, Hkv = a.heads_kv, G = Hq / Hkv;
