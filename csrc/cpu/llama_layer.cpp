@@ -276,6 +276,10 @@ void require(bool ok, const std::string& what) {
 
 constexpr int64_t kLanes = 16;  // row padding for every ISA (a multiple of each W)
 
+// Rows a matmul's input buffer holds for T tokens: one more, of zeros, when T % 4 == 3 (the
+// last three tokens run as a 4-token tile).
+int64_t matmul_rows(int64_t T) { return T % 4 == 3 ? T + 1 : T; }
+
 void run_layer(const LayerArgs& a, const Plan& p, const Team& team) {
   switch (g_isa.load()) {
 #ifdef LSK_HAVE_X86_CLONES
@@ -322,15 +326,19 @@ void run_locked(State& s, const LayerArgs& a) {
   p.lda = round_up(a.heads_q * D, kLanes);
   p.ldgu = round_up(2 * a.hidden, kLanes);
   p.ldact = round_up(a.hidden, kLanes);
+  const int64_t Tm = matmul_rows(T);
   p.qkv = s.qkv.get(T * p.ldqkv);
-  p.attn = s.attn.get(T * p.lda);
+  p.attn = s.attn.get(Tm * p.lda);
   p.gate_up = s.gate_up.get(T * p.ldgu);
-  p.act = s.act.get(T * p.ldact);
+  p.act = s.act.get(Tm * p.ldact);
+  p.y = s.y.get(Tm * p.ldd);
   for (int64_t t = 0; t < T; ++t) {  // the pads that matmuls read
     std::memset(p.attn + t * p.lda + a.heads_q * D, 0, (p.lda - a.heads_q * D) * sizeof(float));
     std::memset(p.act + t * p.ldact + a.hidden, 0, (p.ldact - a.hidden) * sizeof(float));
   }
-  p.y = s.y.get(T * p.ldd);
+  std::memset(p.attn + T * p.lda, 0, (Tm - T) * p.lda * sizeof(float));
+  std::memset(p.act + T * p.ldact, 0, (Tm - T) * p.ldact * sizeof(float));
+  std::memset(p.y + T * p.ldd, 0, (Tm - T) * p.ldd * sizeof(float));
   s.scores.resize(nt);
   s.queries.resize(nt);
   s.scores_ptr.resize(nt);
@@ -399,7 +407,8 @@ void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
   std::vector<int64_t> index(rows * tasks);
   std::vector<float> value(rows * tasks), exp_sum(max_prob ? rows * tasks : 0);
   float* sums = max_prob ? exp_sum.data() : nullptr;
-  float* y = s.y.get(rows * ldy);
+  float* y = s.y.get(matmul_rows(rows) * ldy);
+  std::memset(y + rows * ldy, 0, (matmul_rows(rows) - rows) * ldy * sizeof(float));
   s.scores.resize(nt);
   s.scores_ptr.resize(nt);
   for (int i = 0; i < nt; ++i) s.scores_ptr[i] = s.scores[i].get(rows * panel);

@@ -8,7 +8,9 @@
 // partial sums along k), reduced to one vector of R * C sums at the end. w rows are ldw floats
 // apart (contiguous, nn.Linear layout); y rows ldy apart and zero-padded up to a multiple of W,
 // so only the weights need a partial load at a k tail. Rows at or past n_end are neither read
-// (clamped) nor written. add: out += result (the residual add of o_proj), else out = result.
+// (clamped) nor written; tokens at or past `tokens` (< C: rows of zeros past the caller's T)
+// are computed but not written. add: out += result (the residual add of o_proj), else
+// out = result.
 // Tail: K is no multiple of W (a separate instantiation, so that the common case carries no
 // partial-load code, whose library call would make the compiler spill the accumulators).
 // Ahead: also prefetch the R rows after this tile's (next in memory: w rows are contiguous), so
@@ -16,8 +18,8 @@
 // lines long, too short for the hardware's stream prefetcher to ramp up on its own.
 template <int R, int C, bool Tail, bool Ahead>
 LSK_INL void matmul_tile(const float* w, int64_t ldw, int64_t K, int64_t n0, int64_t n_end,
-                         const float* y, int64_t ldy, float* out, int64_t ldo, bool add,
-                         int64_t ahead_end) {
+                         const float* y, int64_t ldy, int tokens, float* out, int64_t ldo,
+                         bool add, int64_t ahead_end) {
   static_assert(R * C == W, "a tile fills one vector of sums");
   const float* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r < n_end ? n0 + r : n_end - 1) * ldw;
@@ -49,7 +51,7 @@ LSK_INL void matmul_tile(const float* w, int64_t ldw, int64_t K, int64_t n0, int
   float s[W];
   storeu(s, reduce_lanes(acc));
   const int rows = n0 + R <= n_end ? R : static_cast<int>(n_end - n0);
-  for (int c = 0; c < C; ++c) {
+  for (int c = 0; c < tokens; ++c) {
     float* o = out + c * ldo + n0;
     const float* sc = s + c * R;
     if (rows == R) {  // fixed trip counts: the compiler turns these into vector moves
@@ -66,22 +68,26 @@ LSK_INL void matmul_tile(const float* w, int64_t ldw, int64_t K, int64_t n0, int
 
 template <int R, int C>
 LSK_INL void matmul_tile_any(const float* w, int64_t K, int64_t n0, int64_t n_end,
-                             const float* y, int64_t ldy, float* out, int64_t ldo, bool add,
-                             int64_t ahead_end) {
+                             const float* y, int64_t ldy, int tokens, float* out, int64_t ldo,
+                             bool add, int64_t ahead_end) {
   const bool ahead = C > 1 && ahead_end > n0 + R;  // one row per tile: 16 misses in flight already
   if (K % W == 0) {
     if (ahead)
-      matmul_tile<R, C, false, true>(w, K, K, n0, n_end, y, ldy, out, ldo, add, ahead_end);
+      matmul_tile<R, C, false, true>(w, K, K, n0, n_end, y, ldy, tokens, out, ldo, add,
+                                     ahead_end);
     else
-      matmul_tile<R, C, false, false>(w, K, K, n0, n_end, y, ldy, out, ldo, add, 0);
+      matmul_tile<R, C, false, false>(w, K, K, n0, n_end, y, ldy, tokens, out, ldo, add, 0);
   } else {
-    matmul_tile<R, C, true, false>(w, K, K, n0, n_end, y, ldy, out, ldo, add, 0);
+    matmul_tile<R, C, true, false>(w, K, K, n0, n_end, y, ldy, tokens, out, ldo, add, 0);
   }
 }
 
 // out[t, n] (+)= y[t, :K] . w[n, :K] for t < T, n in [n_begin, n_end). Each panel of W weight
 // rows is read from memory once and then served from L1 to every tile of tokens (4 at a time,
-// then 2, then 1), so the weights stream once per call whatever T is.
+// then 2, then 1), so the weights stream once per call whatever T is. A tile costs about its
+// loads, R + C per W FMAs: when T % 4 == 3 the last 3 tokens go as a 4-token tile (8 loads a
+// step, against 10 + 17 for a 2-token and a 1-token tile), reading a row of zeros that y must
+// hold past T (llama_layer.cpp, matmul_rows).
 LSK_INL void matmul(const float* w, int64_t K, int64_t n_begin, int64_t n_end, const float* y,
                     int64_t ldy, int64_t T, float* out, int64_t ldo, bool add) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += W) {
@@ -89,18 +95,20 @@ LSK_INL void matmul(const float* w, int64_t K, int64_t n_begin, int64_t n_end, c
     // The first pass over the panel reads it from memory: it prefetches ahead (rows up to
     // n_end); later passes find it in L1.
     int64_t t = 0;
-    for (; t + 4 <= T; t += 4)
+    for (; t + 3 <= T; t += 4) {
+      const int tokens = T - t < 4 ? 3 : 4;
       for (int64_t r0 = n0; r0 < pend; r0 += W / 4)
-        matmul_tile_any<W / 4, 4>(w, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add,
-                                  t == 0 ? n_end : 0);
+        matmul_tile_any<W / 4, 4>(w, K, r0, pend, y + t * ldy, ldy, tokens, out + t * ldo, ldo,
+                                  add, t == 0 ? n_end : 0);
+    }
     if (T - t >= 2) {
       for (int64_t r0 = n0; r0 < pend; r0 += W / 2)
-        matmul_tile_any<W / 2, 2>(w, K, r0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add,
+        matmul_tile_any<W / 2, 2>(w, K, r0, pend, y + t * ldy, ldy, 2, out + t * ldo, ldo, add,
                                   t == 0 ? n_end : 0);
       t += 2;
     }
     if (T - t == 1)
-      matmul_tile_any<W, 1>(w, K, n0, pend, y + t * ldy, ldy, out + t * ldo, ldo, add,
+      matmul_tile_any<W, 1>(w, K, n0, pend, y + t * ldy, ldy, 1, out + t * ldo, ldo, add,
                             t == 0 ? n_end : 0);
   }
 }
