@@ -83,7 +83,9 @@ def torch_threads_idle(model):
     several (lsk.set_num_threads): torch is left only small ops (cache allocation, the
     prefill's head), and after a parallel op its OpenMP threads spin for milliseconds waiting
     for the next one, taking the cores from the team's helpers. Measured on 2 cores: a
-    generate() of 128 tokens lost about 6 ms that way, a sixth of its time."""
+    generate() of 128 tokens lost about 6 ms that way, a sixth of its time. torch's thread
+    count is process-wide: generate() calls overlapping from several Python threads can leave
+    it at one (the C++ kernels run one call at a time anyway)."""
     threads = torch.get_num_threads()
     if threads == 1 or _cpu is None or _cpu.num_threads() == 1 or fused_weights(model) is None:
         yield
