@@ -52,9 +52,9 @@ class CpuSteps:
         CPU_MAX_QUERIES positions of every row at a time (the C++ layer attends to the cache,
         so a prompt is a few verify-sized steps); the head runs in torch (sampling needs the
         logits). cache is the state's (the decoder holds its addresses)."""
-        tokens = tokens.contiguous()
+        tokens = tokens.to(torch.int64).contiguous()
         lengths = lengths.to(torch.int32).contiguous()
-        hidden = torch.empty(len(tokens), self.model.config.dim)
+        hidden = torch.empty(len(tokens), self.model.config.dim, dtype=torch.float32)
         self._decoder.prefill(tokens.data_ptr(), len(tokens), tokens.shape[1], tokens.stride(0),
                               lengths.data_ptr(), list(layers), hidden.data_ptr())
         return self.model.head(hidden)
