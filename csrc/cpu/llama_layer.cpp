@@ -276,9 +276,14 @@ void require(bool ok, const std::string& what) {
 
 constexpr int64_t kLanes = 16;  // row padding for every ISA (a multiple of each W)
 
-// Rows a matmul's input buffer holds for T tokens: one more, of zeros, when T % 4 == 3 (the
-// last three tokens run as a 4-token tile).
-int64_t matmul_rows(int64_t T) { return T % 4 == 3 ? T + 1 : T; }
+// A matmul's input buffer for T rows of ld floats: one more row, of zeros, when T % 4 == 3
+// (the last three tokens run as a 4-token tile; llama_layer_body.h, matmul).
+float* matmul_input(Buffer& buffer, int64_t T, int64_t ld) {
+  const int64_t rows = T % 4 == 3 ? T + 1 : T;
+  float* p = buffer.get(rows * ld);
+  std::memset(p + T * ld, 0, (rows - T) * ld * sizeof(float));
+  return p;
+}
 
 void run_layer(const LayerArgs& a, const Plan& p, const Team& team) {
   switch (g_isa.load()) {
@@ -326,19 +331,15 @@ void run_locked(State& s, const LayerArgs& a) {
   p.lda = round_up(a.heads_q * D, kLanes);
   p.ldgu = round_up(2 * a.hidden, kLanes);
   p.ldact = round_up(a.hidden, kLanes);
-  const int64_t Tm = matmul_rows(T);
   p.qkv = s.qkv.get(T * p.ldqkv);
-  p.attn = s.attn.get(Tm * p.lda);
+  p.attn = matmul_input(s.attn, T, p.lda);
   p.gate_up = s.gate_up.get(T * p.ldgu);
-  p.act = s.act.get(Tm * p.ldact);
-  p.y = s.y.get(Tm * p.ldd);
+  p.act = matmul_input(s.act, T, p.ldact);
+  p.y = matmul_input(s.y, T, p.ldd);
   for (int64_t t = 0; t < T; ++t) {  // the pads that matmuls read
     std::memset(p.attn + t * p.lda + a.heads_q * D, 0, (p.lda - a.heads_q * D) * sizeof(float));
     std::memset(p.act + t * p.ldact + a.hidden, 0, (p.ldact - a.hidden) * sizeof(float));
   }
-  std::memset(p.attn + T * p.lda, 0, (Tm - T) * p.lda * sizeof(float));
-  std::memset(p.act + T * p.ldact, 0, (Tm - T) * p.ldact * sizeof(float));
-  std::memset(p.y + T * p.ldd, 0, (Tm - T) * p.ldd * sizeof(float));
   s.scores.resize(nt);
   s.queries.resize(nt);
   s.scores_ptr.resize(nt);
@@ -407,8 +408,7 @@ void draft_head_argmax(const float* h, int64_t rows, int64_t h_row, int64_t dim,
   std::vector<int64_t> index(rows * tasks);
   std::vector<float> value(rows * tasks), exp_sum(max_prob ? rows * tasks : 0);
   float* sums = max_prob ? exp_sum.data() : nullptr;
-  float* y = s.y.get(matmul_rows(rows) * ldy);
-  std::memset(y + rows * ldy, 0, (matmul_rows(rows) - rows) * ldy * sizeof(float));
+  float* y = matmul_input(s.y, rows, ldy);
   s.scores.resize(nt);
   s.scores_ptr.resize(nt);
   for (int i = 0; i < nt; ++i) s.scores_ptr[i] = s.scores[i].get(rows * panel);

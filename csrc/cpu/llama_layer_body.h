@@ -87,7 +87,7 @@ LSK_INL void matmul_tile_any(const float* w, int64_t K, int64_t n0, int64_t n_en
 // then 2, then 1), so the weights stream once per call whatever T is. A tile costs about its
 // loads, R + C per W FMAs: when T % 4 == 3 the last 3 tokens go as a 4-token tile (8 loads a
 // step, against 10 + 17 for a 2-token and a 1-token tile), reading a row of zeros that y must
-// hold past T (llama_layer.cpp, matmul_rows).
+// hold past T (llama_layer.cpp, matmul_input).
 LSK_INL void matmul(const float* w, int64_t K, int64_t n_begin, int64_t n_end, const float* y,
                     int64_t ldy, int64_t T, float* out, int64_t ldo, bool add) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += W) {
