@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from random_weights import random_weights
 
 import layerskip_kernels as lsk
 from layerskip_kernels.decoding import cpu, state as state_module
@@ -29,12 +30,7 @@ def random_llama(generator, head_dim=16, n_heads=4, n_kv_heads=2, n_layers=4, di
     config = lsk.LlamaConfig(vocab_size=VOCAB, dim=dim, n_layers=n_layers, n_heads=n_heads,
                              n_kv_heads=n_kv_heads, head_dim=head_dim, hidden_dim=64,
                              max_seq_len=128)
-    model = lsk.Llama(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
-    return model.eval().requires_grad_(False)
+    return random_weights(lsk.Llama(config), generator, 0.3)
 
 
 def live_state(model, generator, lengths=(3, 20, 9, 14), max_drafts=4, seq_len=48):

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from random_weights import random_weights
 
 import layerskip_kernels as lsk
 from layerskip_kernels.decoding.autoregressive import decode_step
@@ -20,12 +21,7 @@ def random_llama(generator, head_dim=16, n_layers=3, max_seq_len=64, n_kv_heads=
     config = lsk.LlamaConfig(vocab_size=VOCAB, dim=32, n_layers=n_layers, n_heads=4,
                              n_kv_heads=n_kv_heads, head_dim=head_dim, hidden_dim=48,
                              max_seq_len=max_seq_len)
-    model = lsk.Llama(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
-    return model.eval().requires_grad_(False)
+    return random_weights(lsk.Llama(config), generator, 0.3)
 
 
 def live_state(model, generator, lengths=(3, 9, 5), max_drafts=3):

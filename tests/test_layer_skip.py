@@ -2,6 +2,7 @@
 strategy="layer_skip" against a hand-run loop over model.run_layers and a KVCache."""
 import pytest
 import torch
+from random_weights import random_weights
 
 import layerskip_kernels as lsk
 from layerskip_kernels.decoding.layer_skip import kept_layers
@@ -14,12 +15,7 @@ def random_llama(generator, n_layers=6, n_kv_heads=2, max_seq_len=128):
     """Weights N(0, 0.2): logits spread enough that greedy argmax has no near-ties."""
     config = lsk.LlamaConfig(vocab_size=VOCAB, dim=64, n_layers=n_layers, n_heads=4,
                              n_kv_heads=n_kv_heads, hidden_dim=96, max_seq_len=max_seq_len)
-    model = lsk.Llama(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
-    return model.eval().requires_grad_(False)
+    return random_weights(lsk.Llama(config), generator, 0.2)
 
 
 def random_prompts(generator, lengths):

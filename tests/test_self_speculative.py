@@ -3,6 +3,7 @@ equals autoregressive output token for token, eos and max_new_tokens per row, ex
 statistics, no stale cache slot is ever read, lossless sampling, `accept`, argument checks."""
 import pytest
 import torch
+from random_weights import random_weights
 
 import layerskip_kernels as lsk
 from layerskip_kernels.decoding import self_speculative
@@ -20,12 +21,7 @@ def random_llama(generator, n_layers=4, n_kv_heads=2, vocab=VOCAB, dim=64, hidde
     config = lsk.LlamaConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=4,
                              n_kv_heads=n_kv_heads, hidden_dim=hidden_dim,
                              max_seq_len=max_seq_len)
-    model = lsk.Llama(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1 + 0.1 * noise if "norm" in name else std * noise)
-    return model.eval().requires_grad_(False)
+    return random_weights(lsk.Llama(config), generator, std)
 
 
 def random_prompts(generator, lengths, vocab=VOCAB):
