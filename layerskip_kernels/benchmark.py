@@ -5,19 +5,18 @@ import importlib.util
 import json
 import os
 import platform
-import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .decoding import generate
 from .decoding.generate import AUTO_DRAFT_CAP
+from .files import check_output_file, write_text
 from .model import save_hf_directory
 from .ops.llama_layer import _cpu, set_num_threads
 
@@ -34,28 +33,6 @@ def machine_info():
 def dtype_name(dtype):
     """"float32", not "torch.float32": how reports and JSON name a dtype."""
     return str(dtype).removeprefix("torch.")
-
-
-@contextmanager
-def atomic_path(path):
-    """A temporary path beside `path` to write to; renamed onto `path` when the block ends
-    without error, removed otherwise, so a failed or interrupted run leaves the old file or
-    the whole new one, never half of one. The temporary name keeps the suffix (matplotlib
-    picks the format from it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_atomic(path, text):
-    """Write text to path through atomic_path."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def _ours(model, prompts, max_new_tokens, batch_size=None, **kwargs):
@@ -362,8 +339,7 @@ def main_bench(args):
     """`layerskip bench`: arguments and the output path are checked before the model loads;
     the JSON report is rewritten (atomically) after every repetition, so an interrupted run
     keeps the repetitions that finished ("complete": false)."""
-    from .cli import (UsageError, check_fits, check_output_file, find_tokenizer,
-                      load_model_arg, require_file)
+    from .cli import UsageError, check_fits, find_tokenizer, load_model_arg, require_file
     output = Path(args.output)
     check_output_file(output, "--output", getattr(args, "overwrite", False))
     if args.prompts:
@@ -387,7 +363,7 @@ def main_bench(args):
 
     def keep(report):
         report["settings"]["model"] = args.model
-        write_atomic(output, json.dumps(report, indent=1) + "\n")
+        write_text(output, json.dumps(report, indent=1) + "\n", "--output")
         done.append(report["settings"]["repeats_done"])
 
     try:

@@ -23,10 +23,11 @@ from . import __version__
 from .benchmark import compare, dtype_name
 from .decoding import generate
 from .decoding.generate import AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES
+from .files import OutputPathError
 from .model import load_model, load_tokenizer
 from .ops.kernels import PREFERENCES
-from .ops.llama_layer import set_num_threads
-from .model.checkpoint import DEFAULT_MODEL
+from .ops.llama_layer import MAX_THREADS, check_num_threads, set_num_threads
+from .model.checkpoint import DEFAULT_MODEL, regular_file
 from .model.parallel import is_first_rank
 from .model.tokenizer import Llama2cTokenizer
 
@@ -70,6 +71,15 @@ def int_at_least(low):
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
         return value
     return parse
+
+
+def threads_arg(text):
+    """--threads: an integer in [1, the machine's logical CPUs] (llama_layer's bound)."""
+    try:
+        return check_num_threads(int(text), "--threads")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_THREADS}] (this "
+                                         f"machine's logical CPUs), got {text!r}") from None
 
 
 def float_in(low, high=float("inf"), low_open=False, what=None):
@@ -147,40 +157,12 @@ def eos_arg(text):
 # -- checks shared by the commands ------------------------------------------------------------
 
 def require_file(path, flag):
-    if not Path(path).is_file():
-        what = "is a directory" if Path(path).is_dir() else "does not exist"
-        raise UsageError(f"{flag} {path}: {what}, expected a file")
-
-
-def check_output_file(path, flag, overwrite=False):
-    """An output file the command may write: not a directory, not an existing file unless
-    --overwrite, and inside a directory that exists and is writable or can be created."""
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"{flag} {path}: is a directory, expected a file path")
-    if path.exists() and not overwrite:
-        raise UsageError(f"{flag} {path}: the file exists (pass --overwrite to replace it)")
-    _check_writable_dir(path.parent, flag, path)
-
-
-def check_output_dir(path, flag, files=(), overwrite=False):
-    """An output directory: not a file; none of `files` inside it exists unless --overwrite."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path}: is a file, expected a directory")
-    existing = [name for name in files if (path / name).exists()]
-    if existing and not overwrite:
-        raise UsageError(f"{flag} {path}: already holds {', '.join(existing)} "
-                         "(pass --overwrite to replace)")
-    _check_writable_dir(path, flag, path)
-
-
-def _check_writable_dir(directory, flag, path):
-    existing = Path(directory)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: {existing} is not a writable directory")
+    """A file named on the command line, to be read: a regular file (after symlinks), checked
+    before it is opened, as a FIFO or a device would block the read or never end it."""
+    try:
+        regular_file(Path(path), flag)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
 
 
 @contextmanager
@@ -266,6 +248,16 @@ def check_fits(model, tokenizer, tokenizer_path, prompts, labels, max_new_tokens
     bad = [i for i in eos_token_id or [] if i >= c.vocab_size]
     if bad:
         raise UsageError(f"--eos-token-id: expected ids in [0, {c.vocab_size}), got {bad[0]}")
+
+
+def check_decodes(model, tokenizer, tokenizer_path):
+    """Commands that print text: the tokenizer can decode every id the model can emit (a
+    smaller vocabulary would fail only after decoding), checked right after the model loads."""
+    if tokenizer is not None and tokenizer.vocab_size < model.config.vocab_size:
+        raise UsageError(f"--tokenizer {tokenizer_path}: its vocabulary ({tokenizer.vocab_size} "
+                         f"tokens) is smaller than the model's ({model.config.vocab_size}), so "
+                         "it cannot decode every token the model can emit; expected the "
+                         "model's own tokenizer")
 
 
 def check_exit_layer(model, exit_layer):
@@ -379,6 +371,7 @@ def cmd_generate(args):
                          f"recommends none); expected an integer in [1, "
                          f"{model.config.n_layers - 1}]")
     check_exit_layer(model, args.exit_layer)
+    check_decodes(model, tokenizer, tokenizer_path)
     eos = stop_tokens(args, model, tokenizer)
     check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
                _draft_slots(model, args.strategy, args.num_speculations), eos)
@@ -461,6 +454,7 @@ def cmd_compare(args):
         prompts = [tokenizer.encode("def fib(n):") if tokenizer else [bos or 0]]
         labels = ["the default prompt"]
     check_exit_layer(model, args.exit_layer)
+    check_decodes(model, tokenizer, tokenizer_path)
     eos = stop_tokens(args, model, tokenizer)
     check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
                _draft_slots(model, "self_speculative", args.num_speculations), eos)
@@ -562,7 +556,7 @@ def _add_timing_args(p, repeats):
                    type=int_at_least(1), default=repeats, help="timed runs of each")
     p.add_argument("--warmup", metavar="N",
                    type=int_at_least(0), default=1, help="untimed runs first")
-    p.add_argument("--threads", metavar="N", type=int_at_least(1),
+    p.add_argument("--threads", metavar="N", type=threads_arg,
                    help="CPU threads of torch and of the C++ kernels (default: torch's choice, "
                    "one for the kernels; torch keeps one while the kernels' team decodes)")
 
@@ -639,7 +633,8 @@ def build_parser():
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="our runs step eagerly (default: replay captured steps on CUDA)")
     p.add_argument("--output", metavar="FILE.json", required=True,
-                   help="where to write the JSON report (rewritten after every repetition)")
+                   help="where to write the JSON report (rewritten after every repetition; "
+                   "missing directories are created; an existing path must be a regular file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_bench)
@@ -664,7 +659,8 @@ def build_parser():
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="step eagerly (default: replay captured steps on CUDA)")
     p.add_argument("--output", metavar="DIR", required=True,
-                   help="directory for sweep.csv, sweep.json and sweep_heatmap.png")
+                   help="directory for sweep.csv, sweep.json and sweep_heatmap.png (created if "
+                   "missing; existing ones must be regular files)")
     p.add_argument("--overwrite", action="store_true", help="replace existing sweep files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_sweep)
@@ -713,7 +709,7 @@ def main(argv=None):
         return 0
     except KeyboardInterrupt as error:
         _fail(INTERRUPTED, str(error) or "interrupted", error, debug)
-    except UsageError as error:
+    except (UsageError, OutputPathError) as error:
         _fail(USAGE, " ".join(str(error).split()), error, debug)
     except BrokenPipeError:  # stdout closed early (| head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -725,9 +721,10 @@ def main(argv=None):
 
 
 def _fail(code, message, error, debug):
-    if debug:
-        traceback.print_exception(error)
-    print(f"error: {message}", file=sys.stderr)
+    if is_first_rank():  # under torchrun every rank fails alike: one of them says so
+        if debug:
+            traceback.print_exception(error)
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code) from None
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from .benchmark import (Progress, _kept, atomic_path, load_prompts, run_benchmark,
-                        write_atomic)
+from .benchmark import Progress, _kept, load_prompts, run_benchmark
 from .decoding.generate import AUTO_DRAFT_CAP
+from .files import atomic_path, check_output_dir, write_text
 from .ops.llama_layer import set_num_threads
 
 OUTPUTS = ("sweep.csv", "sweep.json", "sweep_heatmap.png")
@@ -56,7 +56,7 @@ def write_csv(report, path):
     writer.writeheader()
     for row in report["results"]:
         writer.writerow(row)
-    write_atomic(path, text.getvalue())
+    write_text(path, text.getvalue())
 
 
 def write_heatmap(report, exit_layers, draft_lengths, path):
@@ -101,8 +101,7 @@ def write_heatmap(report, exit_layers, draft_lengths, path):
 def main_sweep(args):
     """`layerskip sweep`: the grid, the other arguments and DIR are checked before the model
     loads, and the exit layers against the model right after."""
-    from .cli import UsageError, check_fits, check_output_dir, find_tokenizer, load_model_arg
-    from .cli import require_file
+    from .cli import UsageError, check_fits, find_tokenizer, load_model_arg, require_file
     exit_layers = parse_ints(args.exit_layers, "--exit-layers")
     draft_lengths = parse_ints(args.draft_lengths, "--draft-lengths")
     out = Path(args.output)
@@ -129,7 +128,7 @@ def main_sweep(args):
     def keep(report):
         report["settings"].update(model=args.model, exit_layers=exit_layers,
                                   draft_lengths=draft_lengths)
-        write_atomic(out / "sweep.json", json.dumps(report, indent=1) + "\n")
+        write_text(out / "sweep.json", json.dumps(report, indent=1) + "\n", "--output")
         write_csv(report, out / "sweep.csv")
         done.append(report["settings"]["repeats_done"])
 

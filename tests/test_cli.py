@@ -5,6 +5,7 @@ atomically, and interrupted benchmarks keep the repetitions that finished."""
 import importlib.metadata
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,10 @@ import layerskip_kernels as lsk
 from layerskip_kernels import benchmark, cli
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.model.checkpoint import DEFAULT_MODEL
-from layerskip_kernels.training import new_model
+from layerskip_kernels.training import TrainConfig, new_model
 
 from conftest import DATA  # noqa: E402
+from test_hostile_inputs import no_hang  # noqa: E402, F401 (a fixture)
 TINY = dict(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=48,
             max_seq_len=32)
 BIG_TOKENIZER = DEFAULT_MODEL / "tokenizer.json"  # 2048 tokens, more than TINY's 64
@@ -168,6 +170,36 @@ def test_tokenizer_larger_than_the_model(capsys, tiny):
     assert str(BIG_TOKENIZER) in line
 
 
+def small_tokenizer(path, size):
+    """A tokenizer.json of `size` word-level tokens, <s> and </s> among them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<s>": 0, "</s>": 1} | {f"w{i}": i for i in range(2, size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_tokenizer_smaller_than_the_model(capsys, tiny, tmp_path, monkeypatch, command):
+    """The model could emit ids the tokenizer cannot decode: refused before decoding (2), not
+    after it (1)."""
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the tokenizer was checked")
+    monkeypatch.setattr(cli, "generate", no_decoding)
+    monkeypatch.setattr(cli, "compare", no_decoding)
+    tok = small_tokenizer(tmp_path / "tokenizer.json", 40)
+    assert_error(run(capsys, command, "--model", tiny, "--tokenizer", tok, "--prompt", "w2",
+                     "--max-new-tokens", "2"), 2, f"--tokenizer {tok}", "40", "64", "smaller")
+
+
+def test_tokenizer_as_large_as_the_model(capsys, tiny, tmp_path):
+    tok = small_tokenizer(tmp_path / "tokenizer.json", TINY["vocab_size"])
+    code, out, err = run(capsys, "generate", "--model", tiny, "--tokenizer", tok, "--prompt",
+                         "w2 w3", "--max-new-tokens", "2")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--prompt-ids", "1 64"], ("--prompt-ids", "[0, 64)", "64")),
     (["--prompt-ids", "1", "--prompt-ids", " ".join(["1"] * 33)], ("--prompt-ids 2", "32")),
@@ -254,6 +286,53 @@ def test_bench_refuses_outputs_before_loading(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("command", ["bench", "sweep"])
+def test_prompts_fifo_is_no_regular_file(capsys, tmp_path, monkeypatch, command):
+    """Reported as what it is, and never opened (a FIFO's open blocks for a writer)."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("checked before the model loads")
+    monkeypatch.setattr(cli, "load_model", no_load)
+    os.mkfifo(tmp_path / "prompts.txt")
+    output = tmp_path / ("r.json" if command == "bench" else "sweep")
+    line = assert_error(run(capsys, command, "--output", output, "--prompts",
+                            tmp_path / "prompts.txt", "--tokenizer", BIG_TOKENIZER,
+                            *(["--no-transformers"] if command == "bench" else [])),
+                        2, "--prompts", "not a regular file", "FIFO")
+    assert "does not exist" not in line
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--output", "r.json", "--no-transformers"], ["sweep", "--output", "out"],
+    ["compare"], ["train", "--config", "train.json"]])
+def test_threads_bounded_by_the_cpus(capsys, tmp_path, argv):
+    """--threads 100000 used to have the C++ pool spawn them (and crash)."""
+    argv = [str(tmp_path / a) if a in ("r.json", "out", "train.json") else a for a in argv]
+    assert_error(run(capsys, *argv, "--threads", 100000), 2, "--threads",
+                 f"[1, {os.cpu_count()}]", "100000")
+
+
+def test_set_num_threads_bounded_by_the_cpus():
+    for bad in (100000, 0, -1, True, 1.5, "2"):
+        with pytest.raises(ValueError, match=r"^n: expected an integer in \[1, "):
+            lsk.set_num_threads(bad)
+    with pytest.raises(ValueError, match="threads"):
+        TrainConfig(threads=100000)
+    previous = torch.get_num_threads()
+    lsk.set_num_threads(1)  # the control
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("rank, prints", [("1", False), ("0", True)])
+def test_under_torchrun_only_rank_0_prints_the_error(capsys, monkeypatch, rank, prints):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run(capsys, "generate", "--max-new-tokens", "0", "--prompt-ids", "1")
+    assert code == 2 and not out
+    assert (err.strip().splitlines() == [err.strip()] and "--max-new-tokens" in err) if prints \
+        else err == ""
+
+
 def test_bench_without_transformers_writes_its_report(capsys, tiny, tmp_path):
     out = tmp_path / "results" / "bench.json"
     code, stdout, err = run(capsys, "bench", "--model", tiny, "--no-transformers",
@@ -321,17 +400,6 @@ def test_sweep_checks(capsys, tiny, tmp_path):
                  "--output", "sweep.json", "--overwrite")
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.json"
-    with pytest.raises(RuntimeError):
-        with benchmark.atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("stopped")
-    assert list(tmp_path.iterdir()) == []
-    benchmark.write_atomic(target, "whole")
-    assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
-
-
 def test_train_checks_before_training(capsys, tmp_path):
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"data": str(tmp_path / "text.txt"), "steps": 1,
@@ -349,6 +417,15 @@ def test_train_checks_before_training(capsys, tmp_path):
                  "--output", "--overwrite")
     config.write_text(json.dumps({"data": str(tmp_path / "text.txt"), "stepz": 1}))
     assert_error(run(capsys, "train", "--config", config), 1, "--config", "unknown keys")
+
+
+def test_train_data_fifo_is_never_opened(capsys, tmp_path, no_hang):
+    os.mkfifo(tmp_path / "text.txt")
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"data": str(tmp_path / "text.txt"), "steps": 1,
+                                  "output": str(tmp_path / "run")}))
+    assert_error(run(capsys, "train", "--config", config), 2, "data", "not a regular file")
+    assert not (tmp_path / "run").exists()
 
 
 # -- eval-exits --------------------------------------------------------------------------------

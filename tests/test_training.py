@@ -2,12 +2,14 @@
 import argparse
 import json
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import DATA
+from test_hostile_inputs import no_hang  # noqa: F401 (a fixture)
 from layerskip_kernels import Llama, load_model, load_tokenizer
 from layerskip_kernels.training import (TrainConfig, Trainer, depth_schedule, dropout_rates,
                                         early_exit_loss, enabled_exits, evaluate_exits,
@@ -234,6 +236,65 @@ def test_seed_determinism_and_lr_schedule(tmp_path):
     lrs = [r["lr"] for r in runs[0]]
     assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)
     assert lrs[2] > lrs[3] >= 3e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint saved after one step: (directory, the model, the tokens, the config)."""
+    path = tmp_path_factory.mktemp("checkpoint")
+    tokens, vocab = _sample_tokens()
+    config = _config(path, steps=2)
+    trainer = Trainer(new_model(TINY | {"vocab_size": vocab}, seed=0), tokens, config)
+    trainer.train(steps=1, progress=False)
+    trainer.save(path)
+    return path, tokens, config
+
+
+def _resume(checkpoint, path):
+    _, tokens, config = checkpoint
+    Trainer(load_model(checkpoint[0]), tokens, config).load_state(path)
+
+
+@pytest.mark.parametrize("step", [-5, "3", True, 1.5, None])
+def test_trainer_state_step_checked(checkpoint, tmp_path, step):
+    for name in ("trainer_state.json", "trainer_state.safetensors"):
+        (tmp_path / name).write_bytes((checkpoint[0] / name).read_bytes())
+    meta = json.loads((tmp_path / "trainer_state.json").read_text())
+    meta["step"] = step
+    if step is None:
+        del meta["step"]
+    (tmp_path / "trainer_state.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"trainer_state.json step: expected an integer >= 0"):
+        _resume(checkpoint, tmp_path)
+    meta["step"] = 1  # the control
+    (tmp_path / "trainer_state.json").write_text(json.dumps(meta))
+    _resume(checkpoint, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["trainer_state.json", "trainer_state.safetensors"])
+def test_trainer_state_fifo_refused(checkpoint, tmp_path, no_hang, name):
+    for other in ("trainer_state.json", "trainer_state.safetensors"):
+        if other != name:
+            (tmp_path / other).write_bytes((checkpoint[0] / other).read_bytes())
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(ValueError, match=f"{name}: expected a regular file"):
+        _resume(checkpoint, tmp_path)
+
+
+@pytest.mark.parametrize("update, needle", [
+    ({"dim": 1e9}, "model_config dim: expected an integer"),
+    ({"dim": True}, "model_config dim: expected an integer"),
+    ({"n_layers": 0}, "model_config n_layers: expected an integer"),
+    ({"max_seq_len": 2 ** 40}, "model_config max_seq_len"),
+    ({"dim": 10 ** 9}, "model_config: expected a model whose training state"),
+    ({"n_layers": 2 ** 31}, "model_config: expected a model whose training state"),
+    ({"hidden_dim": 10 ** 12}, "model_config: expected a model whose training state"),
+    ({"dimm": 32}, "model_config: expected keys among")])
+def test_model_config_bombs_refused_before_allocating(monkeypatch, update, needle):
+    from layerskip_kernels.training import trainer
+    monkeypatch.setattr(trainer, "Llama", lambda config: pytest.fail("allocated"))
+    with pytest.raises(ValueError, match=needle):
+        new_model(TINY | update)
 
 
 def test_load_config_json_toml_and_unknown_keys(tmp_path):

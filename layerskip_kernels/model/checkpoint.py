@@ -462,10 +462,13 @@ def hf_state_dict(model):
 
 
 def save_hf_directory(model, path):
-    """Write config.json + model.safetensors in the Hugging Face Llama layout."""
+    """Write config.json + model.safetensors in the Hugging Face Llama layout, each through
+    files.atomic_path (the directory made if missing; a name there that is no regular file
+    refused)."""
     from safetensors.torch import save_file
+
+    from ..files import atomic_path, check_replaceable, write_text
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     c = model.config
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
           "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
@@ -478,9 +481,12 @@ def save_hf_directory(model, path):
           "torch_dtype": str(model.embed_tokens.weight.dtype).removeprefix("torch.")}
     if c.exit_layer is not None:
         hf["layerskip"] = {"exit_layer": c.exit_layer, "num_speculations": c.num_speculations}
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     state = {f"model.{k}" if k != "lm_head.weight" else k: v.contiguous()
              for k, v in hf_state_dict(model).items()}
     if c.tie_embeddings:
         state.pop("lm_head.weight")
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    for name in ("config.json", "model.safetensors"):  # both, before either is written
+        check_replaceable(path / name)
+    write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})

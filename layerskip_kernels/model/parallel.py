@@ -425,5 +425,8 @@ def shard_model(model, tp=None, group=None, device=None, backend=None):
 
 
 def is_first_rank():
-    """True outside a process group and on its rank 0: the rank that prints."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """The rank that prints: rank 0 of the process group; before a group exists (an error
+    found while checking arguments under torchrun), the process whose RANK is 0 or unset."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0").strip() in ("0", "")

@@ -26,6 +26,8 @@ its oracle). The kernels run on the calling thread; `_cpu.set_num_threads(n)` ad
 persistent pool threads (see csrc/cpu/llama_layer.cpp for why one is the default).
 """
 import math
+import operator
+import os
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_MAX_QUERIES = 16
 CPU_MAX_HEAD_DIM = 256
 WEIGHT_NAMES = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down")
+# More threads than logical CPUs never help, and a count such as 100000 would have the C++
+# pool (and torch) try to spawn them all.
+MAX_THREADS = os.cpu_count() or 1
 
 
 def cpu_unavailable_reason():
@@ -53,9 +58,23 @@ def cpu_unavailable_reason():
     return None
 
 
+def check_num_threads(n, arg="n"):
+    """n as an int in [1, MAX_THREADS] (numpy and torch integers accepted, bools refused); arg
+    names it in the error."""
+    try:
+        value = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        value = None
+    check(value is not None and 1 <= value <= MAX_THREADS, arg,
+          f"an integer in [1, {MAX_THREADS}] (this machine's logical CPUs)", repr(n))
+    return value
+
+
 def set_num_threads(n):
     """CPU threads for torch's ops and for the C++ kernels' team (`_cpu.set_num_threads`),
-    which is otherwise one thread: set both when the process owns n cores."""
+    which is otherwise one thread: set both when the process owns n cores (at most
+    MAX_THREADS, the machine's logical CPUs)."""
+    n = check_num_threads(n)
     torch.set_num_threads(n)
     if _cpu is not None:
         _cpu.set_num_threads(n)

@@ -9,7 +9,7 @@ import torch
 
 def add_training_commands(sub, formatter_class=None, add_debug=None):
     """Add the training subcommands to `layerskip`'s subparsers."""
-    from ..cli import DTYPES, device_arg, dtype_arg, int_at_least
+    from ..cli import DTYPES, device_arg, dtype_arg, int_at_least, threads_arg
     kwargs = {"formatter_class": formatter_class} if formatter_class else {}
     p = sub.add_parser("train", help="train with layer dropout + early-exit loss (LayerSkip)",
                        description="Train with layer dropout and the early-exit loss. "
@@ -20,10 +20,12 @@ def add_training_commands(sub, formatter_class=None, add_debug=None):
                    required=True, help="a .json or .toml TrainConfig file")
     p.add_argument("--steps", metavar="N",
                    type=int_at_least(1), help="override the config's steps")
-    p.add_argument("--output", metavar="DIR", help="override the config's output directory")
+    p.add_argument("--output", metavar="DIR", help="override the config's output directory "
+                   "(created if missing; files in it must be regular files)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --output that holds no trainer state")
-    p.add_argument("--threads", metavar="N", type=int_at_least(1), help="torch CPU threads")
+    p.add_argument("--threads", metavar="N", type=threads_arg,
+                   help="torch CPU threads (at most the machine's logical CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
     if add_debug:
@@ -48,8 +50,9 @@ def add_training_commands(sub, formatter_class=None, add_debug=None):
     p.add_argument("--device", metavar="DEVICE",
                    default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
     p.add_argument("--plot", metavar="FILE",
-                   help="write a plot here (PNG, or another format by suffix; "
-                   "needs matplotlib)")
+                   help="write a plot here (PNG, or another format by suffix; needs "
+                   "matplotlib; missing directories are created; an existing path must be a "
+                   "regular file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --plot")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -59,14 +62,15 @@ def add_training_commands(sub, formatter_class=None, add_debug=None):
 
 
 def cmd_train(args):
-    from ..cli import UsageError, check_output_dir, reading, require_file
-    from .trainer import STATE_JSON, load_config, run_training
+    from ..cli import UsageError, reading, require_file
+    from ..files import check_output_dir
+    from .trainer import CHECKPOINT_FILES, STATE_JSON, load_config, run_training
     require_file(args.config, "--config")
     with reading("--config", args.config, flags=False):
         config = load_config(args.config, steps=args.steps, output=args.output,
                              threads=args.threads)
     output = Path(config.output)
-    check_output_dir(output, "--output")
+    check_output_dir(output, "--output", CHECKPOINT_FILES, overwrite=True)
     if (output.is_dir() and any(output.iterdir()) and not (output / STATE_JSON).exists()
             and not args.overwrite):
         raise UsageError(f"--output {output}: a non-empty directory with no {STATE_JSON} to "
@@ -75,6 +79,7 @@ def cmd_train(args):
         value = getattr(config, key)
         if value and not Path(value).exists():
             raise UsageError(f"--config {args.config}: {key} {value} does not exist")
+    require_file(config.data, f"--config {args.config}: data")  # a FIFO would block the read
     # `layerskip` runs commands under inference_mode; training needs autograd back.
     with torch.inference_mode(False), torch.enable_grad():
         trainer = run_training(config, progress=not args.quiet)
@@ -84,7 +89,8 @@ def cmd_train(args):
 
 
 def cmd_eval_exits(args):
-    from ..cli import (UsageError, check_output_file, load_model_arg, reading, require_file)
+    from ..cli import UsageError, load_model_arg, reading, require_file
+    from ..files import check_output_file
     from ..model import load_tokenizer
     from .evaluate import evaluate_exits, format_table, plot_exits
     from .trainer import tokenize_text

@@ -114,7 +114,7 @@ def plot_exits(results, path, title=None):
                  f"agreement with the last layer ({'/'.join(map(str, scored))} tokens)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    from ..benchmark import atomic_path
+    from ..files import atomic_path
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120)

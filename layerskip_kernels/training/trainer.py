@@ -8,7 +8,7 @@ and trainer_state.json (step, config). No pickle anywhere.
 import dataclasses
 import json
 import math
-import shutil
+import os
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -18,12 +18,22 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path, check_replaceable, write_bytes, write_text
 from ..model import Llama, LlamaConfig, load_model, load_tokenizer, save_hf_directory
+from ..model.checkpoint import MAX_POSITIONS, read_json_object, regular_file
 from ..model.tokenizer import Llama2cTokenizer
+from ..ops._checks import check
+from ..ops.llama_layer import check_num_threads
 from .early_exit_loss import early_exit_loss, enabled_exits, exit_scales
 from .layer_dropout import dropout_rates, run_layers_with_dropout
 
 STATE_TENSORS, STATE_JSON = "trainer_state.safetensors", "trainer_state.json"
+# What a checkpoint directory holds (save_hf_directory's two files, the trainer state, the
+# tokenizer copied beside them): the names `train` checks before it starts.
+CHECKPOINT_FILES = ("config.json", "model.safetensors", STATE_TENSORS, STATE_JSON,
+                    "tokenizer.json")
+# Training holds float32 weights, their gradients and AdamW's two moments: 16 bytes a parameter.
+TRAINING_BYTES_PER_PARAMETER = 16
 
 
 @dataclass
@@ -60,6 +70,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)!r}")
+        if self.threads is not None:
+            check_num_threads(self.threads, "threads")
 
 
 def load_config(path, **overrides):
@@ -76,8 +88,9 @@ def load_config(path, **overrides):
 
 def new_model(model_config, seed=0):
     """A freshly initialised Llama: N(0, 0.02) weights, residual projections scaled by
-    1/sqrt(2L) (GPT-2), unit norms. The global RNG is left as it was."""
-    config = LlamaConfig(**model_config)
+    1/sqrt(2L) (GPT-2), unit norms. The global RNG is left as it was. model_config is checked
+    first (check_model_config): nothing is allocated for a model too large to train here."""
+    config = check_model_config(model_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Llama(config)
@@ -87,6 +100,47 @@ def new_model(model_config, seed=0):
                     ("o_proj.weight", "down_proj.weight")) else 0.02
                 torch.nn.init.normal_(p, std=std)
     return model
+
+
+def check_model_config(model_config):
+    """The LlamaConfig of a TrainConfig's model_config, checked before anything is allocated:
+    known keys, every size an integer >= 1 (max_seq_len at most MAX_POSITIONS), and a training
+    state (TRAINING_BYTES_PER_PARAMETER) within this machine's memory; errors name the key."""
+    check(isinstance(model_config, dict), "model_config", "a table of LlamaConfig fields",
+          type(model_config).__name__)
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    check(set(model_config) <= known, "model_config", f"keys among {sorted(known)}",
+          sorted(set(model_config) - known))
+    sizes = {"vocab_size": None, "dim": None, "n_layers": None, "n_heads": None,
+             "n_kv_heads": None, "head_dim": None, "hidden_dim": None,
+             "max_seq_len": MAX_POSITIONS}  # the integer keys and their bounds
+    for key, high in sizes.items():
+        value = model_config.get(key)
+        if value is not None or key not in ("n_kv_heads", "head_dim"):  # None: derived
+            value = getattr(LlamaConfig, key) if key not in model_config else value
+            check(type(value) is int and value >= 1 and (high is None or value <= high),
+                  f"model_config {key}", "an integer >= 1" + (f" and <= {high}" if high else ""),
+                  repr(value))
+    c = LlamaConfig(**model_config)
+    per_layer = (c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim
+                 * c.dim + 3 * c.dim * c.hidden_dim + 2 * c.dim)  # qkv, o, gate-up-down, norms
+    parameters = c.vocab_size * c.dim * (1 if c.tie_embeddings else 2) + c.n_layers * per_layer
+    needed, memory = parameters * TRAINING_BYTES_PER_PARAMETER, _memory_bytes()
+    if memory is not None and needed > memory:
+        raise ValueError(
+            f"model_config: expected a model whose training state ({TRAINING_BYTES_PER_PARAMETER}"
+            f" bytes a parameter) fits this machine's {memory / 2**30:.1f} GiB of memory, got "
+            f"{parameters:,} parameters ({needed / 2**30:,.1f} GiB) from vocab_size "
+            f"{c.vocab_size}, dim {c.dim}, n_layers {c.n_layers}, hidden_dim {c.hidden_dim}")
+    return c
+
+
+def _memory_bytes():
+    """The machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def tokenize_text(tokenizer, text):
@@ -181,8 +235,11 @@ class Trainer:
         return self.history
 
     def save(self, path):
-        """The model (HF layout), then the optimizer, RNG and step beside it."""
+        """The model (HF layout), then the optimizer, RNG and step beside it, each file through
+        files.atomic_path; every name is checked before the first is written."""
         path = Path(path)
+        for name in CHECKPOINT_FILES:
+            check_replaceable(path / name)
         save_hf_directory(self.model, path)
         tensors = {"rng.data": self.data_generator.get_state(),
                    "rng.dropout": self.dropout_generator.get_state()}
@@ -190,18 +247,24 @@ class Trainer:
         for index, moments in state["state"].items():
             for key, value in moments.items():
                 tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-        save_file(tensors, path / STATE_TENSORS)
+        with atomic_path(path / STATE_TENSORS) as tmp:
+            save_file(tensors, tmp)
         groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
                   for g in state["param_groups"]]
         meta = {"step": self.step, "param_groups": groups,
                 "config": dataclasses.asdict(self.config)}
-        (path / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        write_text(path / STATE_JSON, json.dumps(meta, indent=2) + "\n")
 
     def load_state(self, path):
-        """Continue from a checkpoint written by save() (the model must hold its weights)."""
+        """Continue from a checkpoint written by save() (the model must hold its weights).
+        Both state files must be regular files (a FIFO would block the read), and the step
+        an integer >= 0."""
         path = Path(path)
-        tensors = load_file(path / STATE_TENSORS)
-        meta = json.loads((path / STATE_JSON).read_text())
+        meta = read_json_object(path / STATE_JSON, STATE_JSON)
+        step = meta.get("step")
+        check(type(step) is int and step >= 0, f"{path / STATE_JSON} step", "an integer >= 0",
+              repr(step))
+        tensors = load_file(regular_file(path / STATE_TENSORS, STATE_TENSORS))
         self.data_generator.set_state(tensors.pop("rng.data"))
         self.dropout_generator.set_state(tensors.pop("rng.dropout"))
         moments = {}
@@ -211,7 +274,7 @@ class Trainer:
         for group in meta["param_groups"]:
             group["betas"] = tuple(group["betas"])
         self.optimizer.load_state_dict({"state": moments, "param_groups": meta["param_groups"]})
-        self.step = meta["step"]
+        self.step = step
 
 
 class _Progress:
@@ -248,7 +311,7 @@ def run_training(config: TrainConfig, progress=True):
     if tokenizer_path is None:
         raise ValueError("tokenizer: expected a path (the model has no tokenizer.json), got None")
     tokenizer = load_tokenizer(tokenizer_path)
-    tokens = tokenize_text(tokenizer, Path(config.data).read_text())
+    tokens = tokenize_text(tokenizer, regular_file(Path(config.data), "data").read_text())
     if source is not None:
         model = load_model(source)
     else:
@@ -260,5 +323,5 @@ def run_training(config: TrainConfig, progress=True):
     trainer.train(progress=progress)
     trainer.save(output)
     if Path(tokenizer_path).name == "tokenizer.json" and Path(tokenizer_path).parent != output:
-        shutil.copy(tokenizer_path, output / "tokenizer.json")
+        write_bytes(output / "tokenizer.json", Path(tokenizer_path).read_bytes())
     return trainer
