@@ -59,10 +59,11 @@ class Outputs:
 
 class Batch:
     """Which prompt each row of a DecodeState serves, and the rows' life: finished rows are
-    masked on the device, and moved out once the live ones fit a smaller bucket."""
+    masked on the device, and moved out once the live ones fit a smaller bucket. replay: greedy
+    steps replay from the state's CUDA graphs (False: they run eagerly on the same buffers)."""
 
-    def __init__(self, state, prompts, outputs):
-        self.state, self.outputs = state, outputs
+    def __init__(self, state, prompts, outputs, replay=True):
+        self.state, self.outputs, self.replay = state, outputs, replay
         self.prompts = list(range(len(prompts)))  # row i serves prompt self.prompts[i]
         self.rows = state.rows(state.bucket(len(prompts)))
 
@@ -102,7 +103,7 @@ def decode_autoregressive(model, batch, sampling, generator, layers):
         rows = batch.rows
         step = lambda: decode_step(model, rows, layers, sampling, generator)  # noqa: E731
         if greedy:
-            batch.state.run(("step", rows.n, tuple(layers)), step)
+            batch.state.run(("step", rows.n, tuple(layers)), step, batch.replay)
         else:
             step()
         batch.emit([[t] for t in rows.tokens.tolist()])

@@ -10,7 +10,7 @@ from .autoregressive import Batch, Outputs, decode_autoregressive, prefill
 from .cpu import torch_threads_idle
 from .layer_skip import kept_layers
 from .self_speculative import ExitDraft, SkipDraft, decode_self_speculative
-from .state import decode_state
+from .state import held_state, replayable
 
 STRATEGIES = ("autoregressive", "early_exit", "self_speculative", "layer_skip")
 DRAFTS = ("early_exit", "layer_skip")
@@ -174,20 +174,20 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     generator = torch.Generator(device)
     generator.manual_seed(seed) if seed is not None else generator.seed()
     sampling = (temperature, top_k, top_p)
-    graphs = cuda_graphs is not False and device.type == "cuda"
+    graphs = cuda_graphs is not False and replayable(device)
     prefill_layers = range(exit_layer) if strategy == "early_exit" else all_layers
     decode_layers = kept_layers(c.n_layers, speedup) if strategy == "layer_skip" else prefill_layers
     start = time.perf_counter()
     # Greedy decoding on a CPU is C++ calls end to end; sampling interleaves torch ops.
-    with torch_threads_idle(model) if temperature == 0 else contextlib.nullcontext():
-        state = decode_state(model, len(prompts), max(len(p) for p in prompts)
-                             + max_new_tokens + reserve, max(reserve - 1, 0), graphs)
+    threads = torch_threads_idle(model) if temperature == 0 else contextlib.nullcontext()
+    with threads, held_state(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens
+                             + reserve, max(reserve - 1, 0), graphs) as state:
         outputs = Outputs(len(prompts), _stop_ids(model, eos_token_id), max_new_tokens, stream)
-        batch = Batch(state, prompts, outputs)
+        batch = Batch(state, prompts, outputs, replay=graphs)
         prefill(model, batch.rows, prompts, prefill_layers, sampling, generator, state.cpu_steps)
         batch.emit([[t] for t in batch.rows.tokens.tolist()])
         prefill_s = time.perf_counter() - start
-        capture_s = state.graphs.capture_s
+        before = (state.graphs.capture_s, state.graphs.replays)
         if strategy == "self_speculative":
             drafter = (ExitDraft(model, exit_layer) if draft == "early_exit"
                        else SkipDraft(model, kept_layers(c.n_layers, speedup)))
@@ -195,12 +195,12 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
                                             num_speculations, confidence)
         else:
             stats = decode_autoregressive(model, batch, sampling, generator, decode_layers)
+        stats.update(_graph_stats(state, before, graphs, temperature, confidence))
     elapsed = time.perf_counter() - start
     tokens = outputs.tokens
     new_tokens = sum(len(t) for t in tokens)
     stats.update(strategy=strategy, new_tokens=new_tokens, time_s=elapsed, prefill_s=prefill_s,
-                 tokens_per_s=new_tokens / elapsed, **_graph_stats(state, capture_s, graphs,
-                                                                    temperature, confidence))
+                 tokens_per_s=new_tokens / elapsed)
     if strategy == "self_speculative":
         stats.update(acceptance_rate=stats["accepted"] / max(stats["drafted"], 1),
                      tokens_per_round=(stats["accepted"] + stats["row_rounds"])
@@ -211,14 +211,16 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     return GenerationResult(tokens, stats)
 
 
-def _graph_stats(state, capture_before, graphs, temperature, confidence):
-    """Which path ran: "cuda_graphs" is True when steps replayed from CUDA graphs."""
+def _graph_stats(state, before, graphs, temperature, confidence):
+    """Which path ran: "cuda_graphs" is True when steps of this call replayed from CUDA graphs
+    (before: the state's capture seconds and replay count when the call's decoding began)."""
     g = state.graphs
-    replayed = any(graph is not None for graph in g.captured.values())
+    replayed = g.replays > before[1]
     if state.cpu_steps is not None and state.cpu_steps.calls:
         note = "cpu: one C++ call per greedy step or round"
     elif not graphs:
-        note = "eager: not on a CUDA device" if not g.enabled else "eager: cuda_graphs=False"
+        note = ("eager: not on a CUDA device" if not replayable(state.tokens.device)
+                else "eager: cuda_graphs=False")
     elif temperature > 0:
         note = "eager: sampling runs eagerly (a seed stays reproducible)"
     elif confidence is not None:
@@ -228,4 +230,4 @@ def _graph_stats(state, capture_before, graphs, temperature, confidence):
     else:
         note = "cuda graphs"
     return {"cuda_graphs": replayed and note == "cuda graphs", "path": note,
-            "capture_s": g.capture_s - capture_before}
+            "capture_s": g.capture_s - before[0]}

@@ -157,7 +157,7 @@ def decode_self_speculative(model, batch, sampling, generator, drafter, num_spec
         elif confidence is not None:
             k = batch.state.run_adaptive(key, confidence, eager)
         else:
-            batch.state.run(key, lambda: greedy_round(drafter, rows, k))
+            batch.state.run(key, lambda: greedy_round(drafter, rows, k), batch.replay)
         emitted = rows.emitted[:, :k + 2].tolist()  # the round's one host sync
         batch.emit([drafts[:m] + [token] for *drafts, token, m in emitted])
         stats["accepted"] += sum(emitted[i][k + 1] for i in live)

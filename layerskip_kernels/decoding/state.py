@@ -4,15 +4,30 @@ A batch decodes in static, preallocated buffers: the KV cache, each row's pendin
 cache length, whether it is still generating, the exit cache and a round's drafts. Steps read
 and write them in place and never sync with the host, so a step captured once in a CUDA graph
 replays for every later step of that shape (on a CPU, the step runs as one C++ call over the
-same buffers: decoding/cpu.py). The state (and its graphs) stays with the model
-between generate() calls that fit it.
+same buffers: decoding/cpu.py).
+
+Where steps can replay (`replayable`: a CUDA device), the model keeps one state for every
+generate() call that fits it, eager calls (cuda_graphs=False) included: they run on the same
+buffers, so they have the replays' geometry (batch bucket, cache length, hence the attention
+kernels' split-KV counts) and replay against eager compares the same arithmetic. The state
+is sized by capacity: batch and cache length rounded up to powers of two, drafts for any k up
+to MIN_DRAFTS, and a call that does not fit gets a state at least as large as the old one, so
+that a benchmark's or a user's alternating calls (k = 2, k = 4, "auto", layer skip) share it.
+Its graphs are kept per key: (bucket, layers) for a step, (bucket, k, draft) for a round. What
+the graphs hold addresses of and the buffers do not own (the weights, the RoPE tables) is the
+state's key (`state_key`): when it changes, a new state is built. One generate() call at a time
+uses a kept state: calls from several threads on one model wait for each other (`held_state`).
+Elsewhere (a CPU) every call builds its own state of the call's exact size.
 
 Rows that finish stay in the batch, masked (their cache length stops moving), until the live
-rows fit a smaller bucket; then they are moved to the front and the smaller bucket's graphs
-run on the first rows of the same buffers. Buckets are powers of two on a GPU (few captures)
-and exact sizes on a CPU (no wasted rows).
+rows fit a smaller bucket; then they are moved to the front and the smaller bucket's steps run
+on the first rows of the same buffers. Buckets are powers of two in a kept state (few
+captures) and exact sizes on a CPU (no wasted rows).
 """
+import contextlib
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +35,14 @@ import torch
 from .cpu import cpu_steps
 
 MIN_CACHE = 256  # cache lengths are powers of two from here, so calls of similar length share
+MIN_DRAFTS = 8  # a kept state drafts up to this many (generate's "auto" cap) whatever k a call asks
+
+
+def replayable(device):
+    """Whether steps on this device can be captured and replayed (CUDA graphs). generate()
+    asks it whether a call replays, decode_state whether a state is kept; the CPU tests point
+    it at the CPU, with a stand-in for the capture."""
+    return device.type == "cuda"
 
 
 @dataclass
@@ -36,12 +59,20 @@ class Rows:
 
 
 class DecodeState:
+    """Buffers for `batch` rows of up to max_seq_len positions and rounds of up to max_drafts
+    drafts, allocated as given (decode_state chooses the sizes). graphs: the state is kept
+    for later calls, so its steps may be captured (Graphs) and its buckets are powers of two."""
+
     def __init__(self, model, batch, max_seq_len, max_drafts, graphs):
         weight = model.embed_tokens.weight
         device = weight.device
-        # Only states with graphs are kept for later calls (decode_state): the others need no
-        # key, whose walk over the parameters costs a CPU call a fraction of a millisecond.
-        self.key = state_key(model, max_drafts, graphs) if graphs else None
+        # The RoPE tables cover the cache before the key is taken: a step never regrows them,
+        # and the state holds the tables its graphs read (a regrow elsewhere frees nothing
+        # they use, and changes the key).
+        self.rope = model.rope(max_seq_len)
+        # Only kept states need a key (decode_state): its walk over the parameters would cost
+        # a CPU call a fraction of a millisecond.
+        self.key = state_key(model) if graphs else None
         self.batch, self.max_drafts = batch, max_drafts
         self.cache = model.new_cache(batch, max_seq_len)
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -51,14 +82,15 @@ class DecodeState:
                                       device=device)
         self.drafts = torch.zeros(batch, max(max_drafts, 1), dtype=torch.int64, device=device)
         self.emitted = torch.zeros(batch, max_drafts + 2, dtype=torch.int64, device=device)
-        self.graphs = Graphs(graphs and device.type == "cuda")
+        self.graphs = Graphs(graphs)
         self.cpu_steps = cpu_steps(model, self) if device.type == "cpu" else None
 
-    def run(self, key, step):
+    def run(self, key, step, replay=True):
         """A greedy step or round (step(), named by key): one C++ call on a CPU where that
-        applies (decoding/cpu.py), else a CUDA graph replay or an eager run (Graphs)."""
+        applies (decoding/cpu.py), else a CUDA graph replay or an eager run (Graphs; replay
+        False: eager, for a call with cuda_graphs=False)."""
         if self.cpu_steps is None or self.cpu_steps.run(key) is None:
-            self.graphs.run(key, step)
+            self.graphs.run(key, step, replay)
 
     def run_adaptive(self, key, confidence, step):
         """A greedy round that drafts while the draft is sure (at most key's k): one C++ call
@@ -71,7 +103,7 @@ class DecodeState:
         return self.cache.max_seq_len
 
     def bucket(self, n):
-        """The batch size that serves n live rows: n on a CPU, a power of two on a GPU."""
+        """The batch size that serves n live rows: a power of two in a kept state, else n."""
         if not self.graphs.enabled:
             return n
         return min(self.batch, 1 << (n - 1).bit_length())
@@ -87,56 +119,105 @@ class DecodeState:
         for t in (self.tokens, self.cache_seqlens, self.active):
             t[:len(keep)] = t[index]
 
-    def fits(self, model, batch, max_seq_len, max_drafts, graphs):
-        return (self.key == state_key(model, max_drafts, graphs) and self.batch >= batch
-                and self.max_seq_len >= max_seq_len)
+    def fits(self, model, batch, max_seq_len, max_drafts):
+        """The same key, and room for the call: capacities, not identities."""
+        return (self.key == state_key(model) and self.batch >= batch
+                and self.max_seq_len >= max_seq_len and self.max_drafts >= max_drafts)
 
 
-def state_key(model, max_drafts, graphs):
-    """What a state and its graphs depend on: the weights' identity (graphs hold their
-    addresses), dtype and device, and the buffers' shapes."""
-    weights = tuple(p.data_ptr() for p in model.parameters())
+def state_key(model):
+    """What a kept state and its graphs depend on beyond their own buffers, in one place:
+    the addresses of every tensor a captured step reads (the weights and buffers of the
+    model, the RoPE tables model.rope() hands out), their dtype and device, and the backend
+    preference (which kernels a step launches)."""
+    tensors = (*model.parameters(), *model.buffers(), *(model._rope or ()))
     w = model.embed_tokens.weight
-    return (weights, w.dtype, w.device, max_drafts, graphs, model.kernels.preference)
+    return (tuple(t.data_ptr() for t in tensors), w.dtype, w.device, model.kernels.preference)
 
 
 def decode_state(model, batch, max_seq_len, max_drafts, graphs):
-    """With CUDA graphs, the model's decode state when it fits this call (buffers and captured
-    graphs reused), else a new one kept on the model: batch and cache length rounded up to
-    powers of two, so that later calls fit. Without, a state of this call's exact size."""
-    if not graphs:
+    """The state for a call of `batch` rows, max_seq_len positions and max_drafts drafts a
+    round. Where steps replay (or graphs=True asks for a kept state, as tests do on a CPU):
+    the model's kept state when it fits, else a new one kept on the model, at least as large
+    as the old one and rounded (batch and cache length to powers of two, drafts to MIN_DRAFTS)
+    so that later calls fit. Elsewhere: a state of this call's exact size."""
+    if not (graphs or replayable(model.embed_tokens.weight.device)):
         return DecodeState(model, batch, max_seq_len, max_drafts, graphs=False)
     state = getattr(model, "_decode_state", None)
-    if state is not None and state.fits(model, batch, max_seq_len, max_drafts, graphs):
+    if state is not None and state.fits(model, batch, max_seq_len, max_drafts):
         return state
-    model._decode_state = None  # free the old buffers and graphs first
-    length = min(model.config.max_seq_len, max(MIN_CACHE, 1 << (max_seq_len - 1).bit_length()))
-    model._decode_state = DecodeState(model, 1 << (batch - 1).bit_length(),
-                                      max(length, max_seq_len), max_drafts, graphs)
+    if state is not None:
+        batch, max_seq_len = max(batch, state.batch), max(max_seq_len, state.max_seq_len)
+        max_drafts = max(max_drafts, state.max_drafts)
+    model._decode_state = state = None  # free the old buffers and graphs first
+    model._decode_state = _rounded_state(model, batch, max_seq_len, max_drafts)
     return model._decode_state
+
+
+def _rounded_state(model, batch, max_seq_len, max_drafts):
+    length = min(model.config.max_seq_len, max(MIN_CACHE, 1 << (max_seq_len - 1).bit_length()))
+    return DecodeState(model, 1 << (batch - 1).bit_length(), max(length, max_seq_len),
+                       max(max_drafts, MIN_DRAFTS), graphs=True)
+
+
+class _Holder:
+    """Which thread is using a model's kept state (one call at a time)."""
+
+    def __init__(self):
+        self.lock, self.thread = threading.Lock(), None
+
+
+_HOLDERS = weakref.WeakKeyDictionary()  # model -> _Holder
+_HOLDERS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def held_state(model, batch, max_seq_len, max_drafts, graphs):
+    """decode_state() for the length of one generate() call. A kept state serves one call at
+    a time: a call from another thread waits until the first is done (graph capture also
+    needs the device to itself). A call nested in the same thread (a stream callback that
+    generates with the model) gets a state of its own, not kept, of the same geometry."""
+    if not (graphs or replayable(model.embed_tokens.weight.device)):
+        yield decode_state(model, batch, max_seq_len, max_drafts, graphs)
+        return
+    with _HOLDERS_LOCK:
+        holder = _HOLDERS.setdefault(model, _Holder())
+    if holder.thread == threading.get_ident():
+        yield _rounded_state(model, batch, max_seq_len, max_drafts)
+        return
+    with holder.lock:
+        holder.thread = threading.get_ident()
+        try:
+            yield decode_state(model, batch, max_seq_len, max_drafts, graphs)
+        finally:
+            holder.thread = None
 
 
 class Graphs:
     """CUDA graphs of steps, by key. The first call of a key runs the step eagerly (the real
     step, which also compiles Triton kernels and warms cuBLAS), then captures it; later calls
-    replay. A step that cannot be captured keeps running eagerly, and `notes` says why."""
+    replay. A step that cannot be captured keeps running eagerly, and `notes` says why.
+    capture_s and replays count over the state's life (generate reports a call's share)."""
 
     def __init__(self, enabled):
         self.enabled = enabled
-        self.captured, self.notes, self.capture_s = {}, {}, 0.0
-        self.pool = torch.cuda.graph_pool_handle() if enabled else None
+        self.captured, self.notes, self.capture_s, self.replays = {}, {}, 0.0, 0
+        self.pool = None  # the graphs' memory pool, made by the first capture
 
-    def run(self, key, step):
-        graph = self.captured.get(key)
+    def run(self, key, step, replay=True):
+        graph = self.captured.get(key) if replay else None
         if graph is not None:
             graph.replay()
+            self.replays += 1
             return
         step()
-        if self.enabled and key not in self.notes:
+        if replay and self.enabled and key not in self.captured:
             self.captured[key] = self._capture(key, step)
 
     def _capture(self, key, step):
         start = time.perf_counter()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
