@@ -75,6 +75,8 @@ def random_model(shape, device, dtype=torch.bfloat16, max_seq_len=1024, seed=0):
     with torch.device("meta"):
         model = Llama(config).to(dtype)
     model.to_empty(device=device)
+    if config.tie_embeddings:  # to_empty gives each module a tensor of its own: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -178,22 +180,26 @@ def roofline_case(model, batch, exit_layer, draft_lengths, context, bandwidth, g
     rows.tokens.random_(0, c.vocab_size)
     drafter = ExitDraft(model, E)
     layer_b, head_b, kv_b = byte_counts(model, batch, context)
-    floor = lambda layers, kv: (layers * layer_b + head_b + kv * kv_b) / bandwidth / 1e6  # noqa
+    floor = lambda layers, kv, heads: (layers * layer_b + heads * head_b  # noqa: E731
+                                       + kv * kv_b) / bandwidth / 1e6
     row = {"batch": batch, "exit_layer": E, "context": context, "weight_bytes_full": L * layer_b + head_b}
     tokens = rows.tokens[:, None].expand(batch, max(draft_lengths) + 1).contiguous()
-    steps = {"ar": (lambda: decode_step(model, rows, range(L)), L, L),
-             "draft": (lambda: model.head_argmax(drafter.hidden(rows.tokens, 0, rows)), E, E)}
+    # (step, layers whose weights it reads, layers whose KV it reads, heads it reads): a round
+    # reads the head once per draft and once for the verify's k + 1 positions.
+    steps = {"ar": (lambda: decode_step(model, rows, range(L)), L, L, 1),
+             "draft": (lambda: model.head_argmax(drafter.hidden(rows.tokens, 0, rows)), E, E, 1)}
     for k in draft_lengths:
         steps[f"full_k{k}"] = (lambda k=k: model(tokens[:, :k + 1], state.cache,
-                                                 rows.cache_seqlens), L, L)
+                                                 rows.cache_seqlens), L, L, 1)
         steps[f"verify_k{k}"] = (lambda k=k: model.head_argmax(drafter.verify(rows.tokens, k,
-                                                                              rows)), L, L)
-        steps[f"round_k{k}"] = (lambda k=k: greedy_round(drafter, rows, k), L + k * E, L + k * E)
-    for name, (fn, layers, kv_layers) in steps.items():
+                                                                              rows)), L, L, 1)
+        steps[f"round_k{k}"] = (lambda k=k: greedy_round(drafter, rows, k), L + k * E,
+                                L + k * E, k + 1)
+    for name, (fn, layers, kv_layers, heads) in steps.items():
         ms, note = time_step(fn, graphs, iters)
         row[f"{name}_ms"] = ms
-        row[f"{name}_floor_ms"] = floor(layers, 0)
-        row[f"{name}_floor_with_kv_ms"] = floor(layers, kv_layers)
+        row[f"{name}_floor_ms"] = floor(layers, 0, heads)
+        row[f"{name}_floor_with_kv_ms"] = floor(layers, kv_layers, heads)
         row[f"{name}_timing"] = note
     row["ar_eager_ms"] = time_step(steps["ar"][0], False, iters)[0]
     ar_kernels, draft_kernels = count_kernels(steps["ar"][0]), count_kernels(steps["draft"][0])

@@ -172,10 +172,25 @@ def test_roofline_case_and_damped_run_on_cpu():
             "0.5", "0.6", "0.7", "0.8", "0.9"}
         layer, head, _ = roofline.byte_counts(model, 2, 8)
         assert row["weight_bytes_full"] == 4 * layer + head
+        # a round of k = 2 reads layers [0, 1) twice, all 4 layers once, and the head 3 times
+        assert row["round_k2_floor_ms"] == pytest.approx((6 * layer + 3 * head) / 10.0 / 1e6)
+        assert row["ar_floor_ms"] == pytest.approx((4 * layer + head) / 10.0 / 1e6)
         measured = roofline.measured_run(model, 1, [2], 0.01, 12, 1, 1)
     spec = [r for r in measured["results"] if r["name"] == "ours self_speculative E=1 k=2"][0]
     assert spec["same_tokens_as_autoregressive"]
     assert spec["acceptance_rate"] > 0.9  # damped upper layers: the exit agrees with the top
+
+
+def test_random_model_keeps_tied_embeddings_tied():
+    """Llama-3.2-1B ties lm_head to the embedding (as transformers loads it): one 0.5 GB
+    tensor in bf16, not two."""
+    roofline = _load("roofline")
+    shape = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    tied = roofline.random_model({**shape, "tie_embeddings": True}, "cpu", dtype=torch.float32)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    untied = roofline.random_model(shape, "cpu", dtype=torch.float32)
+    assert len(list(tied.parameters())) == len(list(untied.parameters())) - 1
+    assert roofline.SHAPES["llama-3.2-1b"]["tie_embeddings"]
 
 
 def test_gpu_validate_script_parses_and_exits_without_gpu():
