@@ -4,9 +4,12 @@
                                                     ops on every GPU backend (run plain, then
                                                     under compute-sanitizer memcheck/racecheck)
     python bench/gpu_validate.py e2e OUT.json       generate() on the default model and a
-                                                    Llama-3.2-1B shape: replay == eager, timed
-    python bench/gpu_validate.py merge WORK OUT.json [--copy-to DIR]
-                                                    merge the parts' outputs, print the summary
+                                                    Llama-3.2-1B shape, B = 1 and ragged B = 4:
+                                                    replay == eager, ms per token vs the floor
+    python bench/gpu_validate.py merge WORK OUT.json [--copy-to FILE]
+                                                    merge the parts' outputs (WORK/parts.tsv,
+                                                    WORK/gpu_validate.log's sections, the XML
+                                                    and JSON files), print the summary
 """
 import argparse
 import json
@@ -101,65 +104,80 @@ def _appended(k_cache, v_cache, k_new, v_new, seqlens, backend):
 
 E2E_SHAPES = {  # what `e2e` runs: the embedded default model and a random Llama-3.2-1B shape
     "default": None,
-    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                         hidden_dim=8192, rope_theta=500000.0, tie_embeddings=True),
+    "llama-3.2-1b": "llama-3.2-1b",
 }
+E2E_BATCHES = {"B=1": [128], "B=4 ragged": [100, 173, 128, 311]}  # prompt lengths
+E2E_NEW_TOKENS = 64
 
 
 def e2e(output):
-    """generate() as a user runs it on the GPU, bf16: the embedded default model and a random
-    Llama-3.2-1B-shaped model (layers >= L/4 damped, so drafts are accepted), each with a
-    ragged batch of 100+ token prompts. Every strategy's greedy tokens must equal eager
-    (cuda_graphs=False) decoding's (the same kernels, replayed); self-speculative against
-    autoregressive is reported, not required (in bf16 a batched verify may flip a near-tie).
-    Timed with benchmark.run_benchmark, against transformers on the default model."""
+    """generate() as a user runs it on the GPU, bf16, on the embedded default model and a random
+    Llama-3.2-1B-shaped model (layers >= L/4 damped, so drafts are accepted), at B = 1 and a
+    ragged B = 4; autoregressive and self-speculative (E = the model's exit layer or L/4,
+    k = 3). Each case: an eager call (cuda_graphs=False), a first replayed call (captures),
+    a second (timed): replayed tokens must equal eager ones (the same state, geometry and
+    kernels); self-speculative against autoregressive is reported, not required (in bf16 a
+    batched verify may flip a near-tie). Decode ms per token (each row's tokens after the
+    first, which the prefill gives) beside the weight-bytes floor (every weight read once per
+    token over the copy bandwidth measured here). Written after every case."""
     sys.path.insert(0, str(Path(__file__).parent))
     import layerskip_kernels as lsk
-    from layerskip_kernels.benchmark import run_benchmark
-    from roofline import damp_upper_layers, random_model
-    report, failures = {}, []
+    from roofline import byte_counts, damp_upper_layers, measure_hbm_bandwidth, random_model
+    bandwidth = measure_hbm_bandwidth()
+    report = {"hbm_gb_per_s": bandwidth, "new_tokens": E2E_NEW_TOKENS, "models": {},
+              "failures": []}
     for name, shape in E2E_SHAPES.items():
         if shape is None:
             model = lsk.load_model(dtype=torch.bfloat16, device="cuda")
         else:
             model = random_model(shape, "cuda", max_seq_len=1024)
             damp_upper_layers(model, model.config.n_layers // 4, 0.01)
-        E = model.config.exit_layer or max(1, model.config.n_layers // 4)
+        c = model.config
+        E = c.exit_layer or max(1, c.n_layers // 4)
+        layer_b, head_b, _ = byte_counts(model, 1, 0)
+        floor_ms = (c.n_layers * layer_b + head_b) / bandwidth / 1e6
+        cases = report["models"][name] = {"exit_layer": E, "weight_bytes": c.n_layers * layer_b
+                                          + head_b, "floor_ms_per_token": floor_ms, "cases": []}
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
-                   for n in (100, 173, 128, 311)]
-        runs = {"autoregressive": {}, "self_speculative": dict(exit_layer=E, num_speculations=3),
-                "early_exit": dict(exit_layer=E),
-                "layer_skip": dict(speedup=1.5)}
-        rows = {}
-        for strategy, extra in runs.items():
-            kw = dict(max_new_tokens=48, strategy=strategy, eos_token_id=[], **extra)
-            eager = lsk.generate(model, prompts, cuda_graphs=False, **kw)
-            replayed = lsk.generate(model, prompts, **kw)
-            rows[strategy] = {"same_as_eager": replayed.tokens == eager.tokens,
-                              "path": replayed.stats["path"],
-                              "capture_s": replayed.stats["capture_s"]}
-            if not rows[strategy]["same_as_eager"]:
-                failures.append(f"{name} {strategy}: replayed tokens differ from eager")
-            rows[strategy]["tokens"] = replayed.tokens
-        rows["self_speculative"]["same_as_autoregressive"] = (
-            rows["self_speculative"]["tokens"] == rows["autoregressive"]["tokens"])
-        bench = run_benchmark(model, prompts, 48, repeats=3, warmup=1, exit_layers=[E],
-                              draft_lengths=(2, 4), speedups=(1.5,),
-                              with_transformers=shape is None)
-        for r in rows.values():
-            r.pop("tokens")
-        report[name] = {"exit_layer": E, "prompt_lengths": [len(p) for p in prompts],
-                        "strategies": rows, "results": bench["results"]}
-        print(f"{name}: " + ", ".join(f"{k} {'ok' if v['same_as_eager'] else 'DIFFERS'} "
-                                      f"({v['path']})" for k, v in rows.items()))
+        for batch, lengths in E2E_BATCHES.items():
+            prompts = [torch.randint(0, c.vocab_size, (n,), generator=g).tolist() for n in lengths]
+            tokens = {}
+            for strategy, extra in (("autoregressive", {}),
+                                    ("self_speculative", dict(exit_layer=E, num_speculations=3))):
+                kw = dict(max_new_tokens=E2E_NEW_TOKENS, strategy=strategy, eos_token_id=[],
+                          **extra)
+                eager = lsk.generate(model, prompts, cuda_graphs=False, **kw)
+                first = lsk.generate(model, prompts, **kw)
+                timed = lsk.generate(model, prompts, **kw)
+                torch.cuda.synchronize()
+                tokens[strategy] = timed.tokens
+                steps = E2E_NEW_TOKENS - 1
+                ms = (timed.stats["time_s"] - timed.stats["prefill_s"]) * 1e3 / steps
+                case = {"batch": batch, "prompt_lengths": lengths, "strategy": strategy,
+                        "same_as_eager": first.tokens == eager.tokens == timed.tokens,
+                        "path": timed.stats["path"], "cuda_graphs": timed.stats["cuda_graphs"],
+                        "capture_s": first.stats["capture_s"],
+                        "capture_s_second_call": timed.stats["capture_s"],
+                        "ms_per_token": ms, "eager_ms_per_token": (
+                            eager.stats["time_s"] - eager.stats["prefill_s"]) * 1e3 / steps,
+                        "prefill_ms": timed.stats["prefill_s"] * 1e3,
+                        "pct_of_floor": 100 * floor_ms / ms,
+                        "acceptance_rate": timed.stats.get("acceptance_rate")}
+                if strategy == "self_speculative":
+                    case["same_as_autoregressive"] = timed.tokens == tokens["autoregressive"]
+                cases["cases"].append(case)
+                if not case["same_as_eager"]:
+                    report["failures"].append(f"{name} {batch} {strategy}: replayed tokens "
+                                              "differ from eager")
+                print(f"{name} {batch} {strategy}: {'ok' if case['same_as_eager'] else 'DIFFERS'}"
+                      f" {ms:.2f} ms/token (floor {floor_ms:.3f}), capture "
+                      f"{case['capture_s']:.2f} s, {case['path']}", flush=True)
+                Path(output).write_text(json.dumps(report, indent=1) + "\n")
         del model
         torch.cuda.empty_cache()
-    report["failures"] = failures
-    Path(output).write_text(json.dumps(report, indent=1) + "\n")
-    for line in failures:
+    for line in report["failures"]:
         print("FAIL", line)
-    return 1 if failures else 0
+    return 1 if report["failures"] else 0
 
 
 # ---- merge -----------------------------------------------------------------------------
@@ -182,8 +200,16 @@ def _json(path):
         return None
 
 
-def _grep(path, pattern):
+def _log_section(work, part):
+    """Part's output in gpu_validate.log, between its '===== part NAME' line and the next."""
+    path = work / "gpu_validate.log"
     text = path.read_text(errors="replace") if path.exists() else ""
+    found = re.findall(rf"^===== part {re.escape(part)}\b.*?\n(.*?)(?=^===== part |\Z)", text,
+                       re.S | re.M)
+    return found[-1] if found else ""
+
+
+def _grep(text, pattern):
     found = re.findall(pattern, text)
     return found[-1] if found else None
 
@@ -224,25 +250,21 @@ def _roofline_summary(data):
 
 
 def _e2e_summary(data):
+    """Per model and batch: ms per token of AR and self-speculative against the floor."""
     if not data:
         return None
     parts = []
-    for name, model in data.items():
-        if name == "failures":
-            continue
-        rows = {r["name"]: r for r in model["results"]}
-        ar = rows["ours autoregressive"]
-        spec = max((r for r in model["results"] if r.get("strategy") == "self_speculative"),
-                   key=lambda r: r["tokens_per_s"], default=None)
-        text = f"{name}: AR {ar['tokens_per_s']:.0f} tok/s"
-        hf = ar.get("speedup_vs_transformers_generate")
-        text += f" (x{hf:.2f} vs HF)" if hf else ""
-        if spec:
-            text += (f", {spec['name'].removeprefix('ours ')} x"
-                     f"{spec['speedup_vs_ours_autoregressive']:.2f}")
-        parts.append(text)
+    for name, model in data.get("models", {}).items():
+        for batch in dict.fromkeys(c["batch"] for c in model["cases"]):
+            ms = {c["strategy"]: c["ms_per_token"] for c in model["cases"] if c["batch"] == batch}
+            parts.append(f"{name} {batch}: AR {ms.get('autoregressive', float('nan')):.2f}, "
+                         f"spec {ms.get('self_speculative', float('nan')):.2f} ms/token (floor "
+                         f"{model['floor_ms_per_token']:.3f})")
     failures = data.get("failures") or []
     return "; ".join(parts) + (f"; {len(failures)} FAILURES" if failures else "")
+
+
+TEST_PARTS = ("engine_tests", "kernel_tests", "gpu_tests_rest", "suite")  # junit XML each
 
 
 def merge(work, output, copy_to=None):
@@ -254,14 +276,15 @@ def merge(work, output, copy_to=None):
         status = {0: "ok", 124: "TIMEOUT", 130: "TIMEOUT", 137: "TIMEOUT", 77: "skipped"}.get(rc, "FAIL")
         parts.append({"part": name, "rc": rc, "status": status, "seconds": int(seconds),
                       "limit_s": int(limit)})
-    bench, bench_text = _bench_summary(_json(work / "microbench.json"))
+    microbench = sorted(work.glob("routing/microbench-*.json"))
+    bench, bench_text = _bench_summary(_json(microbench[-1]) if microbench else None)
+    log = lambda part: _log_section(work, part)  # noqa: E731
     results = {
-        "build": _grep(work / "build.log", r"built _C for .*"),
-        "gpu_tests": _junit(work / "gpu_tests.xml"),
-        "suite": _junit(work / "suite.xml"),
-        "sanity": _grep(work / "sanity.log", r"sanitize grid: .*"),
-        "memcheck": _grep(work / "memcheck.log", r"ERROR SUMMARY: .*|compute-sanitizer not found.*"),
-        "racecheck": _grep(work / "racecheck.log",
+        "build": _grep(log("build"), r"built _C for .*"),
+        **{part: _junit(work / f"{part}.xml") for part in TEST_PARTS},
+        "sanity": _grep(log("sanity"), r"sanitize grid: .*"),
+        "memcheck": _grep(log("memcheck"), r"ERROR SUMMARY: .*|compute-sanitizer not found.*"),
+        "racecheck": _grep(log("racecheck"),
                            r"RACECHECK SUMMARY: .*|ERROR SUMMARY: .*|compute-sanitizer not found.*"),
         "microbench": bench,
         "roofline": _json(work / "roofline.json"),
@@ -271,7 +294,7 @@ def merge(work, output, copy_to=None):
             "memcheck": results["memcheck"], "racecheck": results["racecheck"],
             "microbench": bench_text, "roofline": _roofline_summary(results["roofline"]),
             "e2e": _e2e_summary(results["e2e"])}
-    for key in ("gpu_tests", "suite"):
+    for key in TEST_PARTS:
         if results[key]:
             text[key] = ", ".join(f"{v} {k}" for k, v in results[key].items() if v)
     from layerskip_kernels.benchmark import machine_info
@@ -283,12 +306,12 @@ def merge(work, output, copy_to=None):
               "summary": text}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(report, indent=1) + "\n")
-    if copy_to:
+    if copy_to and Path(copy_to).resolve() != Path(output).resolve():
         shutil.copy(output, copy_to)
     print(f"\nwrote {output}")
-    print(f"{'part':<11} {'status':<8} {'s':>4}  result")
+    print(f"{'part':<14} {'status':<8} {'s':>4}  result")
     for p in parts:
-        print(f"{p['part']:<11} {p['status']:<8} {p['seconds']:>4}  {(text.get(p['part']) or '')[:200]}")
+        print(f"{p['part']:<14} {p['status']:<8} {p['seconds']:>4}  {(text.get(p['part']) or '')[:200]}")
     return 0 if all(p["status"] in ("ok", "skipped") for p in parts) else 1
 
 

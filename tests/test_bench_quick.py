@@ -212,7 +212,9 @@ def test_gpu_validate_merge(tmp_path, capsys):
     gpu_validate = _load("gpu_validate")
     (tmp_path / "parts.tsv").write_text("build\t0\t40\t100\nsuite\t124\t80\t80\n"
                                         "racecheck\t77\t0\t40\n")
-    (tmp_path / "build.log").write_text("...\nbuilt _C for sm_90a\n")
+    (tmp_path / "gpu_validate.log").write_text(
+        "===== part build (limit 150s)\n...\nbuilt _C for sm_90a\n"
+        "===== part suite (limit 80s)\nbuilt _C for sm_80 (another part's line)\n")
     (tmp_path / "suite.xml").write_text(
         '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/></testsuites>')
     out = tmp_path / "results" / "dev.json"
