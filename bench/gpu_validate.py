@@ -110,7 +110,7 @@ E2E_BATCHES = {"B=1": [128], "B=4 ragged": [100, 173, 128, 311]}  # prompt lengt
 E2E_NEW_TOKENS = 64
 
 
-def e2e(output):
+def e2e(output, device="cuda", shapes=E2E_SHAPES, new_tokens=E2E_NEW_TOKENS, bandwidth=None):
     """generate() as a user runs it on the GPU, bf16, on the embedded default model and a random
     Llama-3.2-1B-shaped model (layers >= L/4 damped, so drafts are accepted), at B = 1 and a
     ragged B = 4; autoregressive and self-speculative (E = the model's exit layer or L/4,
@@ -119,18 +119,19 @@ def e2e(output):
     kernels); self-speculative against autoregressive is reported, not required (in bf16 a
     batched verify may flip a near-tie). Decode ms per token (each row's tokens after the
     first, which the prefill gives) beside the weight-bytes floor (every weight read once per
-    token over the copy bandwidth measured here). Written after every case."""
+    token over the copy bandwidth measured here). Written after every case. (The CPU tests
+    run it on a small shape, with a given bandwidth.)"""
     sys.path.insert(0, str(Path(__file__).parent))
     import layerskip_kernels as lsk
     from roofline import byte_counts, damp_upper_layers, measure_hbm_bandwidth, random_model
-    bandwidth = measure_hbm_bandwidth()
-    report = {"hbm_gb_per_s": bandwidth, "new_tokens": E2E_NEW_TOKENS, "models": {},
+    bandwidth = bandwidth or measure_hbm_bandwidth()
+    report = {"hbm_gb_per_s": bandwidth, "new_tokens": new_tokens, "models": {},
               "failures": []}
-    for name, shape in E2E_SHAPES.items():
+    for name, shape in shapes.items():
         if shape is None:
-            model = lsk.load_model(dtype=torch.bfloat16, device="cuda")
+            model = lsk.load_model(dtype=torch.bfloat16, device=device)
         else:
-            model = random_model(shape, "cuda", max_seq_len=1024)
+            model = random_model(shape, device, max_seq_len=1024)
             damp_upper_layers(model, model.config.n_layers // 4, 0.01)
         c = model.config
         E = c.exit_layer or max(1, c.n_layers // 4)
@@ -144,14 +145,12 @@ def e2e(output):
             tokens = {}
             for strategy, extra in (("autoregressive", {}),
                                     ("self_speculative", dict(exit_layer=E, num_speculations=3))):
-                kw = dict(max_new_tokens=E2E_NEW_TOKENS, strategy=strategy, eos_token_id=[],
-                          **extra)
+                kw = dict(max_new_tokens=new_tokens, strategy=strategy, eos_token_id=[], **extra)
                 eager = lsk.generate(model, prompts, cuda_graphs=False, **kw)
                 first = lsk.generate(model, prompts, **kw)
                 timed = lsk.generate(model, prompts, **kw)
-                torch.cuda.synchronize()
                 tokens[strategy] = timed.tokens
-                steps = E2E_NEW_TOKENS - 1
+                steps = new_tokens - 1
                 ms = (timed.stats["time_s"] - timed.stats["prefill_s"]) * 1e3 / steps
                 case = {"batch": batch, "prompt_lengths": lengths, "strategy": strategy,
                         "same_as_eager": first.tokens == eager.tokens == timed.tokens,
@@ -174,7 +173,7 @@ def e2e(output):
                       f"{case['capture_s']:.2f} s, {case['path']}", flush=True)
                 Path(output).write_text(json.dumps(report, indent=1) + "\n")
         del model
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache() if device == "cuda" else None
     for line in report["failures"]:
         print("FAIL", line)
     return 1 if report["failures"] else 0

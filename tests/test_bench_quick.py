@@ -225,6 +225,50 @@ def test_gpu_validate_merge(tmp_path, capsys):
     assert "sm_90a" in capsys.readouterr().out.splitlines()[-3]
 
 
+def test_gpu_validate_e2e_on_cpu(tmp_path):
+    """The one call's e2e part on a small bf16 shape on the CPU (no graphs there: eager both
+    times), so that the GPU's minutes are not spent on a Python error: every case written,
+    replay == eager, the summary readable."""
+    gpu_validate = _load("gpu_validate")
+    shape = dict(vocab_size=96, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=64)
+    with torch.inference_mode():
+        rc = gpu_validate.e2e(tmp_path / "e2e.json", device="cpu", shapes={"tiny": shape},
+                              new_tokens=6, bandwidth=10.0)
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    cases = report["models"]["tiny"]["cases"]
+    assert rc == 0 and not report["failures"]
+    assert [(c["batch"], c["strategy"]) for c in cases] == [
+        (b, s) for b in ("B=1", "B=4 ragged") for s in ("autoregressive", "self_speculative")]
+    assert all(c["same_as_eager"] and c["ms_per_token"] > 0 for c in cases)
+    assert all(c["same_as_autoregressive"] for c in cases if c["strategy"] != "autoregressive")
+    assert "tiny B=4 ragged: AR" in gpu_validate._e2e_summary(report)
+
+
+def _script_part(name):
+    """The command line of part `name` in bench/gpu_validate, continuation lines joined."""
+    text = (BENCH / "gpu_validate").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith(f"part {name} "))
+    return line.split()[2:]
+
+
+def test_gpu_validate_roofline_flags_parse():
+    roofline = _load("roofline")
+    command = _script_part("roofline")
+    assert command[:2] == ["$PY", "bench/roofline.py"]
+    args = roofline.parse_args([a.strip('"') for a in command[2:]])
+    assert args.batches == [1, 8] and args.draft_lengths == [2, 4]
+
+
+def test_gpu_validate_leaves_out_the_host_heavy_gpu_tests_it_names():
+    """The -k expression the one call deselects (and `more` runs) names 31 GPU tests."""
+    text = (BENCH / "gpu_validate").read_text()
+    heavy = text.split('HOST_HEAVY="', 1)[1].split('"', 1)[0]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                           "-p", "no:cacheprovider", "tests/test_draft_head.py", "-k", heavy],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "31/" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+
+
 def _sweep_args(model, output, **overrides):
     args = dict(model=str(model), tokenizer=None, prompts=None, dtype="float32", device="cpu",
                 backend="auto", exit_layers="1,2", draft_lengths="1,2", output=str(output),
