@@ -257,8 +257,34 @@ def test_wrong_shape_is_one_line(tmp_path):
     ({"max_position_embeddings": True}, "max_position_embeddings"),
     ({"layerskip": {"exit_layer": 0}}, "exit_layer"),
     ({"layerskip": {"exit_layer": 3}}, "exit_layer"),
+    ({"layerskip": {"exit_layer": 2}}, "exit_layer"),  # = L: no layer left to verify with
     ({"layerskip": {"exit_layer": 1, "num_speculations": 0}}, "num_speculations"),
     ({"layerskip": [1, 2]}, "layerskip"), ({"model_type": "mistral"}, "model_type"),
+    # keys that change the maths, with a value the model does not implement
+    ({"hidden_act": "gelu"}, "hidden_act"), ({"hidden_act": "relu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
+    ({"mlp_bias": 1}, "mlp_bias"), ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+    ({"rope_scaling": {"rope_type": None, "factor": 8.0}}, "rope_type"),
+    ({"rope_scaling": {"type": None, "factor": 8.0}}, "type"),
+    ({"rope_scaling": {"factor": 8.0}}, "factor"),  # transformers: default RoPE, factor dropped
+    ({"rope_scaling": {"rope_type": "default", "factor": 8.0}}, "factor"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                          "partial_rotary_factor": 0.25}}, "partial_rotary_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0}}, "original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}}, "low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "original_max_position_embeddings": 32}}, "high_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}}, "factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                       "high_freq_factor": 1.0, "original_max_position_embeddings": 32}},
+     "high_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+                       "beta_fast": 32}}, "beta_fast"),
 ])
 def test_nonsensical_config_refused(tmp_path, update, key):
     """Refused with the key named, before weights or RoPE tables are allocated (2^40 positions
@@ -275,14 +301,62 @@ def test_config_control_with_every_optional_value(tmp_path):
     hf_dir = tiny_hf_dir(tmp_path / "model")
     config = json.loads((hf_dir / "config.json").read_text())
     config.update(rms_norm_eps=1, rope_theta=500000, max_position_embeddings=2 ** 24,
-                  eos_token_id=[2, 63], bos_token_id=0, layerskip={"exit_layer": 2},
+                  eos_token_id=[2, 63], bos_token_id=0, layerskip={"exit_layer": 1},
+                  hidden_act="swish", attention_bias=False, mlp_bias=None, pretraining_tp=2,
+                  attention_dropout=0.1, use_cache=False, pad_token_id=0, initializer_range=1,
+                  partial_rotary_factor=1.0, quantization_config=None,
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
     del config["head_dim"]
     (hf_dir / "config.json").write_text(json.dumps(config))
     c = lsk.load_model(hf_dir).config
     assert (c.norm_eps, c.eos_token_id, c.exit_layer, c.head_dim, c.n_kv_heads) == (
-        1.0, [2, 63], 2, 8, 2)
+        1.0, [2, 63], 1, 8, 2)
+
+
+@pytest.mark.parametrize("update, key", [
+    ({"num_hidden_layers": 2 ** 31}, "num_hidden_layers"),
+    ({"num_hidden_layers": 200_000}, "num_hidden_layers"),
+    ({"num_hidden_layers": 1}, "num_hidden_layers"),
+    ({"hidden_size": 2 ** 30, "head_dim": 8}, "hidden_size"),
+    ({"intermediate_size": 2 ** 40}, "intermediate_size"),
+    ({"vocab_size": 2 ** 40}, "vocab_size"),
+    ({"num_attention_heads": 2 ** 20, "head_dim": 8}, "num_attention_heads"),
+    ({"num_key_value_heads": 4}, "num_key_value_heads"),
+    ({"head_dim": 2 ** 20}, "head_dim"),
+])
+def test_config_bounded_by_the_checkpoint_before_building(tmp_path, monkeypatch, update, key):
+    """Sizes a config asks for are compared with the checkpoint's tensors, read from the
+    safetensors headers, before any module is built or any tensor read (2^31 layers would be
+    built for minutes, a vocabulary of 2^40 rows allocated)."""
+    from layerskip_kernels.model import checkpoint
+
+    def never(*args, **kwargs):
+        raise AssertionError("built or read before the config was bounded")
+    hf_dir = tiny_hf_dir(tmp_path / "model")
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps(dict(config, **update)))
+    monkeypatch.setattr(checkpoint, "Llama", never)
+    monkeypatch.setattr(checkpoint, "_read_safetensors", never)
+    with pytest.raises(ValueError, match=re.escape(key)) as error:
+        lsk.load_model(hf_dir)
+    refused(error, hf_dir / "config.json")
+
+
+def test_untied_config_without_lm_head_refused(tmp_path):
+    """transformers would start from a random lm_head; tying it silently decoded wrongly."""
+    hf_dir = tiny_hf_dir(tmp_path / "model")
+    assert not json.loads((hf_dir / "config.json").read_text())["tie_word_embeddings"]
+    state = load_file(hf_dir / "model.safetensors")
+    del state["lm_head.weight"]
+    save_file(state, hf_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="tie_word_embeddings") as error:
+        lsk.load_model(hf_dir)
+    refused(error, "lm_head.weight")
+    config = json.loads((hf_dir / "config.json").read_text())  # control: tied, it loads
+    (hf_dir / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    model = lsk.load_model(hf_dir)
+    assert model.lm_head.weight is model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("text", ['{"vocab_size": ', "[1, 2]", "\xff\xfe"])

@@ -235,22 +235,25 @@ def test_packed_keys_order_as_argmax():
 
 
 def test_checkpoint_names_are_checked(tmp_path):
+    """The sharded loader checks the checkpoint's names and shapes from its headers, with the
+    whole-model loader's check_checkpoint."""
     from contextlib import ExitStack
 
     from safetensors.torch import load_file, save_file
 
     from layerskip_kernels.model import parallel, save_hf_directory
+    from layerskip_kernels.model.checkpoint import check_checkpoint
     model = gqa_llama(*GQA["gqa_4q1kv"])
     save_hf_directory(model, tmp_path)
     with ExitStack() as stack:  # control: a checkpoint we wrote passes
-        parallel._check_names(parallel.SafetensorsSource(tmp_path, stack), model.config)
+        check_checkpoint(model.config, parallel.SafetensorsSource(tmp_path, stack).shapes(), "c")
     state = load_file(tmp_path / "model.safetensors")
     state["model.layers.0.mlp.extra.weight"] = state.pop("model.layers.0.mlp.up_proj.weight")
     save_file(state, tmp_path / "model.safetensors")
     with ExitStack() as stack, pytest.raises(ValueError, match="checkpoint weights: missing "
                                              r"\['layers.0.mlp.up_proj.weight'\], unexpected "
                                              r"\['layers.0.mlp.extra.weight'\]"):
-        parallel._check_names(parallel.SafetensorsSource(tmp_path, stack), model.config)
+        check_checkpoint(model.config, parallel.SafetensorsSource(tmp_path, stack).shapes(), "c")
 
 
 def test_tp_outside_a_process_group_is_an_error(monkeypatch):

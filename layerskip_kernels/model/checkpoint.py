@@ -10,6 +10,7 @@ import math
 import os
 import re
 import struct
+import warnings
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -18,13 +19,14 @@ from safetensors import SafetensorError, safe_open
 
 from ..ops._checks import check, fail
 from .llama import Llama, LlamaConfig
+from .weights import LAYER_WEIGHTS, SIZES, checkpoint_shapes, split_fused, weight_shape
 
-# dtype names load_model and the CLI accept; "auto" (the checkpoint's dtype) comes on top.
+# dtype names load_model accepts (the CLI's --dtype takes these, lowercased, and "float":
+# cli.DTYPES); "auto" (the checkpoint's dtype) comes on top.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16}
 DTYPE_NAMES = (*DTYPES, "auto")
-SUPPORTED_DTYPES = DTYPES  # the older name, still read by the CLI
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Positions a config may declare (Llama 4 Scout: 10M); past it a RoPE table or a cache sized
 # from the config alone could take terabytes.
@@ -58,6 +60,14 @@ def load_model(path=None, dtype=torch.float32, device="cpu", backend="auto", tp=
         model = _load_file(local_path(DEFAULT_MODEL if path is None else path), dtype)
     model = model.to(device=device, dtype=None if dtype == "auto" else dtype)
     model.backend = backend
+    weight = model.embed_tokens.weight
+    if weight.device.type == "cpu" and weight.dtype != torch.float32:
+        # Kept as asked (half the memory), but the C++ kernels take float32: said once here,
+        # and in every generate()'s stats["path"].
+        name = str(weight.dtype).removeprefix("torch.")
+        warnings.warn(f"load_model: {name} weights on a CPU decode in eager torch ops, "
+                      "tens of times slower than float32 weights, which run in the C++ kernels "
+                      "(dtype=torch.float32; --dtype float32)", stacklevel=2)
     return model.eval().requires_grad_(False)
 
 
@@ -185,12 +195,91 @@ def _shown(value):
     return "nothing (missing)" if value is None else repr(value)
 
 
+# What config_from_hf does with each key of transformers' LlamaConfig (5.x; a test keeps this
+# table complete) and with the other keys of a Llama config.json that bear on the outputs:
+#   "implemented"    read, checked and applied;
+#   a tuple          the values the model implements; any other is refused, naming the key
+#                    (absent or null: the first, transformers' default);
+#   "ignored: why"   no effect on what this package computes.
+CONFIG_KEYS = {
+    "vocab_size": "implemented", "hidden_size": "implemented",
+    "intermediate_size": "implemented", "num_hidden_layers": "implemented",
+    "num_attention_heads": "implemented", "num_key_value_heads": "implemented",
+    "head_dim": "implemented", "max_position_embeddings": "implemented",
+    "rms_norm_eps": "implemented", "tie_word_embeddings": "implemented",
+    "bos_token_id": "implemented", "eos_token_id": "implemented",
+    "rope_parameters": "implemented",  # rope_scaling and rope_theta in transformers 4
+    "rope_scaling": "implemented", "rope_theta": "implemented", "model_type": "implemented",
+    "torch_dtype": "implemented", "dtype": "implemented",  # dtype="auto"
+    "layerskip": "implemented",  # ours: the recommended exit_layer and num_speculations
+    "hidden_act": ("silu", "swish"),  # transformers' ACT2FN: both are SiLU
+    "attention_bias": (False,), "mlp_bias": (False,),
+    "partial_rotary_factor": (1.0, 1),  # RoPE over the whole head (also read in the RoPE dict)
+    "quantization_config": (None,),  # quantized weights: none are implemented
+    "initializer_range": "ignored: initialization only; every weight comes from the checkpoint",
+    "use_cache": "ignored: decoding always keeps a KV cache",
+    "pad_token_id": "ignored: padding is each row's length, never attended to",
+    "attention_dropout": "ignored: transformers applies it only while training; training "
+                         "here drops layers (training/layer_dropout.py), not attention",
+    "pretraining_tp": "ignored: transformers 5 ignores it; 4.x split each matmul in that many "
+                      "slices, the same maths up to float rounding",
+}
+# The keys of a RoPE dict each rope_type takes (with "type", rope_type's older name).
+ROPE_KEYS = {"default": {"rope_type", "type", "rope_theta", "partial_rotary_factor"},
+             "llama3": {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor",
+                        "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings"}}
+
+
+def _check_implemented(values, source, keys):
+    """Each key of `keys` whose CONFIG_KEYS rule is a tuple of values has one of them (bools
+    and numbers compared with their type: 0 is not false)."""
+    for key in keys:
+        allowed, value = CONFIG_KEYS[key], values.get(key)
+        if value is None or not isinstance(allowed, tuple):
+            continue
+        ok = any(type(value) is type(a) and value == a for a in allowed)
+        check(ok, f"{source} {key}", f"{' or '.join(map(repr, allowed))} (this model "
+              "implements no other)", repr(value)[:80])
+
+
+def _rope(f, source):
+    """(rope_theta, rope_scaling or None) of a config's RoPE dict (rope_parameters, or
+    rope_scaling in transformers 4), every key checked against what rope_tables implements."""
+    rope_key = "rope_parameters" if f.get("rope_parameters", None) else "rope_scaling"
+    rope = _Fields(f.get(rope_key, {}), f"{source} {rope_key}")
+    # An explicit null rope_type is no "default": transformers refuses it (KeyError None).
+    name = next((k for k in ("rope_type", "type") if k in rope.values), None)
+    rope_type = rope.values[name] if name else "default"
+    check(rope_type in ROPE_KEYS, f"{rope.source} {name or 'rope_type'}",
+          f"one of {', '.join(map(repr, ROPE_KEYS))}", repr(rope_type))
+    for key in rope.values:  # a factor with the default type would change nothing, silently
+        check(key in ROPE_KEYS[rope_type], f"{rope.source} {key}", f"only the keys of "
+              f"rope_type {rope_type!r}: {', '.join(sorted(ROPE_KEYS[rope_type]))}",
+              repr(rope.values[key])[:80])
+    _check_implemented(rope.values, rope.source, ("partial_rotary_factor",))
+    theta = rope.positive("rope_theta", f.positive("rope_theta", 10000.0))
+    if rope_type == "default":
+        return theta, None
+    # transformers reads every one of these: a missing one is its KeyError (or, for
+    # original_max_position_embeddings, a silent fall back to max_position_embeddings).
+    low, high = rope.positive("low_freq_factor"), rope.positive("high_freq_factor")
+    check(low < high, f"{rope.source} high_freq_factor", f"more than low_freq_factor = {low} "
+          "(the blend divides by their difference)", high)
+    return theta, dict(rope.values, rope_type="llama3", factor=rope.positive("factor"),
+                       low_freq_factor=low, high_freq_factor=high,
+                       original_max_position_embeddings=rope.int(
+                           "original_max_position_embeddings", high=MAX_POSITIONS,
+                           required=True))
+
+
 def config_from_hf(hf: dict, source="config.json") -> LlamaConfig:
     """Our config from a Hugging Face LlamaConfig dict (transformers 4 or 5 layout), every value
-    checked; source names the dict in errors."""
+    checked, every key against CONFIG_KEYS; source names the dict in errors."""
     f = _Fields(hf, source)
     check(f.get("model_type", "llama") == "llama", f"{source} model_type", "'llama'",
           repr(hf.get("model_type")))
+    _check_implemented(hf, source, CONFIG_KEYS)
     vocab, dim = f.int("vocab_size", required=True), f.int("hidden_size", required=True)
     n_layers = f.int("num_hidden_layers", required=True)
     n_heads = f.int("num_attention_heads", required=True)
@@ -201,19 +290,7 @@ def config_from_hf(hf: dict, source="config.json") -> LlamaConfig:
           f"a divisor of hidden_size = {dim} (or a head_dim)", n_heads)
     check((head_dim or dim // n_heads) % 2 == 0, f"{source} head_dim", "an even number (RoPE "
           "rotates pairs)", head_dim or f"{dim} // {n_heads} = {dim // n_heads}")
-    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    rope = _Fields(f.get(rope_key, {}), f"{source} {rope_key}")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    check(rope_type in ("default", "llama3"), f"{source} rope_type", "'default' or 'llama3'",
-          repr(rope_type))
-    if rope_type == "llama3":
-        low, high = rope.positive("low_freq_factor", 1.0), rope.positive("high_freq_factor", 4.0)
-        check(low != high, f"{rope.source} high_freq_factor", "a value other than "
-              "low_freq_factor", high)
-        scaling = dict(rope.values, rope_type="llama3", factor=rope.positive("factor"),
-                       low_freq_factor=low, high_freq_factor=high,
-                       original_max_position_embeddings=rope.int(
-                           "original_max_position_embeddings", high=MAX_POSITIONS))
+    rope_theta, rope_scaling = _rope(f, source)
     eos = f.get("eos_token_id", [])
     eos = [eos] if type(eos) is int else eos
     check(isinstance(eos, list) and all(type(i) is int and 0 <= i < vocab for i in eos),
@@ -223,13 +300,13 @@ def config_from_hf(hf: dict, source="config.json") -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         head_dim=head_dim, hidden_dim=f.int("intermediate_size", required=True),
-        norm_eps=f.positive("rms_norm_eps", 1e-6),
-        rope_theta=rope.positive("rope_theta", f.positive("rope_theta", 10000.0)),
-        rope_scaling=scaling if rope_type == "llama3" else None,
+        norm_eps=f.positive("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_seq_len=f.int("max_position_embeddings", 2048, high=MAX_POSITIONS),
         tie_embeddings=f.bool("tie_word_embeddings", False),
         bos_token_id=f.int("bos_token_id", low=0, high=vocab - 1), eos_token_id=list(eos),
-        exit_layer=extra.int("exit_layer", high=n_layers),
+        # an exit at layer L would be the whole model: no draft, no early exit
+        exit_layer=extra.int("exit_layer", high=n_layers - 1),
         num_speculations=extra.int("num_speculations"))
 
 
@@ -264,10 +341,15 @@ def load_hf_directory(path, weights=None, dtype="auto"):
         shards = _index_shards(path, path / weights)
     else:
         shards = {regular_file(path / weights): None}
-    state = {}
+    shapes = {}
     for file, keys in shards.items():
-        state.update(_read_safetensors(file, keys))
-    model = _from_state_dict(config, state)
+        shapes.update((k.removeprefix("model."), v)
+                      for k, v in _safetensors_shapes(file, keys).items())
+    check_checkpoint(config, shapes, str(path / "config.json"))  # before a tensor is read
+    state = {}
+    for file in shards:
+        state.update(_read_safetensors(file))
+    model = _from_state_dict(config, state, str(path / "config.json"))
     return model.to(_auto_dtype(hf, state, path / "config.json") if dtype == "auto" else dtype)
 
 
@@ -309,8 +391,9 @@ def _index_shards(path, index):
     return shards
 
 
-def _read_safetensors(file, keys=None):
-    """The tensors of a safetensors file; with keys, exactly those must be in it."""
+def _safetensors_shapes(file, keys=None):
+    """{name: shape} of a safetensors file, from its header alone; with keys, exactly those
+    must be in it."""
     try:
         with safe_open(file, framework="pt") as f:
             found = set(f.keys())
@@ -318,7 +401,16 @@ def _read_safetensors(file, keys=None):
                 listed, unlisted = sorted(keys - found)[:3], sorted(found - keys)[:3]
                 fail(f"shard {file}", "the tensors its index lists", f"missing {listed}, "
                      f"unlisted {unlisted}")
-            return {k: f.get_tensor(k) for k in found}
+            return {k: tuple(f.get_slice(k).get_shape()) for k in found}
+    except (SafetensorError, OSError) as e:
+        fail(f"safetensors file {file}", "a valid safetensors file", str(e).splitlines()[0])
+
+
+def _read_safetensors(file):
+    """The tensors of a safetensors file."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         fail(f"safetensors file {file}", "a valid safetensors file", str(e).splitlines()[0])
 
@@ -328,7 +420,7 @@ def from_transformers(hf_model):
     gate/up are concatenated into our fused projections (copies); the other tensors are
     shared with hf_model, not copied."""
     return _from_state_dict(config_from_hf(hf_model.config.to_dict(), "transformers config"),
-                            hf_model.state_dict())
+                            hf_model.state_dict(), "transformers config")
 
 
 def _check_weights(state):
@@ -340,24 +432,62 @@ def _check_weights(state):
             fail(f"checkpoint weight {name}", "finite values", "NaN or inf")
 
 
-def _from_state_dict(config, state):
+# Which config key sets each size of weights.SIZES, and the checkpoint weight that shows it
+# (its name and dimension): a config that disagrees with its checkpoint is refused naming the
+# key, before anything is built (a num_hidden_layers of 2**31 would build layers for minutes).
+SIZE_KEYS = {"vocab": ("vocab_size", "embed_tokens.weight", 0),
+             "dim": ("hidden_size", "embed_tokens.weight", 1),
+             "q": ("num_attention_heads x head_dim", "layers.0.self_attn.q_proj.weight", 0),
+             "kv": ("num_key_value_heads x head_dim", "layers.0.self_attn.k_proj.weight", 0),
+             "hidden": ("intermediate_size", "layers.0.mlp.gate_proj.weight", 0)}
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def check_checkpoint(config, shapes, source):
+    """The checkpoint's weights ({name: shape}, names without "model.") are exactly those of
+    weights.checkpoint_shapes(config): checked from shapes alone (safetensors headers), so
+    that a config asking for more than its checkpoint holds is refused before anything is
+    built or read. A checkpoint that has an lm_head.weight while its config ties it is
+    accepted (the embedding is the head, as transformers does); an untied config without one
+    is refused (transformers would start from a random head)."""
+    shapes = {k: v for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
+    layers = {int(m.group(1)) for name in shapes if (m := _LAYER_INDEX.match(name))}
+    check(config.n_layers == len(layers), f"{source} num_hidden_layers",
+          f"the checkpoint's number of layers, {len(layers)}", config.n_layers)
+    for size, (key, name, dim) in SIZE_KEYS.items():
+        shape, value = shapes.get(name), SIZES[size](config)
+        if shape is not None and len(shape) == 2 and shape[dim] != value:
+            fail(f"{source} {key}", f"{shape[dim]}, as the checkpoint's {name} of shape "
+                 f"{shape}", value)
+    check(config.tie_embeddings or "lm_head.weight" in shapes, f"{source} tie_word_embeddings",
+          "true for a checkpoint without lm_head.weight (or an lm_head.weight in it)",
+          config.tie_embeddings)
+    expected = checkpoint_shapes(config)
+    unexpected = set(shapes) - set(expected) - {"lm_head.weight"}
+    missing = set(expected) - set(shapes)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint weights: missing {sorted(missing)[:5]}, unexpected "
+                         f"{sorted(unexpected)[:5]}")
+    wrong = [(n, shapes[n], s) for n, s in expected.items() if tuple(shapes[n]) != s]
+    if wrong:
+        name, got, want = wrong[0]
+        fail(f"checkpoint weights: {name}", f"shape {want}", tuple(got))
+
+
+def _from_state_dict(config, state, source):
     _check_weights(state)
     state = {k.removeprefix("model."): v for k, v in state.items()}
-    if "lm_head.weight" not in state:
-        config.tie_embeddings = True
+    check_checkpoint(config, {k: tuple(v.shape) for k, v in state.items()}, source)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = Llama(config)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches, one per line after a title
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise ValueError(f"checkpoint weights: {lines[-1] if lines else e}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
     unexpected = [k for k in unexpected if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if missing or unexpected:  # check_checkpoint's names and the load hook's disagree: a bug
+        raise RuntimeError(f"checkpoint weights: missing {missing[:5]}, unexpected "
+                           f"{unexpected[:5]} after the load hook")
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model
@@ -386,6 +516,15 @@ def _llama2c_config(path, header):
                        tie_embeddings=vocab > 0, bos_token_id=1, eos_token_id=[])
 
 
+# llama2.c's version-0 file: the embedding, each layer weight of weights.LAYER_WEIGHTS stacked
+# over the layers in this order (its rms_att, wq, wk, wv, wo, rms_ffn, w1, w2, w3), the final
+# norm, its RoPE tables (unused: rope_tables makes them), then the classifier if unshared.
+LLAMA2C_LAYER_ORDER = ("input_layernorm.weight", "self_attn.q_proj.weight",
+                       "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                       "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+                       "mlp.gate_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight")
+
+
 def load_llama2c(path):
     """llama2.c "version 0" (legacy) float32 export: a 7-int32 header, then the weights. The
     header is checked, and the file size against it, before the weights are read."""
@@ -403,15 +542,12 @@ def load_llama2c(path):
                          "(legacy float32) format is supported: export it with "
                          "llama2.c's export.py --version 0")
     c = _llama2c_config(path, struct.unpack("<7i", head))
-    dim, hidden, L, hd, kv = c.dim, c.hidden_dim, c.n_layers, c.head_dim, c.n_kv_heads * c.head_dim
-    shapes = [("embed_tokens", (c.vocab_size, dim)), ("input_layernorm", (L, dim)),
-              ("q_proj", (L, dim, dim)), ("k_proj", (L, kv, dim)), ("v_proj", (L, kv, dim)),
-              ("o_proj", (L, dim, dim)), ("post_attention_layernorm", (L, dim)),
-              ("gate_proj", (L, hidden, dim)), ("down_proj", (L, dim, hidden)),
-              ("up_proj", (L, hidden, dim)), ("norm", (dim,)),
-              ("legacy_rope", (2, c.max_seq_len, hd // 2))]
+    layer_shapes = {w.name: weight_shape(c, w.shape) for w in LAYER_WEIGHTS}
+    shapes = [("embed_tokens.weight", (c.vocab_size, c.dim)),
+              *((name, (c.n_layers, *layer_shapes[name])) for name in LLAMA2C_LAYER_ORDER),
+              ("norm.weight", (c.dim,)), ("legacy_rope", (2, c.max_seq_len, c.head_dim // 2))]
     if not c.tie_embeddings:
-        shapes.append(("lm_head", (c.vocab_size, dim)))
+        shapes.append(("lm_head.weight", (c.vocab_size, c.dim)))
     expected = sum(math.prod(s) for _, s in shapes)  # Python ints: nothing allocated yet
     size = path.stat().st_size - 28
     if size != 4 * expected:
@@ -424,20 +560,17 @@ def load_llama2c(path):
         weights[name] = torch.from_numpy(floats[offset:offset + n].reshape(shape).copy())
         offset += n
     # llama2.c rotates adjacent pairs (2j, 2j+1); we rotate halves (j, j + hd/2): reorder rows.
-    for name, heads in (("q_proj", c.n_heads), ("k_proj", c.n_kv_heads)):
+    hd = c.head_dim
+    for name, heads in (("self_attn.q_proj.weight", c.n_heads),
+                        ("self_attn.k_proj.weight", c.n_kv_heads)):
         w = weights[name]
-        weights[name] = w.view(L, heads, hd // 2, 2, dim).transpose(2, 3).reshape(w.shape)
-    state = {"embed_tokens.weight": weights["embed_tokens"], "norm.weight": weights["norm"]}
-    if not c.tie_embeddings:
-        state["lm_head.weight"] = weights["lm_head"]
-    for i in range(L):
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            state[f"layers.{i}.{name}.weight"] = weights[name][i]
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            state[f"layers.{i}.self_attn.{name}.weight"] = weights[name][i]
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            state[f"layers.{i}.mlp.{name}.weight"] = weights[name][i]
-    return _from_state_dict(c, state)
+        weights[name] = w.view(c.n_layers, heads, hd // 2, 2, c.dim).transpose(2, 3).reshape(
+            w.shape)
+    state = {name: weights[name] for name in ("embed_tokens.weight", "norm.weight",
+                                              "lm_head.weight") if name in weights}
+    for i in range(c.n_layers):
+        state.update((f"layers.{i}.{name}", weights[name][i]) for name in LLAMA2C_LAYER_ORDER)
+    return _from_state_dict(c, state, f"{path} header")
 
 
 def hf_state_dict(model):
@@ -445,20 +578,8 @@ def hf_state_dict(model):
     if hasattr(model, "global_config"):
         raise ValueError("model: expected a whole model, got one tensor-parallel rank's shard "
                          "(export from a tp=1 load)")
-    c, state = model.config, {}
-    for name, tensor in model.state_dict().items():
-        prefix = name.rsplit(".", 2)[0] + "."
-        if name.endswith("qkv_proj.weight"):
-            parts = tensor.split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
-                                  c.n_kv_heads * c.head_dim])
-            state.update(zip((prefix + p for p in ("q_proj.weight", "k_proj.weight",
-                                                    "v_proj.weight")), parts))
-        elif name.endswith("gate_up_proj.weight"):
-            state.update(zip((prefix + p for p in ("gate_proj.weight", "up_proj.weight")),
-                             tensor.chunk(2)))
-        else:
-            state[name] = tensor
-    return state
+    return {hf_name: part for name, tensor in model.state_dict().items()
+            for hf_name, part in split_fused(model.config, name, tensor)}
 
 
 def save_hf_directory(model, path):

@@ -1,9 +1,8 @@
 """A minimal Llama whose forward can stop after any layer and apply the shared head.
 
 Q, K and V share one projection (qkv_proj), gate and up another (gate_up_proj), as in
-gpt-fast: one GEMM each. Checkpoints keep Hugging Face's names: a load_state_dict pre-hook
-fuses them (model.layers.N.self_attn.q_proj.weight, ...) and checkpoint.hf_state_dict splits
-them again.
+gpt-fast: one GEMM each. Checkpoints keep Hugging Face's names (model/weights.py: the one
+table of a layer's weights): a Block's load_state_dict pre-hook fuses them.
 """
 import math
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from ..ops.kernels import Kernels
+from .weights import FUSED_ORDER, fuse_layer, plain_refusal
 
 
 @dataclass
@@ -92,13 +92,6 @@ def _llama3_scaled(inv_freq, s):
     return torch.where(wavelen < high_wavelen, inv_freq, scaled)
 
 
-def _fuse(state, prefix, parts, fused):
-    """load_state_dict pre-hook body: concatenate Hugging Face's separate projections."""
-    names = [prefix + p for p in parts]
-    if all(n in state for n in names):
-        state[prefix + fused] = torch.cat([state.pop(n) for n in names])
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -119,9 +112,6 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self.qkv_proj = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
-        self._register_load_state_dict_pre_hook(
-            lambda state, prefix, *_: _fuse(state, prefix, ("q_proj.weight", "k_proj.weight",
-                                                            "v_proj.weight"), "qkv_proj.weight"))
 
     def forward(self, x, step, kv):
         B, S, _ = x.shape
@@ -139,9 +129,6 @@ class FeedForward(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(c.dim, 2 * c.hidden_dim, bias=False)
         self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
-        self._register_load_state_dict_pre_hook(
-            lambda state, prefix, *_: _fuse(state, prefix, ("gate_proj.weight", "up_proj.weight"),
-                                            "gate_up_proj.weight"))
 
     def forward(self, x, step):
         return self.down_proj(step.silu_mul(self.gate_up_proj(x)))
@@ -154,21 +141,33 @@ class Block(nn.Module):
         self.self_attn = Attention(c)
         self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
         self.mlp = FeedForward(c)
+        self._register_load_state_dict_pre_hook(lambda state, prefix, *_: fuse_layer(state,
+                                                                                      prefix))
 
     def fused_weights(self):
-        """The weights a fused layer kernel (ops.llama_layer) takes, or None when a projection
-        is not a plain nn.Linear (tensor-parallel, quantized...): then the block runs its
-        modules. Read through _modules / _parameters: a CPU decode step asks once per layer,
-        and nn.Module.__getattr__'s hops would cost more than the layer's norms."""
-        attn, mlp = self._modules["self_attn"]._modules, self._modules["mlp"]._modules
-        qkv, o, gate_up, down = (attn["qkv_proj"], attn["o_proj"], mlp["gate_up_proj"],
-                                 mlp["down_proj"])
-        if not type(qkv) is type(o) is type(gate_up) is type(down) is nn.Linear:
-            return None
-        return (self._modules["input_layernorm"]._parameters["weight"],
-                qkv._parameters["weight"], o._parameters["weight"],
-                self._modules["post_attention_layernorm"]._parameters["weight"],
-                gate_up._parameters["weight"], down._parameters["weight"])
+        """The weights a fused layer kernel (ops.llama_layer) takes, in weights.FUSED_ORDER,
+        or None when the block holds anything the kernel would not compute (fused_refusal
+        says what): then the block runs its modules. Read through _modules / _parameters: a
+        CPU decode step asks once per layer, and nn.Module.__getattr__'s hops or a call per
+        module would cost more than the layer's norms."""
+        m = self._modules
+        attn, mlp = m["self_attn"], m["mlp"]
+        modules = (attn, mlp, m["input_layernorm"], attn._modules["qkv_proj"],
+                   attn._modules["o_proj"], m["post_attention_layernorm"],
+                   mlp._modules["gate_up_proj"], mlp._modules["down_proj"])
+        for module, cls in zip(modules, _FUSED_CLASSES):  # plain_refusal's rule, inlined
+            if (type(module) is not cls or module._forward_hooks or module._forward_pre_hooks
+                    or module._parameters.get("bias") is not None):
+                return None
+        return tuple(modules[i]._parameters["weight"] for i in _WEIGHT_HOLDERS)
+
+    def fused_refusal(self):
+        """None when fused_weights() has the weights, else what stands in the way."""
+        for name, cls in zip(_FUSED_MODULES, _FUSED_CLASSES):
+            module = self.get_submodule(name)
+            if (why := plain_refusal(module, cls, name)) is not None:
+                return why
+        return None
 
     def forward(self, x, residual, step, kv=None):
         """The block's output is delta + residual, returned apart so that the next norm fuses
@@ -180,6 +179,16 @@ class Block(nn.Module):
         a = self.self_attn(y, step, kv)
         y, residual = self.post_attention_layernorm(a, residual, step.norm)
         return self.mlp(y, step), residual
+
+
+# What a fused layer computes, module by module, in the order fused_weights reads them; each
+# must pass plain_refusal. _WEIGHT_HOLDERS: those whose weights it takes, in FUSED_ORDER.
+_FUSED_MODULES = ("self_attn", "mlp", "input_layernorm", "self_attn.qkv_proj", "self_attn.o_proj",
+                  "post_attention_layernorm", "mlp.gate_up_proj", "mlp.down_proj")
+_FUSED_CLASSES = (Attention, FeedForward, RMSNorm, nn.Linear, nn.Linear, RMSNorm, nn.Linear,
+                  nn.Linear)
+_WEIGHT_HOLDERS = tuple(_FUSED_MODULES.index(name.removesuffix(".weight"))
+                        for name in FUSED_ORDER)
 
 
 class Llama(nn.Module):
@@ -262,6 +271,29 @@ class Llama(nn.Module):
         weights = [b.fused_weights() for b in blocks]
         return None if None in weights else weights
 
+    def fused_refusal(self):
+        """None when fused kernels compute exactly every layer in one call (stack_weights)
+        and the head (head_refusal), else why not, naming the first module in the way."""
+        for i, block in enumerate(self.layers):
+            if block._forward_hooks or block._forward_pre_hooks:
+                return f"layer {i} has forward hooks"
+            if (why := block.fused_refusal()) is not None:
+                return f"layer {i} {why}"
+        return self.head_refusal()
+
+    def head_refusal(self):
+        """None when a fused head (the draft head kernels; the C++ decoder's embedding, norm
+        and lm_head) computes exactly embed_tokens, norm and lm_head from their weights: our
+        classes, no hooks, no bias, no max_norm; else why not."""
+        for name, module, cls in (("embed_tokens", self.embed_tokens, nn.Embedding),
+                                  ("norm", self.norm, RMSNorm),
+                                  ("lm_head", self.lm_head, nn.Linear)):
+            if (why := plain_refusal(module, cls, name)) is not None:
+                return why
+        if self.embed_tokens.max_norm is not None:
+            return "embed_tokens has a max_norm"
+        return None
+
     def head(self, h):
         """The head every exit shares: final RMSNorm, then lm_head."""
         norm = self.kernels.rms_norm(h, self.norm.weight, self.training_graph())
@@ -269,7 +301,10 @@ class Llama(nn.Module):
 
     def head_argmax(self, h):
         """The shared head's greedy tokens of h (..., dim); fused on a GPU, so the
-        full-vocabulary logits are never written."""
+        full-vocabulary logits are never written (unless head_refusal() finds a module the
+        fused head would not compute: then argmax of head(h))."""
+        if self.head_refusal() is not None:
+            return self.head(h).argmax(-1)
         argmax = self.kernels.draft_head_argmax(h, self.norm.weight, self.lm_head.weight,
                                                 self.training_graph())
         return argmax(h, self.norm.weight, self.norm.eps, self.lm_head.weight)[0]

@@ -49,6 +49,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .llama import Llama
+from .weights import LAYER_WEIGHTS, fuse_layer
 
 _LOW = 0xFFFFFFFF  # the low 32 bits of a key: the inverted token index
 
@@ -249,8 +250,10 @@ class SafetensorsSource(_Source):
         self.tensors = {name.removeprefix("model."): (files[file], name)
                         for name, file in weight_map.items()}
 
-    def names(self):
-        return set(self.tensors)
+    def shapes(self):
+        """{name: shape}, from the files' headers."""
+        return {name: tuple(f.get_slice(key).get_shape()) for name, (f, key) in
+                self.tensors.items()}
 
     def _slice(self, name, rows, cols):
         f, key = self.tensors[name]
@@ -265,8 +268,8 @@ class StateDictSource(_Source):
         super().__init__()
         self.tensors = {k.removeprefix("model."): v for k, v in state.items()}
 
-    def names(self):
-        return set(self.tensors)
+    def shapes(self):
+        return {name: tuple(t.shape) for name, t in self.tensors.items()}
 
     def _slice(self, name, rows, cols):
         t = self.tensors[name]
@@ -288,40 +291,27 @@ def rank_state(source, plan, dtype=None, device="cpu"):
         w = read(name, (lo * hd, hi * hd)).view(hi - lo, hd, -1)
         return w[torch.tensor(slots, device=w.device) - lo].flatten(0, 1)
 
-    q = (plan.q_heads.start * hd, plan.q_heads.stop * hd)
-    units = (plan.hidden.start, plan.hidden.stop)
+    spans = {"q_heads": (plan.q_heads.start * hd, plan.q_heads.stop * hd),
+             "hidden": (plan.hidden.start, plan.hidden.stop)}
+
+    def part(name, tp):  # weights.LayerWeight.tp: which rows or columns this rank holds
+        if tp is None:
+            return read(name)
+        side, what = tp
+        if what == "kv_slots":
+            return heads(name, plan.kv_slots)
+        return read(name, spans[what]) if side == "rows" else read(name, cols=spans[what])
+
     state = {"embed_tokens.weight": read("embed_tokens.weight"),
              "norm.weight": read("norm.weight")}
     for i in range(c.n_layers):
         p = f"layers.{i}."
-        state[p + "self_attn.qkv_proj.weight"] = torch.cat([
-            read(p + "self_attn.q_proj.weight", q), heads(p + "self_attn.k_proj.weight",
-                                                          plan.kv_slots),
-            heads(p + "self_attn.v_proj.weight", plan.kv_slots)])
-        state[p + "self_attn.o_proj.weight"] = read(p + "self_attn.o_proj.weight", cols=q)
-        state[p + "mlp.gate_up_proj.weight"] = torch.cat([
-            read(p + "mlp.gate_proj.weight", units), read(p + "mlp.up_proj.weight", units)])
-        state[p + "mlp.down_proj.weight"] = read(p + "mlp.down_proj.weight", cols=units)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            state[p + norm + ".weight"] = read(p + norm + ".weight")
+        state.update((p + w.name, part(p + w.name, w.tp)) for w in LAYER_WEIGHTS)
+        fuse_layer(state, p)
     start, stop = plan.vocab[plan.rank]
     state["lm_head.weight"] = (state["embed_tokens.weight"][start:stop] if c.tie_embeddings
                                else read("lm_head.weight", (start, stop)))
     return state
-
-
-def _check_names(source, config):
-    """Every checkpoint tensor is one the model uses (rotary inv_freq buffers aside)."""
-    expected = {"embed_tokens.weight", "norm.weight"} | {
-        f"layers.{i}.{n}.weight" for i in range(config.n_layers) for n in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
-            "post_attention_layernorm")}
-    names = {n for n in source.names() if not n.endswith("rotary_emb.inv_freq")}
-    missing, unexpected = expected - names, names - expected - {"lm_head.weight"}
-    if missing or unexpected:
-        raise ValueError(f"checkpoint weights: missing {sorted(missing)[:5]}, unexpected "
-                         f"{sorted(unexpected)[:5]}")
 
 
 # -- building a rank's model ----------------------------------------------------------------
@@ -378,7 +368,8 @@ def load_model_tp(path=None, tp=None, dtype=torch.float32, device="cpu", backend
     sharded. tp: the process group's size (default: all of it). dtype "auto" / None: the
     checkpoint's. Every rank of `group` must call it (the default group is initialized from
     torchrun's environment when needed). tp=1 outside a process group: the plain Llama."""
-    from .checkpoint import DEFAULT_MODEL, SUPPORTED_DTYPES, config_from_hf, load_model
+    from .checkpoint import (DEFAULT_MODEL, check_checkpoint, config_from_hf, load_model,
+                             read_json_object, resolve_dtype)
     if tp == 1 and not dist.is_initialized():
         return load_model(path, dtype=dtype, device=device, backend=backend)
     device = init_distributed(device)
@@ -387,9 +378,7 @@ def load_model_tp(path=None, tp=None, dtype=torch.float32, device="cpu", backend
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         raise ValueError(f"device: expected a CUDA device with an nccl process group, got "
                          f"{device}")
-    dtype = None if dtype in (None, "auto") else SUPPORTED_DTYPES.get(dtype, dtype)
-    if dtype is not None and dtype not in SUPPORTED_DTYPES.values():
-        raise ValueError(f"dtype: expected one of {list(SUPPORTED_DTYPES)}, got {dtype}")
+    dtype = None if dtype in (None, "auto") else resolve_dtype(dtype)
     path = DEFAULT_MODEL if path is None else path
     if hasattr(path, "state_dict") or Path(path).suffix == ".bin":
         full = load_model(path, dtype=dtype or torch.float32)
@@ -399,12 +388,10 @@ def load_model_tp(path=None, tp=None, dtype=torch.float32, device="cpu", backend
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model path {path}: no config.json (expected a Hugging Face "
                                 "Llama directory)")
-    config = config_from_hf(json.loads((path / "config.json").read_text()))
+    config = config_from_hf(read_json_object(path / "config.json"), str(path / "config.json"))
     with ExitStack() as stack:
         source = SafetensorsSource(path, stack)
-        if "lm_head.weight" not in source.names():
-            config.tie_embeddings = True
-        _check_names(source, config)
+        check_checkpoint(config, source.shapes(), str(path / "config.json"))
         plan = shard_plan(config, tp, rank)
         model = build(plan, rank_state(source, plan, dtype, device), group, backend)
     model.reads = source.reads
