@@ -97,25 +97,44 @@ def torch_threads_idle(model):
         torch.set_num_threads(threads)
 
 
-def fused_weights(model):
-    """Each block's fused weights when the Python steps would run the CPU kernels on every
-    layer and head (float32 CPU weights in plain nn.Linear layers, a backend preference that
-    allows "cpu", no hooks on the blocks, not compiling), else None."""
-    weight = model.embed_tokens.weight
-    c = model.config
-    if (cpu_unavailable_reason() is not None or weight.device.type != "cpu"
-            or model.kernels.preference not in ("auto", "cpu")
-            or torch.compiler.is_compiling() or model.training_graph()
-            or c.head_dim > CPU_MAX_HEAD_DIM or c.head_dim % 2):
-        return None
+def cpu_steps_refusal(model):
+    """None when generate()'s greedy steps on this model can run as C++ calls (CpuSteps: the
+    fused layer kernel on every layer, the CPU head), else why not, in words: what the C++
+    decoder requires is float32 CPU weights, contiguous, in the plain modules the kernels
+    compute exactly (Llama.fused_refusal: no subclass, bias or hook), a backend preference
+    that allows "cpu", the C++ module built, no autograd and no compiling."""
+    weight, c = model.embed_tokens.weight, model.config
+    if (why := cpu_unavailable_reason()) is not None:
+        return why
+    if weight.device.type != "cpu":
+        return f"weights on {weight.device}"
+    if model.kernels.preference not in ("auto", "cpu"):
+        return f"backend {model.kernels.preference!r}"
+    if torch.compiler.is_compiling() or model.training_graph():
+        return "compiling or recording gradients"
+    if c.head_dim > CPU_MAX_HEAD_DIM or c.head_dim % 2:
+        return f"head_dim {c.head_dim} (the C++ layer takes an even one <= {CPU_MAX_HEAD_DIM})"
+    if weight.dtype != torch.float32:
+        return (f"{str(weight.dtype).removeprefix('torch.')} weights on a CPU (the C++ kernels "
+                "take float32)")
+    if (why := model.fused_refusal()) is not None:
+        return why
     layer_weights = model.stack_weights(range(c.n_layers))
-    if layer_weights is None:
+    for name, t in (("embed_tokens", weight), ("norm", model.norm.weight),
+                    ("lm_head", model.lm_head.weight), *(
+                        (f"layer {i} weight {j}", w) for i, layer in enumerate(layer_weights)
+                        for j, w in enumerate(layer))):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            return (f"{name}: {t.dtype}, strides {t.stride()} (the C++ kernels take float32, "
+                    "contiguous)")
+    return None
+
+
+def fused_weights(model):
+    """Each block's fused weights when cpu_steps_refusal finds nothing in the way, else None."""
+    if cpu_steps_refusal(model) is not None:
         return None
-    tensors = [weight, model.norm.weight, model.lm_head.weight,
-               *(w for layer in layer_weights for w in layer)]
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
-        return None
-    return layer_weights
+    return model.stack_weights(range(model.config.n_layers))
 
 
 def cpu_steps(model, state):

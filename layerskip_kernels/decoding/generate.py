@@ -7,7 +7,7 @@ import torch
 
 from ..ops._checks import fail
 from .autoregressive import Batch, Outputs, decode_autoregressive, prefill
-from .cpu import torch_threads_idle
+from .cpu import cpu_steps_refusal, torch_threads_idle
 from .layer_skip import kept_layers
 from .self_speculative import ExitDraft, SkipDraft, decode_self_speculative
 from .state import held_state, replayable
@@ -195,7 +195,7 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
                                             num_speculations, confidence)
         else:
             stats = decode_autoregressive(model, batch, sampling, generator, decode_layers)
-        stats.update(_graph_stats(state, before, graphs, temperature, confidence))
+        stats.update(_graph_stats(model, state, before, graphs, temperature, confidence))
     elapsed = time.perf_counter() - start
     tokens = outputs.tokens
     new_tokens = sum(len(t) for t in tokens)
@@ -211,13 +211,20 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     return GenerationResult(tokens, stats)
 
 
-def _graph_stats(state, before, graphs, temperature, confidence):
+def _graph_stats(model, state, before, graphs, temperature, confidence):
     """Which path ran: "cuda_graphs" is True when steps of this call replayed from CUDA graphs
     (before: the state's capture seconds and replay count when the call's decoding began)."""
     g = state.graphs
     replayed = g.replays > before[1]
+    on_cpu = model.embed_tokens.weight.device.type == "cpu"
     if state.cpu_steps is not None and state.cpu_steps.calls:
         note = "cpu: one C++ call per greedy step or round"
+    elif on_cpu:
+        why = cpu_steps_refusal(model) or (
+            "sampling: Python steps over the C++ layers (whole C++ steps are greedy)"
+            if temperature > 0
+            else "no decode step ran")
+        note = f"eager: {why}"
     elif not graphs:
         note = ("eager: not on a CUDA device" if not replayable(state.tokens.device)
                 else "eager: cuda_graphs=False")
