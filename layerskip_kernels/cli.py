@@ -27,7 +27,7 @@ from .files import OutputPathError
 from .model import load_model, load_tokenizer
 from .ops.kernels import PREFERENCES
 from .ops.llama_layer import MAX_THREADS, check_num_threads, set_num_threads
-from .model.checkpoint import DEFAULT_MODEL, regular_file
+from .model.checkpoint import DEFAULT_MODEL, local_path, regular_file
 from .model.parallel import is_first_rank
 from .model.tokenizer import Llama2cTokenizer
 
@@ -192,11 +192,14 @@ def describe(error):
 
 
 def find_tokenizer(args):
-    """(tokenizer, its path): --tokenizer, else a tokenizer.json in the model's directory,
-    else (None, None)."""
+    """(tokenizer, its path): --tokenizer, else a tokenizer.json in the model's directory (for
+    a model id, its snapshot in the local HF cache), else (None, None)."""
     path = args.tokenizer
     if path is None:
-        model = Path(args.model or DEFAULT_MODEL)
+        try:
+            model = local_path(args.model or DEFAULT_MODEL)
+        except (FileNotFoundError, ValueError):  # loading the model says what is wrong
+            return None, None
         candidate = (model if model.is_dir() else model.parent) / "tokenizer.json"
         path = candidate if candidate.exists() else None
     if path is None:
@@ -422,10 +425,11 @@ def _print_stats(stats):
 
 
 def _path(stats):
-    """How the steps ran, in a word or three (generate()'s stats["path"] has the why)."""
+    """How the steps ran: in a word or three, or eager with generate()'s why."""
     if stats.get("cuda_graphs"):
         return "CUDA graphs"
-    return "C++ steps" if str(stats.get("path", "")).startswith("cpu") else "eager"
+    path = str(stats.get("path", ""))
+    return "C++ steps" if path.startswith("cpu") else path or "eager"
 
 
 def _printer(tokenizer, prompts):

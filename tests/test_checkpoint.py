@@ -344,6 +344,24 @@ def test_hf_model_id_in_local_cache(tmp_path, monkeypatch):
     assert tok.decode(tok.encode("def f(): pass")) == "def f(): pass"
 
 
+def test_cli_finds_the_tokenizer_of_a_model_id(tmp_path, monkeypatch, capsys):
+    """`layerskip generate --model org/name --prompt TEXT` without --tokenizer: the
+    tokenizer.json of the model's snapshot in the local HF cache, as beside a directory."""
+    pytest.importorskip("huggingface_hub")
+    from layerskip_kernels import cli
+    files = {name: DEFAULT_MODEL / name for name in ("config.json", "model.safetensors",
+                                                      "tokenizer.json")}
+    fake_hf_cache(monkeypatch, tmp_path / "hub", "org/default", files)
+    outputs = []
+    for model in ("org/default", str(DEFAULT_MODEL)):
+        code = cli.main(["generate", "--model", model, "--prompt", "def fib(n):",
+                         "--max-new-tokens", "4", "--json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        outputs.append(json.loads(out)["outputs"])
+    assert outputs[0] == outputs[1] and outputs[0][0]["text"]
+
+
 def test_hf_model_id_sharded_in_local_cache(tmp_path, monkeypatch):
     """Shards in the cache are symlinks into ../../blobs: still inside the model's cache folder."""
     pytest.importorskip("huggingface_hub")
