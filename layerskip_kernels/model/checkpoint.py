@@ -3,8 +3,11 @@ cache), in-memory transformers models, and llama2.c version-0 files.
 
 Weights are read with safetensors or numpy, never with pickle. Every file is checked before it
 is opened (a regular file; index shards confined to the model directory), every config value
-before anything is allocated, and every weight for NaN/inf; a refusal is one ValueError or
-FileNotFoundError line naming the file or key, and nothing is returned half-loaded."""
+before anything is allocated, every config key against what the model implements
+(CONFIG_KEYS), the config against the checkpoint's tensor names and shapes (safetensors
+headers) before any module is built or tensor read, and every weight for NaN/inf; a refusal is
+one ValueError or FileNotFoundError line naming the file or key, and nothing is returned
+half-loaded."""
 import json
 import math
 import os
