@@ -119,6 +119,28 @@ def test_swish_is_silu_in_transformers(generator):
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_rope_dicts_refused_as_transformers_reads_them(generator, tmp_path):
+    """rope_type null: transformers refuses it too (KeyError at the model); a factor without a
+    rope_type: transformers runs default RoPE, the factor dropped, so it is refused here rather
+    than ignored; llama3 without original_max_position_embeddings: transformers falls back to
+    max_position_embeddings, which the checkpoint did not state, so it is refused."""
+    with pytest.raises(KeyError):
+        transformers.LlamaForCausalLM(hf_config(rope_scaling={"rope_type": None, "factor": 8.0}))
+    hf = hf_llama(generator)
+    dropped = transformers.LlamaForCausalLM(hf_config(rope_scaling={"factor": 8.0})).eval()
+    dropped.load_state_dict(hf.state_dict())
+    tokens = torch.randint(0, VOCAB, (1, 40), generator=generator)
+    with torch.no_grad():
+        assert torch.equal(dropped(tokens).logits, hf(tokens).logits)
+    for rope, key in (({"rope_type": None, "factor": 8.0}, "rope_type"),
+                      ({"factor": 8.0}, "factor"),
+                      ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0}, "original_max_position_embeddings")):
+        config = dict(hf.config.to_dict(), rope_parameters=None, rope_scaling=rope)
+        with pytest.raises(ValueError, match=key):
+            lsk.model.checkpoint.config_from_hf(config)
+
+
 # ---------------------------------------------------------------- fused paths
 
 

@@ -6,7 +6,8 @@ Every path that reads, writes or splits weights takes them from here: the load h
 loader, the shape check before anything is built (checkpoint.check_checkpoint,
 checkpoint_shapes) and tensor parallelism (parallel.rank_state, LayerWeight.tp). A fused
 kernel takes the fused parameters' weights only: what it requires of the modules holding
-them is llama.plain_refusal's.
+them is plain_refusal's (below), applied by llama.Block.fused_weights and
+llama.Llama.head_refusal.
 """
 import re
 from dataclasses import dataclass
