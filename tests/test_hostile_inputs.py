@@ -84,6 +84,28 @@ def test_shard_names_outside_the_directory_refused(sharded, tmp_path, no_hang, n
     refused(error, "model.safetensors.index.json", repr(name))
 
 
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/dev/stdin", "/dev/zero"])
+def test_tensor_parallel_reader_confines_shards_too(sharded, tmp_path, no_hang, name):
+    """load_model(tp=N) reads slices through parallel.SafetensorsSource: the same checks of
+    the index as the whole-model loader, and of each shard's tensors against it."""
+    from contextlib import ExitStack
+
+    from layerskip_kernels.model.parallel import SafetensorsSource
+    hf_dir, weight_map, expected = sharded
+    with ExitStack() as stack:  # control
+        assert set(SafetensorsSource(hf_dir, stack).shapes()) == {
+            k.removeprefix("model.") for k in weight_map}
+    shutil.copy(hf_dir / "model-2.safetensors", tmp_path / "outside.safetensors")
+    point_shard_at(hf_dir, weight_map, name)
+    with ExitStack() as stack, pytest.raises(ValueError, match="weight_map") as error:
+        SafetensorsSource(hf_dir, stack)
+    refused(error, repr(name))
+    write_index(hf_dir, dict(weight_map, **{"model.extra.weight": "model-1.safetensors"}))
+    with ExitStack() as stack, pytest.raises(ValueError, match="index lists") as error:
+        SafetensorsSource(hf_dir, stack)
+    refused(error, "model.extra.weight")
+
+
 @pytest.mark.parametrize("target", ["{outside}", "/dev/stdin", "/dev/zero"])
 def test_shard_symlinks_out_of_the_directory_refused(sharded, tmp_path, no_hang, target):
     hf_dir, weight_map, _ = sharded

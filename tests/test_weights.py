@@ -211,15 +211,15 @@ def test_a_hook_inside_a_layer_is_run(generator):
     calls = []
     model.layers[2].post_attention_layernorm.register_forward_hook(
         lambda *args: calls.append(1))
-    assert model.fused_refusal() == "layer 2 post_attention_layernorm has forward hooks"
-    decode(model)
+    assert model.layers[2].fused_refusal() == "post_attention_layernorm has forward hooks"
+    assert decode(model).stats["path"] == "eager: layer 2 post_attention_layernorm has forward hooks"
     assert len(calls) >= 10
 
 
 def test_plain_model_runs_fused(generator):
     """Control: without any of those, the C++ steps run (where built)."""
     model = small_llama(generator)
-    assert model.fused_refusal() is None
+    assert model.head_refusal() is None and all(b.fused_refusal() is None for b in model.layers)
     path = decode(model).stats["path"]
     from layerskip_kernels.ops.llama_layer import cpu_unavailable_reason
     assert path.startswith("cpu") or cpu_unavailable_reason() is not None

@@ -101,7 +101,7 @@ def cpu_steps_refusal(model):
     """None when generate()'s greedy steps on this model can run as C++ calls (CpuSteps: the
     fused layer kernel on every layer, the CPU head), else why not, in words: what the C++
     decoder requires is float32 CPU weights, contiguous, in the plain modules the kernels
-    compute exactly (Llama.fused_refusal: no subclass, bias or hook), a backend preference
+    compute exactly (Block.fused_refusal, Llama.head_refusal: no subclass, bias or hook), a backend preference
     that allows "cpu", the C++ module built, no autograd and no compiling."""
     weight, c = model.embed_tokens.weight, model.config
     if (why := cpu_unavailable_reason()) is not None:
@@ -117,7 +117,12 @@ def cpu_steps_refusal(model):
     if weight.dtype != torch.float32:
         return (f"{str(weight.dtype).removeprefix('torch.')} weights on a CPU (the C++ kernels "
                 "take float32)")
-    if (why := model.fused_refusal()) is not None:
+    for i, block in enumerate(model.layers):  # the layers run as one stack: block hooks too
+        if block._forward_hooks or block._forward_pre_hooks:
+            return f"layer {i} has forward hooks"
+        if (why := block.fused_refusal()) is not None:
+            return f"layer {i} {why}"
+    if (why := model.head_refusal()) is not None:
         return why
     layer_weights = model.stack_weights(range(c.n_layers))
     for name, t in (("embed_tokens", weight), ("norm", model.norm.weight),

@@ -341,13 +341,13 @@ def load_hf_directory(path, weights=None, dtype="auto"):
             raise FileNotFoundError(f"model path {path}: no model.safetensors or model."
                                     "safetensors.index.json (pickled .bin weights are refused)")
     if weights.endswith(".index.json"):
-        shards = _index_shards(path, path / weights)
+        shards = index_shards(path, path / weights)
     else:
         shards = {regular_file(path / weights): None}
     shapes = {}
     for file, keys in shards.items():
         shapes.update((k.removeprefix("model."), v)
-                      for k, v in _safetensors_shapes(file, keys).items())
+                      for k, v in safetensors_shapes(file, keys).items())
     check_checkpoint(config, shapes, str(path / "config.json"))  # before a tensor is read
     state = {}
     for file in shards:
@@ -365,7 +365,7 @@ def _confinement_root(path):
     return root
 
 
-def _index_shards(path, index):
+def index_shards(path, index):
     """{shard file: the tensor names the index puts in it}, every shard checked by name before
     any is opened: a relative .safetensors name resolving, after symlinks, to a regular file
     inside the model directory."""
@@ -394,7 +394,7 @@ def _index_shards(path, index):
     return shards
 
 
-def _safetensors_shapes(file, keys=None):
+def safetensors_shapes(file, keys=None):
     """{name: shape} of a safetensors file, from its header alone; with keys, exactly those
     must be in it."""
     try:

@@ -271,16 +271,6 @@ class Llama(nn.Module):
         weights = [b.fused_weights() for b in blocks]
         return None if None in weights else weights
 
-    def fused_refusal(self):
-        """None when fused kernels compute exactly every layer in one call (stack_weights)
-        and the head (head_refusal), else why not, naming the first module in the way."""
-        for i, block in enumerate(self.layers):
-            if block._forward_hooks or block._forward_pre_hooks:
-                return f"layer {i} has forward hooks"
-            if (why := block.fused_refusal()) is not None:
-                return f"layer {i} {why}"
-        return self.head_refusal()
-
     def head_refusal(self):
         """None when a fused head (the draft head kernels; the C++ decoder's embedding, norm
         and lm_head) computes exactly embed_tokens, norm and lm_head from their weights: our

@@ -38,7 +38,6 @@ records every slice read (name, rows, columns, bytes).
 """
 import atexit
 import dataclasses
-import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -234,26 +233,28 @@ class SafetensorsSource(_Source):
     model.safetensors.index.json. Only the slices asked for are read."""
 
     def __init__(self, path, stack):
+        from .checkpoint import index_shards, regular_file, safetensors_shapes
         super().__init__()
         path = Path(path)
         index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        if index.exists():  # shards checked by name, inside the model directory, as load_model's
+            shards = index_shards(path, index)
         elif (path / "model.safetensors").exists():
-            with safe_open(path / "model.safetensors", framework="pt") as f:
-                weight_map = {name: "model.safetensors" for name in f.keys()}
+            shards = {regular_file(path / "model.safetensors"): None}
         else:
             raise FileNotFoundError(f"model path {path}: no model.safetensors or "
                                     "model.safetensors.index.json")
-        files = {file: stack.enter_context(safe_open(path / file, framework="pt"))
-                 for file in sorted(set(weight_map.values()))}
-        self.tensors = {name.removeprefix("model."): (files[file], name)
-                        for name, file in weight_map.items()}
+        self.tensors, self._shapes = {}, {}
+        for file, keys in shards.items():
+            shapes = safetensors_shapes(file, keys)  # exactly the tensors the index lists
+            f = stack.enter_context(safe_open(file, framework="pt"))
+            for key, shape in shapes.items():
+                self.tensors[key.removeprefix("model.")] = (f, key)
+                self._shapes[key.removeprefix("model.")] = shape
 
     def shapes(self):
         """{name: shape}, from the files' headers."""
-        return {name: tuple(f.get_slice(key).get_shape()) for name, (f, key) in
-                self.tensors.items()}
+        return dict(self._shapes)
 
     def _slice(self, name, rows, cols):
         f, key = self.tensors[name]
