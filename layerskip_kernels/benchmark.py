@@ -1,6 +1,7 @@
 """End-to-end benchmark: every decoding strategy, ours and transformers', on the same weights,
 prompts and settings, in one process. Configurations are interleaved across repeats so that
 drift in machine speed hits them all alike; we report median and spread of tokens/s."""
+import argparse
 import importlib.util
 import json
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .decoding import generate
-from .decoding.generate import AUTO_DRAFT_CAP
+from .decoding.generate import (AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES,
+                                default_exit_layer)
 from .files import check_output_file, write_text
 from .model import save_hf_directory
 from .ops.llama_layer import _cpu, set_num_threads
@@ -100,25 +102,36 @@ def _load_transformers(model, dtype):
 
 
 def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, speedups,
-                   with_transformers, cuda_graphs=None, batch_size=None):
-    """(name, settings, callable) for every strategy to time; cuda_graphs goes to each of our
-    generate() calls (False: eager even on CUDA)."""
+                   with_transformers, cuda_graphs=None, batch_size=None, strategies=STRATEGIES):
+    """(name, settings, callable) for every configuration of `strategies` to time: ours
+    autoregressive first, always (every speedup and exactness check is against it); early_exit
+    at each exit layer; self_speculative at each (E, k), at each E with k="auto", and, when
+    layer_skip is chosen too, drafted by each speedup's layer subset at each k; layer_skip at
+    each speedup; with_transformers, transformers' generate and, when self_speculative is
+    chosen, its assistant_early_exit at each E. exit_layers None: every layer in [1, L).
+    cuda_graphs goes to each of our generate() calls (False: eager even on CUDA)."""
     L = model.config.n_layers
     exit_layers = exit_layers or range(1, L)
+    chosen = set(strategies)
+    speculative = "self_speculative" in chosen
     configs = [("ours autoregressive", {"strategy": "autoregressive"})]
-    configs += [(f"ours early_exit E={e}", {"strategy": "early_exit", "exit_layer": e})
-                for e in exit_layers]
-    configs += [(f"ours self_speculative E={e} k={k}",
-                 {"strategy": "self_speculative", "exit_layer": e, "num_speculations": k})
-                for e in exit_layers for k in draft_lengths]
-    configs += [(f"ours self_speculative E={e} k=auto",
-                 {"strategy": "self_speculative", "exit_layer": e, "num_speculations": "auto"})
-                for e in exit_layers]
-    configs += [(f"ours layer_skip speedup={s}", {"strategy": "layer_skip", "speedup": s})
-                for s in speedups]
-    configs += [(f"ours self_speculative draft=layer_skip speedup={s} k={k}",
-                 {"strategy": "self_speculative", "draft": "layer_skip", "speedup": s,
-                  "num_speculations": k}) for s in speedups for k in draft_lengths]
+    if "early_exit" in chosen:
+        configs += [(f"ours early_exit E={e}", {"strategy": "early_exit", "exit_layer": e})
+                    for e in exit_layers]
+    if speculative:
+        configs += [(f"ours self_speculative E={e} k={k}",
+                     {"strategy": "self_speculative", "exit_layer": e, "num_speculations": k})
+                    for e in exit_layers for k in draft_lengths]
+        configs += [(f"ours self_speculative E={e} k=auto",
+                     {"strategy": "self_speculative", "exit_layer": e, "num_speculations": "auto"})
+                    for e in exit_layers]
+    if "layer_skip" in chosen:
+        configs += [(f"ours layer_skip speedup={s}", {"strategy": "layer_skip", "speedup": s})
+                    for s in speedups]
+        configs += [(f"ours self_speculative draft=layer_skip speedup={s} k={k}",
+                     {"strategy": "self_speculative", "draft": "layer_skip", "speedup": s,
+                      "num_speculations": k})
+                    for s in speedups for k in (draft_lengths if speculative else ())]
     timed = [(name, settings,
               _ours(model, prompts, max_new_tokens, batch_size, cuda_graphs=cuda_graphs,
                     **settings))
@@ -130,7 +143,7 @@ def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, s
         timed += [(f"transformers assistant_early_exit E={e}",
                    {"strategy": "assistant_early_exit", "exit_layer": e},
                    _transformers(hf, prompts, max_new_tokens, assistant_early_exit=e))
-                  for e in exit_layers]
+                  for e in (exit_layers if speculative else ())]
     return timed
 
 
@@ -205,18 +218,24 @@ def speedup_if_all_accepted(speedup, num_speculations, tokens_per_round):
 
 
 DRAFT_LENGTHS = (1, 2, 4, 8)  # run_benchmark's default k grid
+SPEEDUPS = (1.25, 1.5)  # ... and layer_skip speedups
 
 
 def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_layers=None,
-                  draft_lengths=DRAFT_LENGTHS, speedups=(1.25, 1.5), with_transformers=True,
-                  progress=None, cuda_graphs=None, on_repeat=None, batch_size=None):
-    """Time every configuration; the report: machine, threads, settings, "complete" and the
-    result rows. on_repeat(report), if given, gets the report of the repetitions done so far
-    after each one ("complete": false, settings["repeats_done"])."""
+                  draft_lengths=DRAFT_LENGTHS, speedups=SPEEDUPS, with_transformers=True,
+                  progress=None, cuda_graphs=None, on_repeat=None, batch_size=None,
+                  strategies=STRATEGIES):
+    """Time every configuration of `strategies` (see configurations); the report: machine,
+    threads, settings (the grid among them), "complete" and the result rows. on_repeat(report),
+    if given, gets the report of the repetitions done so far after each one ("complete":
+    false, settings["repeats_done"])."""
     timed = configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths,
-                           speedups, with_transformers, cuda_graphs, batch_size)
+                           speedups, with_transformers, cuda_graphs, batch_size, strategies)
     machine = machine_info()
-    settings = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "repeats": repeats,
+    settings = {"strategies": [s for s in STRATEGIES if s in strategies],
+                "exit_layers": list(exit_layers or range(1, model.config.n_layers)),
+                "draft_lengths": list(draft_lengths), "speedups": list(speedups),
+                "prompts": len(prompts), "max_new_tokens": max_new_tokens, "repeats": repeats,
                 "warmup": warmup, "greedy": True,
                 "dtype": dtype_name(next(iter(model.parameters())).dtype),
                 "cuda_graphs": cuda_graphs, "batch_size": batch_size or len(prompts)}
@@ -335,6 +354,64 @@ class Progress:
         self.close()
 
 
+BENCH_STRATEGIES = ("autoregressive", "early_exit", "self_speculative")  # `bench`'s default
+
+
+def parse_strategies(text, arg="--strategies"):
+    """A comma list of generate()'s strategies, in STRATEGIES' order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or set(names) - set(STRATEGIES):
+        from .cli import UsageError
+        raise UsageError(f"{arg}: expected a comma list of {', '.join(STRATEGIES)}, "
+                         f"got {text!r}")
+    return tuple(s for s in STRATEGIES if s in names)
+
+
+def parse_speedups(text, arg="--speedups"):
+    """A comma list of layer_skip target speedups, each >= 1."""
+    from .cli import UsageError, float_in
+    try:
+        values = [float_in(1)(x) for x in text.split(",") if x.strip()]
+    except argparse.ArgumentTypeError:
+        values = []
+    if not values:
+        raise UsageError(f"{arg}: expected a comma list of numbers >= 1, got {text!r}")
+    return values
+
+
+def bench_grid(args):
+    """`bench`'s selection, checked before the model loads: (strategies, exit layers, draft
+    lengths, speedups); exit layers and draft lengths are None where not given (the model's
+    recommendation is their default). A list that no chosen strategy uses is an error."""
+    from .cli import UsageError
+    from .sweep import parse_ints
+    strategies = parse_strategies(getattr(args, "strategies", None)
+                                  or ",".join(BENCH_STRATEGIES))
+    lists = {}
+    for flag, parse, users in (("--exit-layers", parse_ints, ("early_exit", "self_speculative")),
+                               ("--draft-lengths", parse_ints, ("self_speculative",)),
+                               ("--speedups", parse_speedups, ("layer_skip",))):
+        text = getattr(args, flag[2:].replace("-", "_"), None)
+        if text is not None and not set(users) & set(strategies):
+            raise UsageError(f"{flag}: applies only when --strategies includes "
+                             f"{' or '.join(users)}, got --strategies {','.join(strategies)}")
+        lists[flag] = None if text is None else parse(text, flag)
+    speedups = lists["--speedups"] or (list(SPEEDUPS) if "layer_skip" in strategies else [])
+    return strategies, lists["--exit-layers"], lists["--draft-lengths"], speedups
+
+
+def model_grid(model, strategies, exit_layers, draft_lengths):
+    """The exit layers and draft lengths `bench` times on this model: as given, else its
+    recommended (E, k), else the defaults generate() uses (E = L // 4, k = 4); the exit
+    layers are checked against its depth where a chosen strategy uses them."""
+    from .sweep import check_exit_layers
+    c = model.config
+    exit_layers = exit_layers or [c.exit_layer or default_exit_layer(c.n_layers)]
+    if {"early_exit", "self_speculative"} & set(strategies):
+        check_exit_layers(exit_layers, c.n_layers)
+    return exit_layers, draft_lengths or [c.num_speculations or DEFAULT_NUM_SPECULATIONS]
+
+
 def main_bench(args):
     """`layerskip bench`: arguments and the output path are checked before the model loads;
     the JSON report is rewritten (atomically) after every repetition, so an interrupted run
@@ -342,6 +419,7 @@ def main_bench(args):
     from .cli import UsageError, check_fits, find_tokenizer, load_model_arg, require_file
     output = Path(args.output)
     check_output_file(output, "--output", getattr(args, "overwrite", False))
+    strategies, exit_layers, draft_lengths, speedups = bench_grid(args)
     if args.prompts:
         require_file(args.prompts, "--prompts")
     if not args.no_transformers and importlib.util.find_spec("transformers") is None:
@@ -356,8 +434,10 @@ def main_bench(args):
     prompts, labels = load_prompts(model, args.prompts, tokenizer)
     if not prompts:
         raise UsageError(f"--prompts {args.prompts}: expected at least one non-empty line")
+    exit_layers, draft_lengths = model_grid(model, strategies, exit_layers, draft_lengths)
     check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
-               reserve=max(*DRAFT_LENGTHS, AUTO_DRAFT_CAP) + 1)
+               reserve=max(*draft_lengths, AUTO_DRAFT_CAP) + 1
+               if "self_speculative" in strategies else 0)
     cuda_graphs = False if getattr(args, "no_cuda_graphs", False) else None
     done = []
 
@@ -371,7 +451,9 @@ def main_bench(args):
             report = run_benchmark(model, prompts, args.max_new_tokens, args.repeats,
                                    args.warmup, with_transformers=not args.no_transformers,
                                    progress=progress, cuda_graphs=cuda_graphs, on_repeat=keep,
-                                   batch_size=getattr(args, "batch_size", None))
+                                   batch_size=getattr(args, "batch_size", None),
+                                   exit_layers=exit_layers, draft_lengths=draft_lengths,
+                                   speedups=speedups, strategies=strategies)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_kept(output, done, args.repeats)) from None
     report["settings"]["model"] = args.model

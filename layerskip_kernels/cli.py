@@ -620,9 +620,13 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_compare)
 
-    p = _subparser(sub, "bench", "time every strategy, ours and transformers'",
-                   "Time every decoding strategy (ours, and transformers' on the same weights) "
-                   "in one process, interleaved over repeats. The JSON report is rewritten "
+    p = _subparser(sub, "bench", "time decoding strategies, ours and transformers'",
+                   "Time decoding strategies (ours, and transformers' on the same weights) "
+                   "in one process, interleaved over repeats: by default autoregressive, "
+                   "early exit and self-speculative decoding at the model's recommended (E, "
+                   "k) (and k=auto), transformers' generate and its assistant_early_exit at "
+                   "E; --strategies, --exit-layers, --draft-lengths and --speedups choose "
+                   "others (`sweep` for a whole (E, k) grid). The JSON report is rewritten "
                    "atomically after every repetition, so an interrupted run keeps the "
                    'repetitions that finished ("complete": false). Runs generate exactly '
                    "--max-new-tokens tokens unless the model config has an EOS.")
@@ -632,6 +636,20 @@ def build_parser():
                    "or token-id lists) (default: BOS only)")
     p.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=200,
                    help="new tokens per prompt")
+    p.add_argument("--strategies", metavar="S,...",
+                   help=f"comma list of our strategies to time, of {', '.join(STRATEGIES)} "
+                   "(default: autoregressive,early_exit,self_speculative); ours "
+                   "autoregressive always runs, as every speedup's baseline")
+    p.add_argument("--exit-layers", metavar="E,...",
+                   help="comma list of exit layers of early_exit, self_speculative and "
+                   "transformers' assistant_early_exit (default: the model's recommendation, "
+                   "else L // 4)")
+    p.add_argument("--draft-lengths", metavar="K,...",
+                   help="comma list of self_speculative draft lengths k, each E also run with "
+                   f"k=auto (default: the model's recommendation, else {DEFAULT_NUM_SPECULATIONS})")
+    p.add_argument("--speedups", metavar="R,...",
+                   help="comma list of layer_skip target speedups (>= 1), also self_speculative "
+                   "drafts when both are chosen (default: 1.25,1.5)")
     _add_timing_args(p, repeats=5)
     p.add_argument("--no-transformers", action="store_true", help="skip transformers' runs")
     p.add_argument("--no-cuda-graphs", action="store_true",

@@ -37,6 +37,14 @@ def parse_ints(text, arg):
     return values
 
 
+def check_exit_layers(exit_layers, n_layers):
+    """Every exit layer leaves at least one layer to verify: in [1, n_layers - 1]."""
+    if max(exit_layers) >= n_layers:
+        from .cli import UsageError
+        raise UsageError(f"--exit-layers: expected layers in [1, {n_layers - 1}], got "
+                         f"{exit_layers}")
+
+
 def sweep_rows(report):
     """The report's rows that are self-speculative with an early-exit draft, by (E, k)."""
     return {(r["exit_layer"], r["num_speculations"]): r for r in report["results"]
@@ -115,9 +123,7 @@ def main_sweep(args):
     if args.threads:
         set_num_threads(args.threads)
     model = load_model_arg(args)
-    L = model.config.n_layers
-    if max(exit_layers) >= L:
-        raise UsageError(f"--exit-layers: expected layers in [1, {L - 1}], got {exit_layers}")
+    check_exit_layers(exit_layers, model.config.n_layers)
     prompts, labels = load_prompts(model, args.prompts, tokenizer)
     if not prompts:
         raise UsageError(f"--prompts {args.prompts}: expected at least one non-empty line")
@@ -126,8 +132,7 @@ def main_sweep(args):
     done = []
 
     def keep(report):
-        report["settings"].update(model=args.model, exit_layers=exit_layers,
-                                  draft_lengths=draft_lengths)
+        report["settings"]["model"] = args.model
         write_text(out / "sweep.json", json.dumps(report, indent=1) + "\n", "--output")
         write_csv(report, out / "sweep.csv")
         done.append(report["settings"]["repeats_done"])
@@ -143,8 +148,7 @@ def main_sweep(args):
                                    batch_size=getattr(args, "batch_size", None))
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_kept(out / "sweep.json", done, args.repeats)) from None
-    report["settings"].update(model=args.model, exit_layers=exit_layers,
-                              draft_lengths=draft_lengths)
+    report["settings"]["model"] = args.model
     wrote = [out / "sweep.csv", out / "sweep.json"]
     if write_heatmap(report, exit_layers, draft_lengths, out / "sweep_heatmap.png"):
         wrote.append(out / "sweep_heatmap.png")

@@ -1,0 +1,108 @@
+"""What a newcomer meets first: `bench`'s selection and its short default, `--stream` with
+several prompts, `--json`'s prompts and decode-only rate, `sweep`'s best line, the README's
+CLI synopsis against the parser, the example train config and what `train` says about
+(exit layer, k)."""
+import argparse
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import layerskip_kernels as lsk
+from layerskip_kernels import benchmark, cli
+from layerskip_kernels.model import save_hf_directory
+from layerskip_kernels.training import TrainConfig, load_config, new_model
+from test_cli import TINY, assert_error, run
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "bench" / "train_example.toml"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two 4-layer random Llamas: "plain" recommends no (E, k), "recommends" (2, 2)."""
+    root = tmp_path_factory.mktemp("models")
+    save_hf_directory(new_model(TINY, seed=0), root / "plain")
+    save_hf_directory(new_model(TINY | {"exit_layer": 2, "num_speculations": 2}, seed=0),
+                      root / "recommends")
+    return {name: str(root / name) for name in ("plain", "recommends")}
+
+
+# -- bench: what it times ----------------------------------------------------------------------
+
+def _bench(capsys, tmp_path, model, *argv):
+    out = tmp_path / "bench.json"
+    code, _, err = run(capsys, "bench", "--model", model, "--max-new-tokens", "2", "--repeats",
+                       "1", "--warmup", "0", "--output", out, "--overwrite", "--quiet", *argv)
+    assert code == 0, err
+    return json.loads(out.read_text())
+
+
+def _names(report):
+    return [row["name"] for row in report["results"]]
+
+
+def test_bench_default_is_the_recommended_pair_and_transformers(capsys, tmp_path, models):
+    """The default: autoregressive, early exit at E, self-speculative at (E, k) and at E with
+    k=auto, transformers' generate and its assistant_early_exit at E, where (E, k) is the
+    model's recommendation, else generate()'s defaults (E = L // 4, k = 4)."""
+    report = _bench(capsys, tmp_path, models["recommends"])
+    assert _names(report) == ["ours autoregressive", "ours early_exit E=2",
+                              "ours self_speculative E=2 k=2", "ours self_speculative E=2 k=auto",
+                              "transformers generate", "transformers assistant_early_exit E=2"]
+    settings = report["settings"]
+    assert settings["strategies"] == ["autoregressive", "early_exit", "self_speculative"]
+    assert (settings["exit_layers"], settings["draft_lengths"], settings["speedups"]) == (
+        [2], [2], [])
+    report = _bench(capsys, tmp_path, models["plain"], "--no-transformers")
+    assert _names(report) == ["ours autoregressive", "ours early_exit E=1",
+                              "ours self_speculative E=1 k=4", "ours self_speculative E=1 k=auto"]
+
+
+def test_bench_runs_what_it_is_told(capsys, tmp_path, models):
+    report = _bench(capsys, tmp_path, models["plain"], "--no-transformers", "--strategies",
+                    "self_speculative", "--exit-layers", "1,3", "--draft-lengths", "2")
+    assert _names(report) == ["ours autoregressive", "ours self_speculative E=1 k=2",
+                              "ours self_speculative E=3 k=2", "ours self_speculative E=1 k=auto",
+                              "ours self_speculative E=3 k=auto"]
+    report = _bench(capsys, tmp_path, models["plain"], "--no-transformers", "--strategies",
+                    "layer_skip,self_speculative", "--speedups", "1.5", "--exit-layers", "2",
+                    "--draft-lengths", "1")
+    assert _names(report) == ["ours autoregressive", "ours self_speculative E=2 k=1",
+                              "ours self_speculative E=2 k=auto", "ours layer_skip speedup=1.5",
+                              "ours self_speculative draft=layer_skip speedup=1.5 k=1"]
+    report = _bench(capsys, tmp_path, models["plain"], "--strategies", "autoregressive")
+    assert _names(report) == ["ours autoregressive", "transformers generate"]
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--strategies", "greedy"], ["--strategies", "autoregressive, early_exit", "'greedy'"]),
+    (["--strategies", ","], ["--strategies: expected a comma list"]),
+    (["--strategies", "autoregressive", "--draft-lengths", "2"],
+     ["--draft-lengths", "applies only", "self_speculative", "--strategies autoregressive"]),
+    (["--strategies", "autoregressive,layer_skip", "--exit-layers", "2"],
+     ["--exit-layers", "early_exit or self_speculative"]),
+    (["--speedups", "1.5"], ["--speedups", "layer_skip"]),
+    (["--strategies", "layer_skip", "--speedups", "1.5,0.5"], ["--speedups", ">= 1", "0.5"]),
+    (["--strategies", "layer_skip", "--speedups", "nan"], ["--speedups: expected", "'nan'"]),
+    (["--exit-layers", "0"], ["--exit-layers", ">= 1"]),
+    (["--exit-layers", ""], ["--exit-layers: expected", "''"]),
+    (["--draft-lengths", "2,x"], ["--draft-lengths", "'2,x'"]),
+])
+def test_bench_selection_errors_come_before_loading(capsys, tmp_path, monkeypatch, argv, needles):
+    def no_load(*args, **kwargs):
+        raise AssertionError("checked before the model loads")
+    monkeypatch.setattr(cli, "load_model", no_load)
+    assert_error(run(capsys, "bench", "--no-transformers", "--output", tmp_path / "r.json",
+                     *argv), 2, *needles)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_exit_layers_past_the_model(capsys, tmp_path, models):
+    assert_error(run(capsys, "bench", "--model", models["plain"], "--no-transformers",
+                     "--exit-layers", "2,4", "--output", tmp_path / "r.json"), 2,
+                 "--exit-layers", "[1, 3]")
+    assert not (tmp_path / "r.json").exists()
