@@ -5,7 +5,8 @@ median and spread), which also times plain early exit and k="auto" at each E; we
 extra rows and an "auto" column. Writes DIR/sweep.csv and DIR/sweep.json (the full report),
 both rewritten atomically after every repetition so that an interrupted sweep keeps what it
 measured, then DIR/sweep_heatmap.png (speedup over our autoregressive decoding; needs
-matplotlib), and prints the best (E, k).
+matplotlib), and prints the best (E, k) among the fixed k: a model records a fixed k as its
+recommendation, so k=auto is shown, not compared.
 """
 import csv
 import io
@@ -156,9 +157,10 @@ def main_sweep(args):
         print("matplotlib is not installed: no heatmap (pip install matplotlib)", file=sys.stderr)
     best = best_pair(report)
     if best is None:
-        print("no configuration reproduced autoregressive decoding exactly")
+        print("no fixed-k configuration reproduced autoregressive decoding exactly")
     else:
-        print(f"best: E={best['exit_layer']} k={best['num_speculations']}: "
+        print(f"best of the fixed k (k=auto not compared; sweep.csv has it): "
+              f"E={best['exit_layer']} k={best['num_speculations']}: "
               f"{best['tokens_per_s']:.1f} tokens/s "
               f"({best['tokens_per_s_min']:.1f}-{best['tokens_per_s_max']:.1f}), "
               f"x{best['speedup_vs_ours_autoregressive']:.2f} over autoregressive, "

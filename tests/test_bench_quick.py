@@ -297,7 +297,8 @@ def test_sweep_on_stories(stories_path, tmp_path, capsys):
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "sweep_heatmap.png").read_bytes()[:4] == b"\x89PNG"
     best = sweep.best_pair(report)
-    assert f"best: E={best['exit_layer']} k={best['num_speculations']}" in capsys.readouterr().out
+    assert (f"best of the fixed k (k=auto not compared; sweep.csv has it): "
+            f"E={best['exit_layer']} k={best['num_speculations']}:") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("arg, value", [("exit_layers", "1,x"), ("exit_layers", "0,1"),

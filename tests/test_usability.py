@@ -106,3 +106,15 @@ def test_bench_exit_layers_past_the_model(capsys, tmp_path, models):
                      "--exit-layers", "2,4", "--output", tmp_path / "r.json"), 2,
                  "--exit-layers", "[1, 3]")
     assert not (tmp_path / "r.json").exists()
+
+
+# -- sweep's best ------------------------------------------------------------------------------
+
+def test_sweep_best_says_it_compares_fixed_k_only(capsys, tmp_path, models):
+    code, out, err = run(capsys, "sweep", "--model", models["plain"], "--exit-layers", "1",
+                         "--draft-lengths", "1,2", "--max-new-tokens", "2", "--repeats", "1",
+                         "--warmup", "0", "--output", tmp_path, "--quiet")
+    assert code == 0, err
+    best = [line for line in out.splitlines() if line.startswith("best")]
+    assert len(best) == 1 and "fixed k" in best[0] and "k=auto not compared" in best[0]
+    assert re.search(r"E=1 k=[12]:", best[0])
