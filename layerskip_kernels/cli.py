@@ -379,7 +379,7 @@ def cmd_generate(args):
     check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
                _draft_slots(model, args.strategy, args.num_speculations), eos)
     printing = is_first_rank()  # under --tp, every rank decodes and rank 0 prints
-    stream = _printer(tokenizer, prompts) if args.stream and printing else None
+    stream = _Printer(tokenizer, prompts) if args.stream and printing else None
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, stream=stream,
                       strategy=args.strategy, exit_layer=args.exit_layer,
                       num_speculations=args.num_speculations, speedup=args.speedup,
@@ -392,9 +392,10 @@ def cmd_generate(args):
     texts = [new_text(tokenizer, p, t) if tokenizer else None
              for p, t in zip(prompts, result.tokens)]
     if stream:
-        print()
+        stream.close()
     elif args.json:
-        outputs = [{"tokens": t, "text": s} for t, s in zip(result.tokens, texts)]
+        outputs = [{"prompt": tokenizer.decode(p) if tokenizer else None, "prompt_tokens": p,
+                    "tokens": t, "text": s} for p, t, s in zip(prompts, result.tokens, texts)]
         print(json.dumps({"outputs": outputs, "stats": result.stats}))
     else:
         for prompt, tokens, text in zip(prompts, result.tokens, texts):
@@ -420,8 +421,11 @@ def _print_stats(stats):
     draft = (f" ({_draft_settings(stats)})" if stats["strategy"] == "self_speculative" else "")
     extra = (f", acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} "
              "tokens/round" if "acceptance_rate" in stats else "")
+    decode = stats.get("decode_tokens_per_s")
+    decode = "" if decode is None else f" ({decode:.1f} decoding alone)"
     print(f"[{stats['strategy']}{draft}: {stats['new_tokens']} tokens, "
-          f"{stats['tokens_per_s']:.1f} tokens/s{extra}, {_path(stats)}]", file=sys.stderr)
+          f"{stats['tokens_per_s']:.1f} tokens/s with prefill{decode}{extra}, {_path(stats)}]",
+          file=sys.stderr)
 
 
 def _path(stats):
@@ -432,19 +436,59 @@ def _path(stats):
     return "C++ steps" if path.startswith("cpu") else path or "eager"
 
 
-def _printer(tokenizer, prompts):
-    """A stream callback printing each row's text as it is accepted (rows tagged when > 1)."""
-    seen = [list(p) for p in prompts]
+class _Printer:
+    """--stream: each row's text as it is accepted (the stream callback of generate()). One
+    prompt: its text, then the new text as it comes. Several: whole lines, each labelled
+    "[row] ", so that rows never interleave mid-line or mid-word; a row's first line starts
+    with its prompt, a line is printed once complete, a line longer than WRAP characters is
+    broken at a space (so a row of prose shows before its end), and close() prints what
+    each row has left. Without a tokenizer the ids print, not the prompt."""
 
-    def show(row, tokens):
-        before = tokenizer.decode(seen[row]) if tokenizer else ""
-        seen[row] += tokens
-        text = (tokenizer.decode(seen[row])[len(before):] if tokenizer
-                else " " + " ".join(map(str, tokens)))
-        print(f"\n[{row}] {text}" if len(prompts) > 1 else text, end="", flush=True)
-    if len(prompts) == 1:
-        print(tokenizer.decode(prompts[0]) if tokenizer else "", end="", flush=True)
-    return show
+    WRAP = 100
+
+    def __init__(self, tokenizer, prompts):
+        self.tokenizer, self.seen = tokenizer, [list(p) for p in prompts]
+        self.many = len(prompts) > 1
+        echo = [tokenizer.decode(p) if tokenizer else "" for p in prompts]
+        self.pending = echo if self.many else [""]
+        if self.many:
+            for row in range(len(prompts)):
+                self._lines(row)
+        else:
+            print(echo[0], end="", flush=True)
+
+    def __call__(self, row, tokens):
+        if self.tokenizer:
+            before = self.tokenizer.decode(self.seen[row])
+            self.seen[row] += tokens
+            text = self.tokenizer.decode(self.seen[row])[len(before):]
+        else:
+            text = " ".join(map(str, tokens))
+            text = " " + text if self.pending[row] or not self.many else text
+        if not self.many:
+            print(text, end="", flush=True)
+            return
+        self.pending[row] += text
+        self._lines(row)
+
+    def _lines(self, row):
+        """Print the row's complete lines, and its long line up to its last space."""
+        *lines, rest = self.pending[row].split("\n")
+        while len(rest) > self.WRAP and (cut := rest.rfind(" ", 1, self.WRAP + 1)) > 0:
+            lines.append(rest[:cut])
+            rest = rest[cut + 1:]
+        for line in lines:
+            print(f"[{row}] {line}")
+        self.pending[row] = rest
+        sys.stdout.flush()
+
+    def close(self):
+        if not self.many:
+            print()
+            return
+        for row, rest in enumerate(self.pending):
+            if rest:
+                print(f"[{row}] {rest}")
 
 
 def cmd_compare(args):

@@ -108,6 +108,88 @@ def test_bench_exit_layers_past_the_model(capsys, tmp_path, models):
     assert not (tmp_path / "r.json").exists()
 
 
+# -- generate: --stream and --json -------------------------------------------------------------
+
+class _Chars:
+    """A tokenizer whose ids are characters: any split of a text into tokens is exact."""
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def _ids(text):
+    return [ord(c) for c in text]
+
+
+def test_stream_rows_never_interleave_mid_line(capsys):
+    printer = cli._Printer(_Chars(), [_ids("def f():"), _ids("x = ")])
+    for row, text in ((0, "\n    ret"), (1, "[1, 2"), (0, "urn 1\n"), (1, "]\ny = 3"),
+                      (0, "# done")):
+        printer(row, _ids(text))
+    printer.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "[0] def f():", "[0]     return 1", "[1] x = [1, 2]", "[0] # done", "[1] y = 3"]
+
+
+def test_stream_breaks_a_long_line_at_a_space(capsys):
+    words = " ".join(f"word{i}" for i in range(60))
+    printer = cli._Printer(_Chars(), [_ids("A:"), _ids("B:")])
+    for i in range(0, len(words), 7):  # fragments that end mid-word
+        printer(0, _ids(words[i:i + 7]))
+    shown = capsys.readouterr().out.splitlines()  # before the row ends
+    assert shown and all(line.startswith("[0] A:word0 ") is (n == 0) for n, line in
+                         enumerate(shown))
+    printer.close()
+    rest = capsys.readouterr().out.splitlines()
+    assert rest[-1] == "[1] B:"  # the prompt of a row that got no token yet
+    lines = shown + rest[:-1]
+    assert all(len(line) <= len("[0] ") + cli._Printer.WRAP for line in lines)
+    assert " ".join(line.removeprefix("[0] ") for line in lines) == "A:" + words
+
+
+def test_stream_of_several_prompts_echoes_them_in_labelled_lines(capsys):
+    """On the default model: each row's lines, joined, are its prompt and the text that
+    --json gives, so no fragment of a row lands in another row's line."""
+    prompts = ["def fib(n):", "import os", "class Stack:"]
+    argv = ["generate", "--max-new-tokens", "24"] + [a for p in prompts for a in ("--prompt", p)]
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    outputs = json.loads(out)["outputs"]
+    code, out, err = run(capsys, *argv, "--stream")
+    assert code == 0, err
+    rows = {i: [] for i in range(len(prompts))}
+    for line in out.rstrip("\n").split("\n"):
+        label, _, text = line.partition(" ")
+        rows[int(label.strip("[]"))].append(text)
+    for i, prompt in enumerate(prompts):
+        assert "\n".join(rows[i]) == prompt + outputs[i]["text"]
+
+
+def test_json_carries_the_prompt_and_a_decode_only_rate(capsys):
+    tok = lsk.load_tokenizer()
+    code, out, err = run(capsys, "generate", "--prompt", "def fib(n):", "--prompt-ids", "0 5 6",
+                         "--max-new-tokens", "6", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    first, second = report["outputs"]
+    assert (first["prompt"], first["prompt_tokens"]) == ("def fib(n):", tok.encode("def fib(n):"))
+    assert (second["prompt"], second["prompt_tokens"]) == (tok.decode([0, 5, 6]), [0, 5, 6])
+    stats = report["stats"]
+    assert stats["decode_tokens_per_s"] == pytest.approx(
+        (stats["new_tokens"] - 2) / (stats["time_s"] - stats["prefill_s"] - stats["capture_s"]))
+    assert "decoding alone" in err
+
+
+def test_decode_only_rate_in_the_api():
+    model = lsk.load_model()
+    res = lsk.generate(model, [[0, 5], [0, 7, 8]], max_new_tokens=5, eos_token_id=[])
+    s = res.stats
+    assert s["decode_tokens_per_s"] == pytest.approx(
+        (s["new_tokens"] - 2) / (s["time_s"] - s["prefill_s"] - s["capture_s"]))
+    # one new token per row comes from prefill alone: nothing was decoded
+    assert lsk.generate(model, [[0, 5]], max_new_tokens=1).stats["decode_tokens_per_s"] is None
+
+
 # -- sweep's best ------------------------------------------------------------------------------
 
 def test_sweep_best_says_it_compares_fixed_k_only(capsys, tmp_path, models):
