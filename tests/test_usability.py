@@ -200,3 +200,39 @@ def test_sweep_best_says_it_compares_fixed_k_only(capsys, tmp_path, models):
     best = [line for line in out.splitlines() if line.startswith("best")]
     assert len(best) == 1 and "fixed k" in best[0] and "k=auto not compared" in best[0]
     assert re.search(r"E=1 k=[12]:", best[0])
+
+
+# -- train: the example config, and the recommended (E, k) -------------------------------------
+
+def test_example_train_config_documents_every_key():
+    text = EXAMPLE.read_text()
+    documented = set(re.findall(r"^(?:# )?(\w+) = |^\[(\w+)\]$", text, re.MULTILINE))
+    documented = {key for pair in documented for key in pair if key}
+    keys = {f for f in TrainConfig.__dataclass_fields__}
+    assert keys <= documented, sorted(keys - documented)
+    config = load_config(EXAMPLE)
+    assert (ROOT / config.data).is_file() and (ROOT / config.tokenizer).is_file()
+    assert config.model is None and config.model_config["n_layers"] > 1
+
+
+def test_example_train_config_trains_and_says_how_to_pick_e_and_k(capsys, tmp_path,
+                                                                  monkeypatch):
+    """Two steps of the example at tiny sizes (run from the repository root, as its paths
+    are), then the printed sweep command parses as `layerskip sweep`."""
+    monkeypatch.chdir(ROOT)
+    raw = tomllib.loads(EXAMPLE.read_text())
+    raw.update(seq_len=16, batch_size=2, warmup_steps=1,
+               model_config=raw["model_config"] | {"dim": 32, "n_heads": 2, "n_kv_heads": 1,
+                                                   "hidden_dim": 48, "n_layers": 3})
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps(raw))
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "train", "--config", config, "--steps", "2", "--output", out,
+                       "--quiet")
+    assert code == 0, err
+    assert lsk.load_model(out).config.n_layers == 3
+    assert "recommends no (exit layer, k)" in err and "E = 1 (a quarter of the depth) and k = 4" in err
+    sweep = next(line for line in err.splitlines() if "layerskip sweep" in line)
+    args = cli.build_parser().parse_args(shlex.split(sweep.strip())[1:])
+    assert (args.command, args.model, args.exit_layers) == ("sweep", str(out), "1,2")
+    assert f'"layerskip": {{"exit_layer": E, "num_speculations": k}} in {out}/config.json' in err

@@ -1,6 +1,7 @@
 """`layerskip train` and `layerskip eval-exits`, added to the parser by cli.build_parser."""
 import importlib.util
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ def add_training_commands(sub, formatter_class=None, add_debug=None):
                        "holding a trainer state is resumed; a file is refused, and so is a "
                        "non-empty directory without one unless --overwrite.", **kwargs)
     p.add_argument("--config", metavar="FILE",
-                   required=True, help="a .json or .toml TrainConfig file")
+                   required=True, help="a .json or .toml TrainConfig file (every key, "
+                   "commented: bench/train_example.toml in the repository)")
     p.add_argument("--steps", metavar="N",
                    type=int_at_least(1), help="override the config's steps")
     p.add_argument("--output", metavar="DIR", help="override the config's output directory "
@@ -86,6 +88,34 @@ def cmd_train(args):
     last = trainer.history[-1] if trainer.history else None
     print(f"saved {config.output} at step {trainer.step}"
           + (f", last loss {last['loss']:.4f}" if last else ""), file=sys.stderr)
+    print(recommendation_note(output, trainer.model.config, config), file=sys.stderr)
+
+
+def recommendation_note(output, model_config, config):
+    """How to give a trained model its recommended (exit layer, k). train does not time a
+    sweep itself: which (E, k) is fastest depends on the machine and prompts that will serve
+    the model, rarely the training machine, and a short sweep measures noise (five full sweeps
+    of the default model on one machine ranged 1.42-1.71x: bench/results/README.md), while the
+    full grid costs minutes."""
+    from ..decoding.generate import DEFAULT_NUM_SPECULATIONS, default_exit_layer
+    c = model_config
+    L = c.n_layers
+    tokenizer = ("" if (output / "tokenizer.json").exists()
+                 else f" --tokenizer {shlex.quote(str(config.tokenizer))}")
+    sweep = (f"layerskip sweep --model {shlex.quote(str(output))}{tokenizer} --prompts "
+             f"PROMPTS.txt --exit-layers {','.join(map(str, range(1, L)))} --output "
+             f"{shlex.quote(str(output / 'sweep'))}")
+    if c.exit_layer is None:
+        now = (f"{output}/config.json recommends no (exit layer, k): self_speculative uses "
+               f"E = {default_exit_layer(L)} (a quarter of the depth) and k = "
+               f"{DEFAULT_NUM_SPECULATIONS}")
+    else:
+        now = (f"{output}/config.json keeps the (exit layer, k) = ({c.exit_layer}, "
+               f"{c.num_speculations}) that the model training started from recommended")
+    return (f"{now}.\nTo choose them, time them where the model will run, on prompts like "
+            f"yours (PROMPTS.txt, one per line):\n  {sweep}\nthen set \"layerskip\": "
+            f"{{\"exit_layer\": E, \"num_speculations\": k}} in {output}/config.json to "
+            "the best E and k it prints.")
 
 
 def cmd_eval_exits(args):
