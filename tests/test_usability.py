@@ -202,6 +202,51 @@ def test_sweep_best_says_it_compares_fixed_k_only(capsys, tmp_path, models):
     assert re.search(r"E=1 k=[12]:", best[0])
 
 
+# -- the README's CLI synopsis is the parser's -------------------------------------------------
+
+def _synopsis():
+    """{command: text} of the README's CLI block, with its [MODEL] and [TIMING] spelt out."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## CLI", 1)[1].split("```", 2)[1]
+    entries, key = {}, None
+    for line in filter(str.strip, block.splitlines()):
+        if not line.startswith(" "):
+            words = line.split()
+            key = words[0].rstrip(":") if words[0] != "layerskip" else words[1]
+            line = " ".join(words[1 if words[0] != "layerskip" else 2:])
+        entries[key] = entries.get(key, "") + " " + line.strip()
+    shared = {name: entries.pop(name, "") for name in ("MODEL", "TIMING")}
+    return {command: re.sub(r"\[(MODEL|TIMING)\]", lambda m: shared[m.group(1)], text)
+            for command, text in entries.items()}
+
+
+def _outside_brackets(text):
+    """The flags of text written outside [...] and (...): the README's required ones."""
+    depth, flags = 0, set()
+    for token in re.findall(r"[\[\]()]|--[a-z][a-z-]*", text):
+        depth += {"[": 1, "(": 1, "]": -1, ")": -1}.get(token, 0)
+        if token.startswith("--") and depth == 0:
+            flags.add(token)
+    return flags
+
+
+def test_readme_cli_synopsis_matches_the_parser():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    synopsis = _synopsis()
+    assert set(synopsis) == set(commands.choices) | {"--version"}
+    for name, sub in commands.choices.items():
+        actions = [a for a in sub._actions if a.option_strings[0] not in ("-h", "--debug")]
+        flags = {a.option_strings[-1] for a in actions}
+        assert set(re.findall(r"--[a-z][a-z-]*", synopsis[name])) == flags, name
+        assert _outside_brackets(synopsis[name]) == {
+            a.option_strings[-1] for a in actions if a.required}, name
+        for action in actions:
+            if action.choices:
+                assert f"{action.option_strings[-1]} {'|'.join(action.choices)}" in \
+                    synopsis[name], (name, action.option_strings)
+
+
 # -- train: the example config, and the recommended (E, k) -------------------------------------
 
 def test_example_train_config_documents_every_key():
@@ -231,7 +276,8 @@ def test_example_train_config_trains_and_says_how_to_pick_e_and_k(capsys, tmp_pa
                        "--quiet")
     assert code == 0, err
     assert lsk.load_model(out).config.n_layers == 3
-    assert "recommends no (exit layer, k)" in err and "E = 1 (a quarter of the depth) and k = 4" in err
+    assert "recommends no (exit layer, k)" in err
+    assert "E = 1 (a quarter of the depth) and k = 4" in err
     sweep = next(line for line in err.splitlines() if "layerskip sweep" in line)
     args = cli.build_parser().parse_args(shlex.split(sweep.strip())[1:])
     assert (args.command, args.model, args.exit_layers) == ("sweep", str(out), "1,2")
