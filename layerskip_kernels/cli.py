@@ -10,6 +10,7 @@ right after it loads otherwise. --debug prints the traceback as well.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -22,7 +23,8 @@ import torch
 from . import __version__
 from .benchmark import compare, dtype_name
 from .decoding import generate
-from .decoding.generate import AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES
+from .decoding.generate import (AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, SEED_RANGE,
+                                STRATEGIES, check_applicable, check_seed, stop_ids)
 from .files import OutputPathError
 from .model import load_model, load_tokenizer
 from .ops.kernels import PREFERENCES
@@ -88,8 +90,9 @@ def float_in(low, high=float("inf"), low_open=False, what=None):
             value = float(text)
         except ValueError:
             value = float("nan")
-        ok = (low < value if low_open else low <= value) and value <= high
-        if not ok:  # also refuses nan
+        ok = (math.isfinite(value) and (low < value if low_open else low <= value)
+              and value <= high)
+        if not ok:
             raise argparse.ArgumentTypeError(f"expected {what or f'a number >= {low}'}, "
                                              f"got {text!r}")
         return value
@@ -138,6 +141,15 @@ def device_arg(text):
             raise argparse.ArgumentTypeError(
                 f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}, got {text!r}")
     return text
+
+
+def seed_arg(text):
+    """An integer seed in the range generate() takes (checked before anything loads)."""
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in {list(SEED_RANGE)}, "
+                                         f"got {text!r}") from None
 
 
 def eos_arg(text):
@@ -248,9 +260,8 @@ def check_fits(model, tokenizer, tokenizer_path, prompts, labels, max_new_tokens
                          f"{c.max_seq_len} - {longest} tokens of {label}"
                          + (f" - {reserve} draft slots" if reserve else "")
                          + f"), got {max_new_tokens}")
-    bad = [i for i in eos_token_id or [] if i >= c.vocab_size]
-    if bad:
-        raise UsageError(f"--eos-token-id: expected ids in [0, {c.vocab_size}), got {bad[0]}")
+    if eos_token_id is not None:
+        stop_ids(c, eos_token_id)  # a ValueError naming eos_token_id: --eos-token-id
 
 
 def check_decodes(model, tokenizer, tokenizer_path):
@@ -308,32 +319,16 @@ def new_text(tokenizer, prompt, tokens):
 
 
 def _check_applicable(args):
-    """A flag the chosen decoding does not use is an error (checked before anything loads)."""
-    s, draft = args.strategy, args.draft or "early_exit"
-    if args.draft is not None and s != "self_speculative":
-        raise UsageError("--draft: applies only to --strategy self_speculative, "
-                         f"got --strategy {s}")
-    uses_exit = s == "early_exit" or (s == "self_speculative" and draft == "early_exit")
-    uses_speedup = s == "layer_skip" or (s == "self_speculative" and draft == "layer_skip")
-    for flag, value, used, where in (
-            ("--exit-layer", args.exit_layer, uses_exit,
-             "--strategy early_exit, or self_speculative with --draft early_exit"),
-            ("--num-speculations", args.num_speculations, s == "self_speculative",
-             "--strategy self_speculative"),
-            ("--speedup", args.speedup, uses_speedup,
-             "--strategy layer_skip, or self_speculative with --draft layer_skip")):
-        if value is not None and not used:
-            raise UsageError(f"{flag}: applies only to {where}, got --strategy {s}"
-                             + (f" --draft {draft}" if s == "self_speculative" else ""))
-    if uses_speedup and args.speedup is None:
-        raise UsageError(f"--speedup: required with --strategy {s}"
-                         + (" --draft layer_skip" if s == "self_speculative" else ""))
-    if args.temperature == 0:
-        for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p),
-                            ("--seed", args.seed)):
-            if value is not None:
-                raise UsageError(f"{flag}: applies only to sampling (--temperature > 0), "
-                                 "got greedy decoding (--temperature 0)")
+    """A flag the chosen decoding does not use is an error (checked before anything loads):
+    generate()'s rule, in flags."""
+    try:
+        check_applicable(args.strategy, args.draft, args.temperature, {
+            "draft": args.draft, "exit_layer": args.exit_layer,
+            "num_speculations": args.num_speculations, "speedup": args.speedup,
+            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed},
+            name=FLAGS.__getitem__)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.stream and args.json:
         raise UsageError("--stream: cannot be combined with --json (pick one output)")
 
@@ -639,7 +634,7 @@ def build_parser():
     p.add_argument("--top-p", metavar="P",
                    type=float_in(0, 1, low_open=True, what="a number in (0, 1]"),
                    help="sampling only: nucleus mass (default: 1.0 = off)")
-    p.add_argument("--seed", metavar="S", type=int, help="sampling only: random seed")
+    p.add_argument("--seed", metavar="S", type=seed_arg, help="sampling only: random seed")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--stream", action="store_true", help="print text as it is accepted")
     p.add_argument("--tp", metavar="N", type=int_at_least(1), default=1,
@@ -741,11 +736,12 @@ def build_parser():
 
 
 # Library errors name Python arguments; on the command line they are these flags.
-FLAGS = {"exit_layer": "--exit-layer", "num_speculations": "--num-speculations",
-         "speedup": "--speedup", "max_new_tokens": "--max-new-tokens",
-         "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
-         "draft": "--draft", "eos_token_id": "--eos-token-id", "dtype": "--dtype",
-         "device": "--device", "backend": "--backend", "tp": "--tp"}
+FLAGS = {"strategy": "--strategy", "draft": "--draft", "exit_layer": "--exit-layer",
+         "num_speculations": "--num-speculations", "speedup": "--speedup",
+         "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+         "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
+         "eos_token_id": "--eos-token-id", "dtype": "--dtype", "device": "--device",
+         "backend": "--backend", "tp": "--tp"}
 
 
 def _as_flag(message):

@@ -118,6 +118,9 @@ def test_unreadable_files(capsys, tiny, tmp_path, argv, needle):
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--temperature", "-1"], "--temperature"),
     (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--strategy", "layer_skip", "--speedup", "inf"], "--speedup"),
+    *[(["--temperature", "1", "--seed", seed], "--seed") for seed in ("-1", "1.5", str(2**64))],
     (["--temperature", "1", "--top-p", "1.5"], "--top-p"),
     (["--num-speculations", "0", "--strategy", "self_speculative"], "--num-speculations"),
     (["--eos-token-id", "x"], "--eos-token-id"),
@@ -148,6 +151,7 @@ def test_cuda_on_a_cpu_only_torch(capsys, tiny):
     (["--top-k", "3"], "--top-k"),
     (["--top-p", "0.9"], "--top-p"),
     (["--seed", "1"], "--seed"),
+    (["--top-k", "0"], "--top-k"),  # a flag given is a flag used, even at its neutral value
     (["--stream", "--json"], "--stream"),
 ])
 def test_flags_that_cannot_apply(capsys, argv, needle, monkeypatch):

@@ -2,6 +2,7 @@
 sampling filters of decoding/sampling.py."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,16 +132,20 @@ def test_sampling_with_one_candidate_is_greedy(generator, seed, filters):
 # ---------------------------------------------------------------- eos and stats
 
 
-@pytest.mark.parametrize("as_list", [False, True])
-def test_eos_stops_its_row_only(generator, as_list):
+EOS_FORMS = {"int": lambda t: t, "list": lambda t: [t], "tensor": lambda t: torch.tensor([t]),
+             "0-d tensor": torch.tensor, "numpy": lambda t: np.array([t]), "np.int64": np.int64}
+
+
+@pytest.mark.parametrize("form", EOS_FORMS)
+def test_eos_stops_its_row_only(generator, form):
+    """An eos given as a tensor or array stops too (a tensor element never equals an int)."""
     model = tiny_llama(generator)
     prompts = random_prompts(generator, (3, 6, 2))
     free = lsk.generate(model, prompts, max_new_tokens=17, eos_token_id=[]).tokens
     # An eos that row 0 emits after a few tokens and the other rows never emit.
     eos = next(t for t in free[0][2:] if all(t not in row for row in free[1:]))
     cut = free[0].index(eos) + 1
-    res = lsk.generate(model, prompts, max_new_tokens=17,
-                       eos_token_id=[eos] if as_list else eos)
+    res = lsk.generate(model, prompts, max_new_tokens=17, eos_token_id=EOS_FORMS[form](eos))
     assert res.tokens[0] == free[0][:cut] and res.tokens[0][-1] == eos
     assert cut < 17
     assert res.tokens[1:] == free[1:]
@@ -195,6 +200,37 @@ BAD_ARGS = [
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"),
+    # Integers are integers: no bools, no floats (even 8.0), no strings.
+    *[(dict(max_new_tokens=v), "max_new_tokens") for v in (8.0, 1.5, math.nan, True, "5")],
+    *[(dict(prompts=p), "prompts") for p in ([[1.0, 2.0]], [[1, 2.5]], [[True, 2]], [[1, None]],
+                                             torch.tensor([[True, False]]),
+                                             np.array([[1.0, 2.0]]), [torch.tensor([1.5])],
+                                             [np.array([1, 2]).astype(bool)], "1 2 3")],
+    (dict(strategy="early_exit", exit_layer=True), "exit_layer"),
+    (dict(strategy="early_exit", exit_layer=2.0), "exit_layer"),
+    (dict(strategy="self_speculative", exit_layer=2, num_speculations=True), "num_speculations"),
+    (dict(strategy="self_speculative", exit_layer=2, num_speculations="3"), "num_speculations"),
+    *[(dict(seed=v), "seed") for v in ("1", 1.5, 2**64, -1, True)],
+    *[(dict(top_k=v), "top_k") for v in (1.5, True)],
+    # Numbers are finite.
+    *[(dict(temperature=v), "temperature") for v in (math.nan, math.inf, "1")],
+    *[(dict(top_p=v), "top_p") for v in (math.nan, True)],
+    *[(dict(strategy="layer_skip", speedup=v), "speedup") for v in (math.nan, math.inf, True)],
+    # Stop tokens are token ids.
+    *[(dict(eos_token_id=v), "eos_token_id") for v in (-1, "abc", [1.5], [None], [VOCAB], True,
+                                                       torch.tensor([1.5]), np.array([-1]))],
+    (dict(stream=5), "stream"),
+    (dict(cuda_graphs=1), "cuda_graphs"),
+    # A mask is 1s (tokens) with padding on either side: no hole, no other value.
+    *[(dict(prompts=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([m])),
+       "attention_mask") for m in ([1, 0, 1], [1, 2, 1], [1, -1, 1], [0.5, 1.0, 1.0])],
+    # What the CLI refuses as a flag that cannot apply, the API refuses too.
+    (dict(draft="layer_skip", speedup=1.5), "draft"),
+    (dict(draft="early_exit"), "draft"),
+    (dict(strategy="layer_skip"), "speedup"),
+    (dict(temperature=0.0), "seed"),  # kw's seed=0 with greedy decoding
+    (dict(temperature=0.0, seed=None, top_k=3), "top_k"),
+    (dict(temperature=0.0, seed=None, top_p=0.9), "top_p"),
 ]
 
 
@@ -210,8 +246,45 @@ def test_bad_arguments_fail_before_any_work(generator, monkeypatch, bad, match):
 
     monkeypatch.setattr(model, "new_cache", no_work)
     monkeypatch.setattr(model, "forward", no_work)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"^{match}") as error:
         lsk.generate(model, **{**kw, **bad})
+    assert "\n" not in str(error.value) and "expected" in str(error.value)
+
+
+P = dict(prompts=[[1, 2, 3]])  # the plain prompts of the cases below
+
+
+@pytest.mark.parametrize("good, plain", [
+    (dict(max_new_tokens=np.int64(5)), {}), (dict(max_new_tokens=torch.tensor(5)), {}),
+    (dict(prompts=[np.array([1, 2, 3])]), P), (dict(prompts=[[np.int64(1), np.int32(2), 3]]), P),
+    (dict(prompts=np.array([[1, 2, 3]])), P),
+    (dict(prompts=torch.tensor([[1, 2, 3]], dtype=torch.int16)), P),
+    (dict(prompts=torch.tensor([[0, 1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1, 1]])), P),
+    (dict(prompts=torch.tensor([[1, 2, 3, 0]]), attention_mask=torch.tensor([[1., 1, 1, 0]])), P),
+    (dict(prompts=torch.tensor([[1, 2, 3, 0]]), attention_mask=np.array([[1, 1, 1, 0]]) > 0), P),
+    (dict(strategy="early_exit", exit_layer=np.int64(2)),
+     dict(strategy="early_exit", exit_layer=2)),
+    (dict(strategy="self_speculative", exit_layer=np.int64(2), num_speculations=np.int64(3)),
+     dict(strategy="self_speculative", exit_layer=2, num_speculations=3)),
+    (dict(strategy="self_speculative", draft="early_exit", exit_layer=torch.tensor(2)),
+     dict(strategy="self_speculative", exit_layer=2)),
+    (dict(top_k=np.int64(3), top_p=np.float32(0.5), temperature=np.float64(0.7)),
+     dict(top_k=3, top_p=0.5, temperature=0.7)),
+    (dict(seed=np.uint64(2**64 - 1)), dict(seed=2**64 - 1)),
+    (dict(seed=torch.tensor(7)), dict(seed=7)),
+    (dict(strategy="layer_skip", speedup=np.float64(1.5), seed=None, temperature=0.0),
+     dict(strategy="layer_skip", speedup=1.5, seed=None, temperature=0.0)),
+    # The neutral values of the sampling filters are no error with greedy decoding (benchmark,
+    # sweep and training call generate() with them).
+    (dict(temperature=0.0, seed=None, top_k=0, top_p=1.0), dict(temperature=0.0, seed=None)),
+])
+def test_integer_and_float_scalars_accepted(generator, good, plain):
+    """numpy and torch scalars, arrays and masks give the tokens of the plain Python values."""
+    model = tiny_llama(generator)
+    kw = dict(prompts=[[1, 2, 3]], max_new_tokens=5, temperature=1.0, seed=0, eos_token_id=[])
+    got = lsk.generate(model, **{**kw, **good})
+    assert got.tokens == lsk.generate(model, **{**kw, **plain}).tokens
+    assert len(got.tokens[0]) == 5
 
 
 # ---------------------------------------------------------------- logits_to_probs

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops._checks import fail
+from ..ops._checks import as_float, as_int, fail
 from .autoregressive import Batch, Outputs, decode_autoregressive, prefill
 from .cpu import cpu_steps_refusal, torch_threads_idle
 from .layer_skip import kept_layers
@@ -30,27 +30,62 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
+def _is_array(value):
+    """A tensor or a numpy array (anything with a dtype and a shape)."""
+    return torch.is_tensor(value) or (hasattr(value, "dtype") and hasattr(value, "shape"))
+
+
+def _integer_tensor(arg, value, dims):
+    """A tensor (a numpy array becomes one) of integer ids with `dims` dims: no floats, whose
+    ids would be truncated, and no bools, which would count as ids 0 and 1."""
+    t = value if torch.is_tensor(value) else torch.as_tensor(value)
+    if t.dim() != dims or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        fail(arg, "a 2-D integer tensor (batch, length) or a list of id lists" if dims == 2
+             else "a list, 1-D tensor or array of integer ids", f"{t.dtype} {tuple(t.shape)}")
+    return t
+
+
+def _ids(arg, row):
+    """Token ids as a list of ints: a list or tuple of integers (numpy and torch integer
+    scalars too), or a 1-D integer tensor or array."""
+    if _is_array(row):
+        return _integer_tensor(arg, row, 1).tolist()
+    if not isinstance(row, (list, tuple)):
+        fail(arg, "a list of token ids", row)
+    return [as_int(arg, i) for i in row]
+
+
 def _prompt_lists(prompts, attention_mask):
-    """Token-id lists from a list of lists, or from a 2-D tensor of ids and its attention mask
-    (1 = token, 0 = padding, on either side), as transformers' generate takes them."""
-    if not torch.is_tensor(prompts):
+    """Token-id lists from a list of id lists, or from a 2-D tensor (or array) of ids and its
+    attention mask (1 = token, 0 = padding, on either side), as transformers' generate takes
+    them."""
+    if not _is_array(prompts):
         if attention_mask is not None:
             fail("attention_mask", "None when prompts are lists of ids", "a mask")
-        return prompts
-    if prompts.dim() != 2 or prompts.dtype not in (torch.int32, torch.int64):
-        fail("prompts", "a 2-D integer tensor (batch, length) or a list of id lists",
-             f"{prompts.dtype} {tuple(prompts.shape)}")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            fail("prompts", "a non-empty list of token-id lists", prompts)
+        return [_ids(f"prompts[{i}]", row) for i, row in enumerate(prompts)]
+    prompts = _integer_tensor("prompts", prompts, 2)
     if attention_mask is None:
         return prompts.tolist()
-    if attention_mask.shape != prompts.shape:
-        fail("attention_mask", f"shape {tuple(prompts.shape)} (as prompts)",
-             tuple(attention_mask.shape))
-    return [row[keep].tolist() for row, keep in zip(prompts.cpu(), attention_mask.cpu().bool())]
+    mask = torch.as_tensor(attention_mask).cpu()
+    if mask.shape != prompts.shape:
+        fail("attention_mask", f"shape {tuple(prompts.shape)} (as prompts)", tuple(mask.shape))
+    if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+        fail("attention_mask", "only 0 (padding) and 1 (token)",
+             f"values {sorted(set(mask.flatten().tolist()) - {0, 1})[:4]}")
+    keep = mask.bool()
+    # A row's tokens are one run: padding on either side, never between tokens.
+    before = keep.int().cumsum(1)  # tokens up to each position
+    holes = (~keep & (before > 0) & (before < keep.sum(1, keepdim=True))).nonzero()
+    if len(holes):
+        row, col = holes[0].tolist()
+        fail(f"attention_mask[{row}]", "one run of 1s (padding on either side, never between "
+             "tokens)", f"a 0 at position {col} between 1s")
+    return [ids[k].tolist() for ids, k in zip(prompts.cpu(), keep)]
 
 
 def _check_prompts(config, prompts, max_new_tokens, reserve):
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        fail("prompts", "a non-empty list of token-id lists", prompts)
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             fail(f"prompts[{i}]", "at least one token (BOS)", "an empty prompt")
@@ -60,58 +95,85 @@ def _check_prompts(config, prompts, max_new_tokens, reserve):
         if len(prompt) > config.max_seq_len:
             fail(f"prompts[{i}]", f"at most max_seq_len={config.max_seq_len} tokens",
                   f"{len(prompt)} tokens")
-    if max_new_tokens < 1:
-        fail("max_new_tokens", ">= 1", max_new_tokens)
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens + reserve > config.max_seq_len:
         fail("max_new_tokens", f"longest prompt ({longest}) + max_new_tokens + {reserve} "
               f"draft slots <= max_seq_len={config.max_seq_len}", max_new_tokens)
 
 
-def _check_sampling(temperature, top_k, top_p):
-    if temperature < 0:
-        fail("temperature", ">= 0", temperature)
-    if top_k < 0:
-        fail("top_k", ">= 0 (0 = off)", top_k)
-    if not 0 < top_p <= 1:
-        fail("top_p", "a value in (0, 1]", top_p)
+# The seeds torch.Generator.manual_seed takes, each its own state: it also takes [-2**63, 0),
+# but maps a negative s to 2**64 + s, so -1 would silently be the seed 2**64 - 1.
+SEED_RANGE = (0, 2**64 - 1)
 
 
-def _check_exit_layer(config, exit_layer):
-    if not isinstance(exit_layer, int) or not 1 <= exit_layer <= config.n_layers - 1:
-        fail("exit_layer", f"an integer in [1, {config.n_layers - 1}]", exit_layer)
+def check_seed(seed):
+    """None, or the seed as an int in SEED_RANGE."""
+    return None if seed is None else as_int("seed", seed, *SEED_RANGE)
 
 
-def _check_speedup(speedup):
-    if not isinstance(speedup, (int, float)) or speedup < 1:
-        fail("speedup", "a number >= 1", speedup)
+def check_sampling(temperature, top_k, top_p, seed):
+    """(temperature, top_k, top_p, seed) as a finite float >= 0, an int >= 0, a float in (0, 1]
+    and None or an int in SEED_RANGE."""
+    return (as_float("temperature", temperature, "a finite number >= 0", lambda t: t >= 0),
+            as_int("top_k", top_k, low=0),
+            as_float("top_p", top_p, "a number in (0, 1]", lambda p: 0 < p <= 1),
+            check_seed(seed))
 
 
-def _check_applicable(strategy, draft, exit_layer, num_speculations, speedup):
-    """An argument the strategy does not use is an error, not silently ignored."""
-    uses_exit = strategy == "early_exit" or (strategy == "self_speculative"
-                                            and draft == "early_exit")
-    uses_speedup = strategy == "layer_skip" or (strategy == "self_speculative"
-                                               and draft == "layer_skip")
-    for name, value, used in (("exit_layer", exit_layer, uses_exit),
-                              ("num_speculations", num_speculations,
-                               strategy == "self_speculative"),
-                              ("speedup", speedup, uses_speedup)):
+def check_applicable(strategy, draft, temperature, given, name=lambda arg: arg):
+    """An argument the decoding does not use is an error, not silently ignored; speedup is
+    required where it is used. The one rule of generate() and of the CLI.
+
+    given: {argument: value} for draft, exit_layer, num_speculations, speedup, top_k, top_p and
+    seed, None where the caller left one unset. name(argument): how the caller spells an
+    argument (the CLI: its flag)."""
+    speculative = strategy == "self_speculative"
+    drafted = (draft or "early_exit") if speculative else None
+    context = f"{name('strategy')} {strategy}" + (f" {name('draft')} {drafted}"
+                                                  if speculative else "")
+    sampling = (temperature > 0, f"sampling ({name('temperature')} > 0)",
+                f"greedy decoding ({name('temperature')} 0)")
+    rules = {  # argument: (used, where it applies, what this call is)
+        "draft": (speculative, f"{name('strategy')} self_speculative", context),
+        "exit_layer": (strategy == "early_exit" or drafted == "early_exit",
+                       f"{name('strategy')} early_exit, or self_speculative with "
+                       f"{name('draft')} early_exit", context),
+        "num_speculations": (speculative, f"{name('strategy')} self_speculative", context),
+        "speedup": (strategy == "layer_skip" or drafted == "layer_skip",
+                    f"{name('strategy')} layer_skip, or self_speculative with "
+                    f"{name('draft')} layer_skip", context),
+        "top_k": sampling, "top_p": sampling, "seed": sampling}
+    for arg, value in given.items():
+        used, where, actual = rules[arg]
         if value is not None and not used:
-            fail(name, f"None with strategy={strategy!r}"
-                 + (f" and draft={draft!r}" if strategy == "self_speculative" else ""), value)
+            raise ValueError(f"{name(arg)}: expected only with {where}, got {value!r} with "
+                             f"{actual}")
+    if rules["speedup"][0] and given.get("speedup") is None:
+        raise ValueError(f"{name('speedup')}: expected a number >= 1 (required with {context}), "
+                         "got none")
 
 
-def _stop_ids(model, eos_token_id):
+def stop_ids(config, eos_token_id):
+    """The stop tokens as a set of ints: eos_token_id (an int; a list, tuple, tensor or array
+    of them; [] for none), each in [0, vocab_size); the config's when None."""
     if eos_token_id is None:
-        eos_token_id = model.config.eos_token_id
-    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        return set(config.eos_token_id)
+    if _is_array(eos_token_id) and len(eos_token_id.shape) == 0:
+        ids = [as_int("eos_token_id", eos_token_id)]
+    elif _is_array(eos_token_id) or isinstance(eos_token_id, (list, tuple)):
+        ids = _ids("eos_token_id", eos_token_id)
+    else:
+        ids = [as_int("eos_token_id", eos_token_id)]
+    bad = [i for i in ids if not 0 <= i < config.vocab_size]
+    if bad:
+        fail("eos_token_id", f"token ids in [0, vocab_size={config.vocab_size})", bad[0])
+    return set(ids)
 
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit_layer=None,
              num_speculations=None, speedup=None, temperature=0.0, top_k=0, top_p=1.0,
-             seed=None, eos_token_id=None, draft="early_exit", stream=None, cuda_graphs=None,
+             seed=None, eos_token_id=None, draft=None, stream=None, cuda_graphs=None,
              attention_mask=None):
     """Generate up to max_new_tokens for each prompt: a ragged batch of token-id lists, or a
     2-D tensor of ids with an optional attention_mask (1 = token, 0 = padding).
@@ -123,28 +185,43 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
                           runs every layer, decoding a fixed, evenly spread subset (lossy);
       "self_speculative"  draft num_speculations tokens (an int, or "auto": stop a round's
                           drafting when the draft is unsure, at most 8) with layers
-                          [0, exit_layer) (draft="early_exit") or the layer-skip subset for
-                          `speedup` (draft="layer_skip"), verify them with all layers in one
-                          pass; lossless: the output is that of "autoregressive".
+                          [0, exit_layer) (draft="early_exit", the default) or the layer-skip
+                          subset for `speedup` (draft="layer_skip"), verify them with all
+                          layers in one pass; lossless: the output is that of "autoregressive".
     exit_layer and num_speculations default to the model's recommendation (config); for
     self_speculative on a model without one, to a quarter of the depth and k = 4 (stats list
-    what was defaulted). An argument the strategy does not use is a ValueError.
+    what was defaulted).
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the distribution.
-    A row stops after a token of eos_token_id (int or list; default: the model config's),
-    which is kept in its output. stream(row, tokens), if given, is called with each row's
-    tokens as they are accepted. cuda_graphs: None replays captured steps on CUDA, eagerly
-    elsewhere; False always runs eagerly (stats["cuda_graphs"] says which ran).
+    A row stops after a token of eos_token_id (an int, or a list, tensor or array of them;
+    default: the model config's), which is kept in its output. stream(row, tokens), if given,
+    is called with each row's tokens as they are accepted. cuda_graphs: None replays captured
+    steps on CUDA, eagerly elsewhere; False always runs eagerly (stats["cuda_graphs"] says
+    which ran).
+
+    Every argument is checked before any work, each error a ValueError naming it: integers
+    are ints or numpy / torch integer scalars (never a bool, never a float such as 8.0),
+    numbers are finite, and an argument the decoding does not use (draft, exit_layer,
+    num_speculations or speedup for another strategy; top_k other than 0, top_p other than 1
+    or a seed with temperature 0) is an error, not silently ignored.
     """
     c = model.config
     if strategy not in STRATEGIES:
         fail("strategy", f"one of {STRATEGIES}", strategy)
-    if strategy == "self_speculative" and draft not in DRAFTS:
-        fail("draft", f"one of {DRAFTS}", draft)
-    _check_applicable(strategy, draft, exit_layer, num_speculations, speedup)
-    _check_sampling(temperature, top_k, top_p)
-    if cuda_graphs not in (None, True, False):
+    if draft is not None and draft not in DRAFTS:
+        fail("draft", f"None or one of {DRAFTS}", draft)
+    temperature, top_k, top_p, seed = check_sampling(temperature, top_k, top_p, seed)
+    check_applicable(strategy, draft, temperature, {
+        "draft": draft, "exit_layer": exit_layer, "num_speculations": num_speculations,
+        "speedup": speedup, "top_k": top_k or None, "top_p": None if top_p == 1 else top_p,
+        "seed": seed})
+    draft = draft or "early_exit"
+    max_new_tokens = as_int("max_new_tokens", max_new_tokens, low=1)
+    if stream is not None and not callable(stream):
+        fail("stream", "None or a callable stream(row, tokens)", stream)
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
         fail("cuda_graphs", "None, True or False", cuda_graphs)
     prompts = _prompt_lists(prompts, attention_mask)
+    stops = stop_ids(c, eos_token_id)
     all_layers = range(c.n_layers)
     confidence, reserve, defaulted = None, 0, []
     if strategy == "self_speculative":
@@ -153,9 +230,11 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
         if num_speculations is None:
             num_speculations = DEFAULT_NUM_SPECULATIONS
             defaulted.append("num_speculations")
-        if num_speculations == "auto":
+        if isinstance(num_speculations, str) and num_speculations == "auto":
             num_speculations, confidence = AUTO_DRAFT_CAP, AUTO_CONFIDENCE
-        if not isinstance(num_speculations, int) or num_speculations < 1:
+        try:
+            num_speculations = as_int("num_speculations", num_speculations, low=1)
+        except ValueError:
             fail("num_speculations", "an integer >= 1 or 'auto'", num_speculations)
         reserve = num_speculations + 1
     if strategy == "early_exit" or (strategy == "self_speculative" and draft == "early_exit"):
@@ -163,9 +242,9 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
         if exit_layer is None and strategy == "self_speculative" and c.n_layers > 1:
             exit_layer = default_exit_layer(c.n_layers)
             defaulted.append("exit_layer")
-        _check_exit_layer(c, exit_layer)
+        exit_layer = as_int("exit_layer", exit_layer, 1, c.n_layers - 1)
     if strategy == "layer_skip" or (strategy == "self_speculative" and draft == "layer_skip"):
-        _check_speedup(speedup)
+        speedup = as_float("speedup", speedup, "a finite number >= 1", lambda r: r >= 1)
     _check_prompts(c, prompts, max_new_tokens, reserve)
 
     device = model.embed_tokens.weight.device
@@ -182,7 +261,7 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     threads = torch_threads_idle(model) if temperature == 0 else contextlib.nullcontext()
     with threads, held_state(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens
                              + reserve, max(reserve - 1, 0), graphs) as state:
-        outputs = Outputs(len(prompts), _stop_ids(model, eos_token_id), max_new_tokens, stream)
+        outputs = Outputs(len(prompts), stops, max_new_tokens, stream)
         batch = Batch(state, prompts, outputs, replay=graphs)
         prefill(model, batch.rows, prompts, prefill_layers, sampling, generator, state.cpu_steps)
         batch.emit([[t] for t in batch.rows.tokens.tolist()])
