@@ -1,10 +1,15 @@
 """The ops a model calls, bound to its backend preference and resolved once per call shape.
 
 `Kernels(preference)` is built with the model (`model.backend = "triton"` rebuilds it). Each op
-picks its backend the first time it sees a shape (the key: op, device, dtype and the sizes
-that limit kernels) through `Op.prefer`, then it is a dict look-up. The launchers run without
-the public ops' argument checks: the model builds these tensors itself. While training
-(autograd on) every op runs its PyTorch reference, as the kernels have no backward.
+picks its backend through `Op.prefer` the first time it sees a key, then it is a dict look-up.
+The key holds the op's name, the device, the dtype and the sizes in which one model's calls
+differ: rms_norm and silu_mul the last dim, attention the queries per row, the fused layer the
+queries and head dim, the draft head the rows and lm_head's shape, greedy_accept every shape.
+What stays fixed for a model's life is left out, though limits read it: attention's head dim
+and the alignment of the model's own buffers. So a Kernels serves the one model that builds
+it; the launchers run without the public ops' argument checks, the model building these
+tensors itself. While training (autograd on) every op runs its PyTorch reference, as the
+kernels have no backward.
 
 Under torch.compile the chosen backend is called through its torch.library custom op
 (ops/library.py), which the compiler sees as one opaque, schema-described call.

@@ -3,8 +3,10 @@ torch.library.opcheck see each kernel as one call with a schema: which arguments
 place (the KV cache) and a fake implementation giving the outputs' shapes and dtypes.
 
 Each takes the backend name last and runs that backend's launcher; `custom_op(op, backend)`
-gives a callable with the launcher's own signature. The pybind11 module _C stays torch-free:
-these wrappers are the only place torch meets it.
+gives a callable with the launcher's own signature. The pybind11 modules stay torch-free (they
+take data pointers, strides, a dtype code and a stream as integers): a backend's launcher in
+ops/<op>.py (attention_with_kvcache's `_launch_cuda` for _C, llama_layer's and draft_head's
+for _cpu) is where tensors become those integers, whether called here or directly.
 """
 from typing import Optional
 

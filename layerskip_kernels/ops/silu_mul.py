@@ -6,9 +6,10 @@
 computed in float32 and rounded once to gate_up's dtype. gpt-fast fuses w1 and w3 the same way
 (one GEMM for gate and up) and splits the result in two:
 https://github.com/pytorch-labs/gpt-fast/blob/main/model.py
-model/llama.py computes ``F.silu(gate) * up`` in the model dtype: in float32 that is this op bit
-for bit; in fp16 / bf16 it rounds twice (after silu, after the product), so it can differ from
-this op by one ulp, and this op is the more accurate of the two.
+model/llama.py's MLP runs this op (the forward's `silu_mul`). Hugging Face's LlamaMLP, and the
+fused layer's reference (ops/llama_layer.py), compute ``F.silu(gate) * up`` in the model dtype:
+in float32 that is this op bit for bit; in fp16 / bf16 it rounds twice (after silu, after the
+product), so it can differ from this op by one ulp, and this op is the more accurate of the two.
 """
 import torch
 import torch.nn.functional as F
