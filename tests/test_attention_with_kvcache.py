@@ -437,9 +437,42 @@ def bad_rotary(args):
     args[6] = args[6][:, :-1]
 
 
+def integer_rotary(args):
+    args[6], args[7] = args[6].round().int(), args[7].round().int()
+
+
+def expanded_cache(args):
+    """Every row of the batch one row in memory: a write to one lands in all."""
+    args[1] = args[1][:1].expand_as(args[1])
+
+
+def stride_zero_positions(args):
+    args[2] = args[2][:, :1].expand_as(args[2])
+
+
+def v_cache_is_k_cache(args):
+    args[2] = args[1]
+
+
+def v_cache_overlaps_k_cache(args):
+    """Both views of one buffer, v shifted by one head dim: they share all but one slot."""
+    k = args[1]
+    buffer = torch.zeros(k.numel() + k.shape[-1], dtype=k.dtype, device=k.device)
+    args[1], args[2] = buffer[:k.numel()].view(k.shape), buffer[k.shape[-1]:].view(k.shape)
+
+
+def caches_of_one_buffer(args):
+    """A control: k and v in one buffer, apart."""
+    both = torch.zeros((2, *args[1].shape), dtype=args[1].dtype, device=args[1].device)
+    args[1], args[2] = both[0], both[1]
+
+
 @pytest.mark.parametrize("corrupt, arg", [
     (bad_dtype, "q"), (bad_cache_dtype, "k_cache"), (bad_shape, "k_new"),
     (bad_last_dim_stride, "q"), (cache_overflow, "cache_seqlens"), (bad_rotary, "rotary_cos"),
+    (integer_rotary, "rotary_cos"), (expanded_cache, "k_cache"),
+    (stride_zero_positions, "v_cache"), (v_cache_is_k_cache, "v_cache"),
+    (v_cache_overlaps_k_cache, "v_cache"), (caches_of_one_buffer, None),
 ])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_input_names_the_argument(corrupt, arg, backend, generator, kernel_device):
@@ -451,6 +484,9 @@ def test_bad_input_names_the_argument(corrupt, arg, backend, generator, kernel_d
     attention_with_kvcache(*on(device, guard_inputs(generator)), backend=backend)  # control
     args = on(device, guard_inputs(generator))
     corrupt(args)
+    if arg is None:  # a corruption that is none: it runs
+        attention_with_kvcache(*args, backend=backend)
+        return
     with pytest.raises(ValueError, match=f"^{arg}:"):
         attention_with_kvcache(*args, backend=backend)
 
@@ -755,12 +791,21 @@ def test_cuda_rejects_bad_num_splits(generator):
         _launch_cuda(*args, num_splits=_ext._C.ATTENTION_MAX_SPLITS + 1)
 
 
-def test_cuda_backend_raises_runtime_error_without_gpu(generator):
+def test_cuda_backend_without_gpu_is_a_value_error(generator):
     if torch.cuda.is_available():
         pytest.skip("checks behaviour without a GPU")
     attention_with_kvcache(*guard_inputs(generator), backend="torch")  # control
-    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+    with pytest.raises(ValueError, match="^backend: .*'cuda', which cannot"):
         attention_with_kvcache(*guard_inputs(generator), backend="cuda")
+
+
+def test_triton_backend_without_triton_is_a_value_error(generator, monkeypatch):
+    from layerskip_kernels.ops import backend
+
+    attention_with_kvcache(*guard_inputs(generator), backend="triton")  # control (interpreter)
+    monkeypatch.setattr(backend, "_TRITON_INSTALLED", False)
+    with pytest.raises(ValueError, match="^backend: .*'triton', which cannot"):
+        attention_with_kvcache(*guard_inputs(generator), backend="triton")
 
 
 # ---------------------------------------------------------------- CUDA launch plan (no GPU)

@@ -364,6 +364,9 @@ GUARDS = [  # (argument named in the error, how to break a valid call)
     ("rotary_cos", lambda a: _replace(a, 7, a[7][:2])),
     ("rotary_sin", lambda a: _replace(a, 8, None)),
     ("rotary_sin", lambda a: _replace(a, 8, a[8][:, :3])),
+    ("rotary_cos", lambda a: _replace(a, 7, a[7].round().long())),  # angles rounded to ints
+    ("k_cache", lambda a: _replace(a, 4, a[4][:1].expand_as(a[4]))),  # a write lands twice
+    ("v_cache", lambda a: _replace(a, 5, a[4])),  # v written over k
 ]
 
 

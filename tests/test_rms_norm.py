@@ -206,9 +206,15 @@ def bad_residual_dtype(a):
     a["residual"] = a["residual"].half()
 
 
+def bad_weight_dtype(a):
+    a["weight"] = a["weight"].double()
+
+
 @pytest.mark.parametrize("corrupt, arg", [
     (bad_x_dtype, "x"), (bad_x_stride, "x"), (bad_weight_shape, "weight"), (bad_eps, "eps"),
     (bad_residual_shape, "residual"), (bad_residual_dtype, "residual"),
+    (bad_weight_dtype, "weight"),
+    *[(lambda a, e=e: a.update(eps=e), "eps") for e in (float("nan"), float("inf"), True)],
 ])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_input_names_the_argument(corrupt, arg, backend, generator, kernel_device):
@@ -218,6 +224,29 @@ def test_bad_input_names_the_argument(corrupt, arg, backend, generator, kernel_d
     corrupt(args)
     with pytest.raises(ValueError, match=f"^{arg}:"):
         rms_norm(**args, backend=backend)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float16),
+                                             (torch.float16, torch.float32),
+                                             (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weight_of_another_dtype_is_read_as_float32(x_dtype, w_dtype, backend, generator,
+                                                    kernel_device):
+    """Defined, not refused: a weight of another dtype counts as its float32 value (both
+    backends upcast it), and y keeps x's dtype."""
+    device = "cpu" if backend == "torch" else kernel_device
+    x, weight, residual = make_inputs((3, 100), x_dtype, generator, device)
+    weight = weight.to(w_dtype)
+    for res in (None, residual):
+        got = rms_norm(x, weight, 1e-5, res, backend=backend)
+        want = rms_norm(x, weight.float(), 1e-5, res, backend=backend)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)) if res is not None else (
+            torch.equal(got, want))
+        y = got if res is None else got[0]
+        assert y.dtype == x_dtype
+        atol, rtol = TOLERANCES[x_dtype]
+        torch.testing.assert_close(y.double(), oracle(x, weight, 1e-5, res)[0], atol=atol,
+                                   rtol=rtol)
 
 
 def test_triton_rejects_a_dim_past_the_limit(kernel_device):

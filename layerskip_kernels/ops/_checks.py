@@ -47,3 +47,28 @@ def as_float(arg: str, value, expected: str, ok=lambda x: True) -> float:
     if number is None or not math.isfinite(number) or not ok(number):
         fail(arg, expected, value)
     return number
+
+
+def overlaps_itself(t) -> bool:
+    """True when two indices of t may address one element (an expanded, stride-0 view, say),
+    so that a write through it lands twice. Sorted by stride, each dim must step past every
+    offset the smaller dims reach: sufficient for distinct addresses, and what every layout
+    we write through (contiguous tensors and their slices) satisfies."""
+    reach = 0
+    for stride, size in sorted((abs(s), n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def share_memory(a, b) -> bool:
+    """True when the address ranges of a and b intersect (one written through the other)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t):
+        extent = sum(abs(s) * (n - 1) for s, n in zip(t.stride(), t.shape)) + 1
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._checks import check
+from ._checks import check, overlaps_itself, share_memory
 from .backend import Impl, Op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,8 +36,7 @@ def _check_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqle
           "k_cache", f"(B={B}, Smax, Hkv, D={D})", tuple(k_cache.shape))
     Smax, Hkv = k_cache.shape[1], k_cache.shape[2]
     check(Hkv > 0 and Hq % Hkv == 0, "k_cache", f"a KV head count dividing Hq={Hq}", Hkv)
-    check(v_cache.shape == k_cache.shape, "v_cache", f"shape {tuple(k_cache.shape)}",
-          tuple(v_cache.shape))
+    check_caches(k_cache, v_cache)
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         check(t.shape == (B, Sq, Hkv, D), name, f"shape {(B, Sq, Hkv, D)}", tuple(t.shape))
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new),
@@ -52,19 +51,41 @@ def _check_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqle
           "cache_seqlens", f"int32 of shape ({B},)", f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     check(cache_seqlens.device == q.device, "cache_seqlens", f"device {q.device} (as q)",
           cache_seqlens.device)
-    check((rotary_cos is None) == (rotary_sin is None), "rotary_sin",
-          "given together with rotary_cos", "only one of them")
-    if rotary_cos is not None:
-        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-            check(t.dim() == 2 and t.shape[0] >= Smax and t.shape[1] == D // 2, name,
-                  f"shape (>= Smax={Smax}, D/2={D // 2})", tuple(t.shape))
-            check(t.device == q.device, name, f"device {q.device} (as q)", t.device)
+    check_rotary(rotary_cos, rotary_sin, Smax, D, q.device, "q")
     if cache_seqlens.device.type == "cpu":  # a bounds check on the GPU would cost a host sync
         longest = int(cache_seqlens.max()) if B else 0
         check(int(cache_seqlens.min()) >= 0 if B else True, "cache_seqlens", ">= 0",
               cache_seqlens.tolist())
         check(longest + Sq <= Smax, "cache_seqlens",
               f"cache_seqlens + Sq <= Smax={Smax} (cache full)", f"{longest} + {Sq}")
+
+
+def check_caches(k_cache, v_cache):
+    """What a cache written in place must be (attention_with_kvcache and llama_layer): v_cache
+    of k_cache's shape, neither written through an overlapping (expanded) view, and the two
+    apart in memory, since a write to one would change the other."""
+    check(v_cache.shape == k_cache.shape, "v_cache", f"shape {tuple(k_cache.shape)}",
+          tuple(v_cache.shape))
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check(not overlaps_itself(t), name, "a tensor with one address per element (not "
+              "expanded or otherwise overlapping)", f"strides {t.stride()}")
+    check(not share_memory(k_cache, v_cache), "v_cache", "memory apart from k_cache's",
+          "a view overlapping k_cache")
+
+
+def check_rotary(rotary_cos, rotary_sin, Smax, D, device, anchor):
+    """RoPE tables: both or neither, (>= Smax, D/2) floating-point tables on `device` (as
+    argument `anchor`). The kernels read any float dtype (CUDA as float32 unless fp16 / bf16);
+    integer tables would be angles rounded to whole numbers."""
+    check((rotary_cos is None) == (rotary_sin is None), "rotary_sin",
+          "given together with rotary_cos", "only one of them")
+    if rotary_cos is None:
+        return
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        check(t.dim() == 2 and t.shape[0] >= Smax and t.shape[1] == D // 2, name,
+              f"shape (>= Smax={Smax}, D/2={D // 2})", tuple(t.shape))
+        check(t.is_floating_point(), name, "a floating-point table", t.dtype)
+        check(t.device == device, name, f"device {device} (as {anchor})", t.device)
 
 
 def rotary_factors(cos, sin):

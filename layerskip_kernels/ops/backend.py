@@ -13,8 +13,8 @@ How a call picks a backend:
   backend="auto"    on a GPU, the first backend in the op's order that runs there and whose
                     limits take this call (so "torch" when no kernel does); on a CPU, "cpu"
                     when the op has it and its limits take the call, else "torch".
-  backend=<name>    that backend; a ValueError naming the argument it cannot take, or a
-                    RuntimeError when it cannot run on the device at all.
+  backend=<name>    that backend; a ValueError naming the argument it cannot take, or naming
+                    `backend` when it cannot run on the device at all (no _C, no triton).
   a preference      (a model's backend, `Op.prefer`): that backend when it takes the call,
                     else as "auto". Never raises: "torch" takes every call.
 """
@@ -75,8 +75,8 @@ class Op:
         check(backend in self.impls, "backend", f"'auto' or one of {self.backends}",
               repr(backend))
         reason = _why_not_on(backend, device)
-        if reason:
-            raise RuntimeError(f"backend {backend!r} cannot run on {device}: {reason}")
+        check(not reason, "backend", f"a backend that runs on {device}",
+              f"{backend!r}, which cannot: {reason}")
         limit = self.impls[backend].why_not(args)
         if limit:
             arg, expected, actual = limit

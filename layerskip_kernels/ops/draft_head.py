@@ -20,7 +20,7 @@ unfused path (RMSNorm, one cuBLAS GEMM into float32 logits, argmax or a stable s
 import torch
 import torch.nn.functional as F
 
-from ._checks import check
+from ._checks import as_float, check
 from .backend import Impl, Op
 from .rms_norm import SUPPORTED_DTYPES, rms_norm_reference
 
@@ -49,7 +49,7 @@ def _check_draft_head(h, norm_weight, eps, lm_head_weight, k=1):
     check(norm_weight.shape == (dim,), "norm_weight", f"shape ({dim},)", tuple(norm_weight.shape))
     check(norm_weight.dtype in SUPPORTED_DTYPES, "norm_weight", "float32, float16 or bfloat16",
           norm_weight.dtype)
-    check(isinstance(eps, (int, float)) and eps >= 0, "eps", "a number >= 0", repr(eps))
+    as_float("eps", eps, "a finite number >= 0", lambda e: e >= 0)
     check(lm_head_weight.dim() == 2 and lm_head_weight.shape[1] == dim
           and lm_head_weight.shape[0] > 0, "lm_head_weight", f"shape (vocab >= 1, dim={dim})",
           tuple(lm_head_weight.shape))

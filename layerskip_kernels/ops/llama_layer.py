@@ -32,8 +32,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._checks import check, fail
-from .attention_with_kvcache import attention_with_kvcache_reference
+from ._checks import as_float, check, fail
+from .attention_with_kvcache import attention_with_kvcache_reference, check_caches, check_rotary
 from .backend import Impl, Op
 from .rms_norm import rms_norm_reference
 
@@ -110,8 +110,7 @@ def _check_llama_layer(x, residual, weights, eps, k_cache, v_cache, cache_seqlen
     Smax, Hkv, D = k_cache.shape[1:]
     check(Hkv > 0 and D > 0 and D % 2 == 0, "k_cache", "Hkv >= 1 heads of an even head_dim",
           tuple(k_cache.shape))
-    check(v_cache.shape == k_cache.shape, "v_cache", f"shape {tuple(k_cache.shape)}",
-          tuple(v_cache.shape))
+    check_caches(k_cache, v_cache)
     qkv_rows = weights[1].shape[0] if weights[1].dim() == 2 else -1
     Hq = (qkv_rows - 2 * Hkv * D) // D
     check(weights[1].dim() == 2 and weights[1].shape[1] == dim and Hq > 0 and Hq % Hkv == 0
@@ -127,7 +126,7 @@ def _check_llama_layer(x, residual, weights, eps, k_cache, v_cache, cache_seqlen
         name = f"weights[{i}] ({WEIGHT_NAMES[i]})"
         check(w.dtype == x.dtype, name, f"dtype {x.dtype} (as x)", w.dtype)
         check(w.device == x.device, name, f"device {x.device} (as x)", w.device)
-    check(isinstance(eps, (int, float)) and eps >= 0, "eps", "a number >= 0", repr(eps))
+    as_float("eps", eps, "a finite number >= 0", lambda e: e >= 0)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check(t.dtype == x.dtype, name, f"dtype {x.dtype} (as x)", t.dtype)
         check(t.stride(-1) == 1, name, "a contiguous last dim (stride 1)", t.stride(-1))
@@ -136,13 +135,7 @@ def _check_llama_layer(x, residual, weights, eps, k_cache, v_cache, cache_seqlen
           f"int32 of shape ({B},)", f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     check(cache_seqlens.device == x.device, "cache_seqlens", f"device {x.device} (as x)",
           cache_seqlens.device)
-    check((rotary_cos is None) == (rotary_sin is None), "rotary_sin",
-          "given together with rotary_cos", "only one of them")
-    if rotary_cos is not None:
-        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
-            check(t.dim() == 2 and t.shape[0] >= Smax and t.shape[1] == D // 2, name,
-                  f"shape (>= Smax={Smax}, D/2={D // 2})", tuple(t.shape))
-            check(t.device == x.device, name, f"device {x.device} (as x)", t.device)
+    check_rotary(rotary_cos, rotary_sin, Smax, D, x.device, "x")
     if cache_seqlens.device.type == "cpu" and B:  # on a GPU this would cost a host sync
         check(int(cache_seqlens.min()) >= 0, "cache_seqlens", ">= 0", cache_seqlens.tolist())
         longest = int(cache_seqlens.max())

@@ -3,10 +3,14 @@
     h = x + residual            (in x's dtype, rounded as PyTorch's add; h = x without residual)
     y = weight * h / sqrt(mean(h^2) + eps)     (float32 throughout, rounded once to x's dtype)
 
-Hugging Face's LlamaRMSNorm (and model/llama.py's RMSNorm) round h / rms(h) to the input dtype
-before multiplying by the weight (two roundings):
+The weight may have another of the three dtypes than x (say fp32 norms in an fp16 model): both
+backends read it as its float32 value, and y keeps x's dtype.
+
+Hugging Face's LlamaRMSNorm rounds h / rms(h) to the input dtype before multiplying by the
+weight (two roundings):
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py
-In float32 the two agree bit for bit; in fp16 / bf16 this op is the more accurate one (one ulp).
+In float32 the two agree bit for bit; in fp16 / bf16 this op is the more accurate one (one
+ulp). model/llama.py's RMSNorm runs this op (it is the forward's `norm`), so it rounds once.
 
 Routing (backend "auto" on a GPU): the Triton kernel is one launch that reads x (and the
 residual) once; the reference is a chain of elementwise PyTorch kernels (add, cast, square,
@@ -16,7 +20,7 @@ time on every benchmarked shape.
 """
 import torch
 
-from ._checks import check
+from ._checks import as_float, check
 from .backend import Impl, Op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,7 +42,7 @@ def _check_rms_norm(x, weight, eps, residual):
     check(weight.shape == (dim,), "weight", f"shape ({dim},)", tuple(weight.shape))
     check(weight.dtype in SUPPORTED_DTYPES, "weight", "float32, float16 or bfloat16", weight.dtype)
     check(weight.device == x.device, "weight", f"device {x.device} (as x)", weight.device)
-    check(isinstance(eps, (int, float)) and eps >= 0, "eps", "a number >= 0", repr(eps))
+    as_float("eps", eps, "a finite number >= 0", lambda e: e >= 0)
     if residual is not None:
         check(residual.shape == x.shape, "residual", f"shape {tuple(x.shape)} (as x)",
               tuple(residual.shape))
@@ -77,8 +81,9 @@ RMS_NORM = Op("rms_norm", {"triton": Impl(_launch_triton, _kernel_limits),
 def rms_norm(x, weight, eps, residual=None, backend="auto"):
     """RMSNorm of x (..., dim) with weight (dim,), or of h = x + residual when given.
 
-    Returns y (..., dim) in x's dtype; with a residual, (y, h) where h = x + residual is the
-    new residual stream (a new tensor; x and residual are not modified).
+    Returns y (..., dim) in x's dtype, whatever weight's (float32, float16 or bfloat16); with a
+    residual, (y, h) where h = x + residual is the new residual stream (a new tensor; x and
+    residual are not modified).
     """
     _check_rms_norm(x, weight, eps, residual)
     return RMS_NORM(backend, x.device, (x, weight, eps, residual))
