@@ -1,5 +1,5 @@
 // Shared by every csrc/<op>.cu and python/bindings.cpp: dtype codes, the CUDA error
-// check, and one launcher declaration per op. No torch: tensors arrive as raw device
+// check and the argument check (each op declares its launcher in csrc/<op>.cuh). No torch: tensors arrive as raw device
 // pointers (uintptr_t), shapes, a dtype code and a cudaStream_t passed as an integer.
 #pragma once
 
@@ -37,13 +37,5 @@ inline void check_cuda(cudaError_t err, const char* what) {
 inline void check_arg(bool ok, const char* arg, const std::string& expected) {
   if (!ok) throw std::invalid_argument(std::string(arg) + ": expected " + expected);
 }
-
-// ---- launchers, one per csrc/<op>.cu ----
-
-// csrc/kv_cache_append.cu
-void kv_cache_append(uintptr_t k_cache, uintptr_t v_cache, uintptr_t k_new, uintptr_t v_new,
-                     uintptr_t cache_seqlens, int64_t batch, int64_t max_seqlen,
-                     int64_t seqlen_new, int64_t heads, int64_t head_dim, int dtype,
-                     uintptr_t stream);
 
 }  // namespace lsk

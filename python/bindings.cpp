@@ -44,11 +44,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "layerskip_kernels CUDA kernels (raw pointers, no torch)";
   m.def("device_count", &device_count, "Number of CUDA devices; 0 without a driver or device.");
   m.def("compiled_archs", &compiled_archs, "CUDA architectures compiled into this module.");
-  m.def("kv_cache_append", &lsk::kv_cache_append, "Append K/V rows at cache_seqlens[b].",
-        py::arg("k_cache"), py::arg("v_cache"), py::arg("k_new"), py::arg("v_new"),
-        py::arg("cache_seqlens"), py::arg("batch"), py::arg("max_seqlen"),
-        py::arg("seqlen_new"), py::arg("heads"), py::arg("head_dim"), py::arg("dtype"),
-        py::arg("stream"));
   m.attr("ATTENTION_MAX_QUERIES") = lsk::attn::kMaxQueries;
   m.attr("ATTENTION_MAX_SPLITS") = lsk::attn::kMaxSplits;
   m.attr("ATTENTION_MAX_ROW_TILES") = lsk::attn::kMaxRowWarps;

@@ -152,8 +152,6 @@ def opcheck_cases(generator):
         "attention_with_kvcache": (library.attention_with_kvcache,
                                    (q, k_cache, v_cache, k_new, v_new, seqlens, cos, sin, None,
                                     "torch")),
-        "kv_cache_append": (library.kv_cache_append,
-                            (k_cache, v_cache, k_new, v_new, seqlens, "torch")),
         "rms_norm": (library.rms_norm, (x, w, 1e-5, "torch")),
         "rms_norm_residual": (library.rms_norm_residual, (x, w, 1e-5, randn(3, 5, 32), "torch")),
         "draft_head_argmax": (library.draft_head_argmax, (randn(2, 32), w, 1e-5, randn(9, 32),
@@ -164,9 +162,8 @@ def opcheck_cases(generator):
     }
 
 
-@pytest.mark.parametrize("name", ["attention_with_kvcache", "kv_cache_append", "rms_norm",
-                                  "rms_norm_residual", "draft_head_argmax", "greedy_accept",
-                                  "silu_mul"])
+@pytest.mark.parametrize("name", ["attention_with_kvcache", "rms_norm", "rms_norm_residual",
+                                  "draft_head_argmax", "greedy_accept", "silu_mul"])
 def test_custom_op_registration(generator, name):
     """Schema (mutated arguments declared), fake implementation and dispatch agree."""
     op, args = opcheck_cases(generator)[name]

@@ -7,12 +7,11 @@ from .draft_head import (draft_head_argmax, draft_head_argmax_reference, draft_h
                          draft_head_topk_reference)
 from .greedy_accept import greedy_accept, greedy_accept_reference
 from .kernels import Kernels
-from .kv_cache_append import kv_cache_append, kv_cache_append_reference
 from .rms_norm import rms_norm, rms_norm_reference
 from .silu_mul import silu_mul, silu_mul_reference
 
 __all__ = ["Impl", "Kernels", "Op", "attention_with_kvcache", "attention_with_kvcache_reference",
            "draft_head_argmax", "draft_head_argmax_reference", "draft_head_topk",
            "draft_head_topk_reference", "greedy_accept", "greedy_accept_reference",
-           "kv_cache_append", "kv_cache_append_reference", "library", "rms_norm",
+           "library", "rms_norm",
            "rms_norm_reference", "silu_mul", "silu_mul_reference", "triton_available"]

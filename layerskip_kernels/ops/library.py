@@ -16,7 +16,6 @@ from torch import Tensor
 from .attention_with_kvcache import ATTENTION
 from .draft_head import DRAFT_HEAD_ARGMAX
 from .greedy_accept import GREEDY_ACCEPT
-from .kv_cache_append import KV_CACHE_APPEND
 from .rms_norm import RMS_NORM
 from .silu_mul import SILU_MUL
 
@@ -34,17 +33,6 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: T
 def _(q, k_cache, v_cache, k_new, v_new, cache_seqlens, rotary_cos, rotary_sin, softmax_scale,
       backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("layerskip::kv_cache_append", mutates_args=("k_cache", "v_cache"))
-def kv_cache_append(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
-                    cache_seqlens: Tensor, backend: str) -> None:
-    KV_CACHE_APPEND.impls[backend].run(k_cache, v_cache, k_new, v_new, cache_seqlens)
-
-
-@kv_cache_append.register_fake
-def _(k_cache, v_cache, k_new, v_new, cache_seqlens, backend):
-    return None
 
 
 @torch.library.custom_op("layerskip::rms_norm", mutates_args=())
@@ -114,7 +102,6 @@ def _rms_norm(backend):
 
 _CALLERS = {
     "attention_with_kvcache": lambda backend: lambda *args: attention_with_kvcache(*args, backend),
-    "kv_cache_append": lambda backend: lambda *args: kv_cache_append(*args, backend),
     "rms_norm": _rms_norm,
     "draft_head_argmax": lambda backend: lambda *args: draft_head_argmax(*args, backend),
     "greedy_accept": lambda backend: lambda *args: greedy_accept(*args, backend),
