@@ -112,12 +112,6 @@ def unpack(keys):
     return bits.view(torch.float32), _LOW - (keys & _LOW)
 
 
-def merge_topk(values, indices, k):
-    """The k best (value, index) of candidates (..., n), values descending, equal values in
-    index order (as a stable descending sort of the full logits)."""
-    return unpack(pack(values, indices).topk(k, dim=-1).values)
-
-
 # -- parallel modules ----------------------------------------------------------------------
 
 class RowParallelLinear(nn.Linear):
@@ -136,7 +130,7 @@ class RowParallelLinear(nn.Linear):
 
 class VocabParallelLinear(nn.Linear):
     """The lm_head rows of this rank's vocabulary (plan.vocab[rank]); forward gives the local
-    logits, which gather / argmax / topk combine across ranks."""
+    logits, which gather / argmax combine across ranks."""
 
     def __init__(self, dim, plan, group=None):
         start, stop = plan.vocab[plan.rank]
@@ -157,18 +151,6 @@ class VocabParallelLinear(nn.Linear):
         keys = pack(logits, tokens + self.start)
         dist.all_reduce(keys, op=dist.ReduceOp.MAX, group=self.group)
         return unpack(keys)[1]
-
-    def topk(self, values, indices, k):
-        """Global top-k from each rank's local top-min(k, rows) candidates: one all-gather."""
-        pad = k - values.shape[-1]
-        keys = pack(values, indices + self.start)
-        if pad:  # a rank with fewer than k rows: candidates that lose to every real one
-            keys = torch.cat([keys, pack(torch.full_like(values[..., :1], float("-inf")),
-                                         torch.full_like(indices[..., :1], _LOW)).expand(
-                                             *keys.shape[:-1], pad)], dim=-1)
-        parts = [torch.empty_like(keys) for _ in self.bounds]
-        dist.all_gather(parts, keys.contiguous(), group=self.group)
-        return unpack(torch.cat(parts, dim=-1).topk(k, dim=-1).values)
 
 
 class ParallelLlama(Llama):
@@ -196,14 +178,6 @@ class ParallelLlama(Llama):
                                                 self.training_graph())
         return self.lm_head.argmax(*argmax(h, self.norm.weight, self.norm.eps,
                                            self.lm_head.weight))
-
-    def head_topk(self, h, k):
-        """(values float32, indices int64) (..., k) of the head's logits, as
-        ops.draft_head_topk on the whole model: local top-k, then a merge of every rank's."""
-        from ..ops.draft_head import draft_head_topk
-        local = draft_head_topk(h, self.norm.weight, self.norm.eps, self.lm_head.weight,
-                                min(k, self.lm_head.out_features), backend=self.backend)
-        return self.lm_head.topk(*local, k)
 
     def shared_seed(self):
         """A seed for sampling that every rank shares: rank 0's, broadcast."""
