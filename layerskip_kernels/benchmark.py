@@ -63,22 +63,6 @@ SUMMED = ("rounds", "row_rounds", "drafted", "accepted", "new_tokens", "time_s",
           "capture_s")
 
 
-def best_of_runs(model, prompts, max_new_tokens, repeats=3, **settings):
-    """Greedy decoding of each prompt alone, keeping the fastest of `repeats` runs (for a
-    shared CPU); total tokens/s and acceptance over all prompts, and the tokens."""
-    tokens, new, elapsed, accepted, drafted = [], 0, 0.0, 0, 0
-    for prompt in prompts:
-        runs = [generate(model, [prompt], max_new_tokens=max_new_tokens, **settings)
-                for _ in range(repeats)]
-        res = min(runs, key=lambda r: r.stats["time_s"])
-        tokens.append(res.tokens[0])
-        new, elapsed = new + res.stats["new_tokens"], elapsed + res.stats["time_s"]
-        accepted += res.stats.get("accepted", 0)
-        drafted += res.stats.get("drafted", 0)
-    return {"tokens_per_s": new / elapsed, "acceptance": accepted / max(drafted, 1),
-            "tokens": tokens}
-
-
 def _transformers(hf_model, prompts, max_new_tokens, **kwargs):
     """transformers' generate, one prompt at a time (its assistant_early_exit is batch-1)."""
     def run():
