@@ -205,7 +205,8 @@ BAD_ARGS = [
     *[(dict(prompts=p), "prompts") for p in ([[1.0, 2.0]], [[1, 2.5]], [[True, 2]], [[1, None]],
                                              torch.tensor([[True, False]]),
                                              np.array([[1.0, 2.0]]), [torch.tensor([1.5])],
-                                             [np.array([1, 2]).astype(bool)], "1 2 3")],
+                                             [np.array([1, 2]).astype(bool)], "1 2 3",
+                                             np.array([[1, None]]), [np.array([1, None])])],
     (dict(strategy="early_exit", exit_layer=True), "exit_layer"),
     (dict(strategy="early_exit", exit_layer=2.0), "exit_layer"),
     (dict(strategy="self_speculative", exit_layer=2, num_speculations=True), "num_speculations"),
@@ -224,6 +225,8 @@ BAD_ARGS = [
     # A mask is 1s (tokens) with padding on either side: no hole, no other value.
     *[(dict(prompts=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([m])),
        "attention_mask") for m in ([1, 0, 1], [1, 2, 1], [1, -1, 1], [0.5, 1.0, 1.0])],
+    (dict(prompts=torch.tensor([[1, 2, 3]]), attention_mask=np.array([[1, None, 1]])),
+     "attention_mask"),
     # What the CLI refuses as a flag that cannot apply, the API refuses too.
     (dict(draft="layer_skip", speedup=1.5), "draft"),
     (dict(draft="early_exit"), "draft"),

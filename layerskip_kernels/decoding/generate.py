@@ -35,13 +35,24 @@ def _is_array(value):
     return torch.is_tensor(value) or (hasattr(value, "dtype") and hasattr(value, "shape"))
 
 
+def _as_tensor(arg, value, expected):
+    """value as a tensor (a numpy array or nested lists become one), or a ValueError."""
+    if torch.is_tensor(value):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):  # e.g. an array of Python objects
+        fail(arg, expected, value)
+
+
 def _integer_tensor(arg, value, dims):
     """A tensor (a numpy array becomes one) of integer ids with `dims` dims: no floats, whose
     ids would be truncated, and no bools, which would count as ids 0 and 1."""
-    t = value if torch.is_tensor(value) else torch.as_tensor(value)
+    expected = ("a 2-D integer tensor (batch, length) or a list of id lists" if dims == 2
+                else "a list, 1-D tensor or array of integer ids")
+    t = _as_tensor(arg, value, expected)
     if t.dim() != dims or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        fail(arg, "a 2-D integer tensor (batch, length) or a list of id lists" if dims == 2
-             else "a list, 1-D tensor or array of integer ids", f"{t.dtype} {tuple(t.shape)}")
+        fail(arg, expected, f"{t.dtype} {tuple(t.shape)}")
     return t
 
 
@@ -68,7 +79,7 @@ def _prompt_lists(prompts, attention_mask):
     prompts = _integer_tensor("prompts", prompts, 2)
     if attention_mask is None:
         return prompts.tolist()
-    mask = torch.as_tensor(attention_mask).cpu()
+    mask = _as_tensor("attention_mask", attention_mask, "a tensor of 0s and 1s").cpu()
     if mask.shape != prompts.shape:
         fail("attention_mask", f"shape {tuple(prompts.shape)} (as prompts)", tuple(mask.shape))
     if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
@@ -150,7 +161,7 @@ def check_applicable(strategy, draft, temperature, given, name=lambda arg: arg):
                              f"{actual}")
     if rules["speedup"][0] and given.get("speedup") is None:
         raise ValueError(f"{name('speedup')}: expected a number >= 1 (required with {context}), "
-                         "got none")
+                         "got None")
 
 
 def stop_ids(config, eos_token_id):
