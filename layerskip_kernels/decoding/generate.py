@@ -63,6 +63,8 @@ def _ids(arg, row):
         return _integer_tensor(arg, row, 1).tolist()
     if not isinstance(row, (list, tuple)):
         fail(arg, "a list of token ids", row)
+    if all(type(i) is int for i in row):  # the usual case, fast: a bool's type is bool
+        return list(row)
     return [as_int(arg, i) for i in row]
 
 
