@@ -101,7 +101,7 @@ class EarlyExitDraft(nn.Module):
     Every submodule is the target's own object, so the draft holds no tensor of its own.
     Assumes a decoder-only model laid out as vLLM's Llama is (``model.embed_tokens``,
     ``model.layers`` called as ``layer(positions, hidden, residual)``, ``model.norm``
-    taking the residual, ``compute_logits``), which covers Llama, Mistral and Qwen2.
+    taking the residual, ``compute_logits``); tested on Llama only.
     """
 
     def __init__(self, *, vllm_config, prefix: str = "", target: nn.Module, exit_layer: int):
