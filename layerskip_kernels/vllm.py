@@ -59,8 +59,12 @@ from torch import nn  # noqa: E402
 from vllm.compilation.backends import set_model_tag  # noqa: E402
 from vllm.compilation.decorators import support_torch_compile  # noqa: E402
 from vllm.config import get_layers_from_vllm_config  # noqa: E402
+from vllm.logger import init_logger  # noqa: E402
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase  # noqa: E402
 from vllm.v1.spec_decode.draft_model import DraftModelProposer  # noqa: E402
+
+# Under "vllm" so that vLLM's logging configuration shows it.
+logger = init_logger("vllm.layerskip")
 
 # The draft's compile tag: vLLM compiles (and on CUDA captures, PIECEWISE) each tagged module
 # apart, so the draft gets graphs of its own beside the target's.
@@ -174,6 +178,9 @@ class LayerSkipProposer(DraftModelProposer):
             ).items()
             if id(layer) in kept and layer.get_kv_cache_spec(self.vllm_config) is not None
         }
+        logger.info("LayerSkip draft: the target's own layers [0, %d) and head, attending "
+                    "through %d of its attention layers' KV", self.exit_layer,
+                    len(self._draft_attn_layer_names))
 
 
 def write_truncated_copy(target_dir, exit_layer: int, out_dir) -> Path:
