@@ -316,7 +316,7 @@ def _graph_stats(model, state, before, graphs, temperature, confidence):
     on_cpu = model.embed_tokens.weight.device.type == "cpu"
     if state.cpu_steps is not None and state.cpu_steps.calls:
         note = "cpu: one C++ call per greedy step or round"
-    elif on_cpu:
+    elif on_cpu and not replayable(state.tokens.device):
         why = cpu_steps_refusal(model) or (
             "sampling: Python steps over the C++ layers (whole C++ steps are greedy)"
             if temperature > 0
