@@ -26,6 +26,7 @@ from .decoding import generate
 from .decoding.generate import (AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, SEED_RANGE,
                                 STRATEGIES, check_applicable, check_seed, stop_ids)
 from .files import OutputPathError
+from .decoding.stop import new_text
 from .model import load_model, load_tokenizer
 from .ops.kernels import PREFERENCES
 from .ops.llama_layer import MAX_THREADS, check_num_threads, set_num_threads
@@ -164,6 +165,18 @@ def eos_arg(text):
         raise argparse.ArgumentTypeError(f"expected token ids >= 0 (comma list, repeatable) or "
                                          f"'none', got {text!r}")
     return ids
+
+
+def stop_arg(text):
+    """A stop string, with Python's backslash escapes read (--stop "\\n\\n": a blank line)."""
+    try:
+        stop = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected text with valid backslash escapes, got "
+                                         f"{text!r} ({error.reason})") from None
+    if not stop:
+        raise argparse.ArgumentTypeError("expected a non-empty stop string, got ''")
+    return stop
 
 
 # -- checks shared by the commands ------------------------------------------------------------
@@ -312,12 +325,6 @@ def _cuda_graphs(args):
 
 # -- commands ---------------------------------------------------------------------------------
 
-def new_text(tokenizer, prompt, tokens):
-    """The text the new tokens add after the prompt (decoding them alone can lose context,
-    such as the leading space a llama2.c tokenizer drops after BOS)."""
-    return tokenizer.decode(prompt + tokens)[len(tokenizer.decode(prompt)):]
-
-
 def _check_applicable(args):
     """A flag the chosen decoding does not use is an error (checked before anything loads):
     generate()'s rule, in flags."""
@@ -362,6 +369,8 @@ def cmd_generate(args):
     if not (args.prompt or args.prompt_ids):
         raise UsageError("--prompt: give at least one --prompt or --prompt-ids")
     tokenizer, tokenizer_path = find_tokenizer(args)
+    if args.stop and tokenizer is None:
+        raise UsageError("--stop: needs a tokenizer to match stop strings: pass --tokenizer")
     prompts, labels = _prompts(args, tokenizer)
     model = load_model_arg(args)
     if args.strategy == "early_exit" and args.exit_layer is None and not model.config.exit_layer:
@@ -380,12 +389,11 @@ def cmd_generate(args):
                       num_speculations=args.num_speculations, speedup=args.speedup,
                       temperature=args.temperature, top_k=args.top_k or 0,
                       top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed,
-                      eos_token_id=eos, cuda_graphs=_cuda_graphs(args),
-                      **({"draft": args.draft} if args.draft else {}))
+                      eos_token_id=eos, cuda_graphs=_cuda_graphs(args), stop=args.stop,
+                      tokenizer=tokenizer, **({"draft": args.draft} if args.draft else {}))
     if not printing:
         return
-    texts = [new_text(tokenizer, p, t) if tokenizer else None
-             for p, t in zip(prompts, result.tokens)]
+    texts = result.texts or [None] * len(prompts)
     if stream:
         stream.close()
     elif args.json:
@@ -635,6 +643,9 @@ def build_parser():
                    type=float_in(0, 1, low_open=True, what="a number in (0, 1]"),
                    help="sampling only: nucleus mass (default: 1.0 = off)")
     p.add_argument("--seed", metavar="S", type=seed_arg, help="sampling only: random seed")
+    p.add_argument("--stop", metavar="TEXT", action="append", type=stop_arg,
+                   help="stop a row once its new text holds TEXT (repeatable; backslash "
+                   "escapes read, e.g. '\\n\\n'); its text ends before TEXT; needs a tokenizer")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--stream", action="store_true", help="print text as it is accepted")
     p.add_argument("--tp", metavar="N", type=int_at_least(1), default=1,

@@ -37,12 +37,15 @@ def decode_step(model, rows, layers, sampling=(0.0, 0, 1.0), generator=None):
 
 class Outputs:
     """The new tokens of each row, and which rows are finished: a row ends after a stop
-    token (kept) or at max_new_tokens. `stream(row, tokens)` sees tokens as they are kept."""
+    token (kept), after the token that completes a stop string (`stop_strings`, a
+    stop.StopStrings, if given) or at max_new_tokens. `stream(row, tokens)` sees tokens as
+    they are kept."""
 
-    def __init__(self, batch_size, stop_ids, max_new_tokens, stream=None):
+    def __init__(self, batch_size, stop_ids, max_new_tokens, stream=None, stop_strings=None):
         self.tokens = [[] for _ in range(batch_size)]
         self.done = [False] * batch_size
         self.stop_ids, self.max_new_tokens, self.stream = stop_ids, max_new_tokens, stream
+        self.stop_strings = stop_strings
 
     def extend(self, row, new_tokens):
         if self.done[row]:
@@ -50,7 +53,8 @@ class Outputs:
         out, start = self.tokens[row], len(self.tokens[row])
         for token in new_tokens:
             out.append(token)
-            if token in self.stop_ids or len(out) >= self.max_new_tokens:
+            if (token in self.stop_ids or len(out) >= self.max_new_tokens
+                    or (self.stop_strings and self.stop_strings.hit(row, out))):
                 self.done[row] = True
                 break
         if self.stream:

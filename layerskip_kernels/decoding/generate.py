@@ -11,6 +11,7 @@ from .cpu import cpu_steps_refusal, torch_threads_idle
 from .layer_skip import kept_layers
 from .self_speculative import ExitDraft, SkipDraft, decode_self_speculative
 from .state import held_state, replayable
+from .stop import StopStrings, check_stop, cut_at_stop, new_text
 
 STRATEGIES = ("autoregressive", "early_exit", "self_speculative", "layer_skip")
 DRAFTS = ("early_exit", "layer_skip")
@@ -28,6 +29,7 @@ def default_exit_layer(n_layers):
 class GenerationResult:
     tokens: list[list[int]]  # the new tokens of each prompt
     stats: dict = field(default_factory=dict)
+    texts: list[str] | None = None  # with a tokenizer: each row's new text, cut before a stop
 
 
 def _is_array(value):
@@ -187,7 +189,7 @@ def stop_ids(config, eos_token_id):
 def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit_layer=None,
              num_speculations=None, speedup=None, temperature=0.0, top_k=0, top_p=1.0,
              seed=None, eos_token_id=None, draft=None, stream=None, cuda_graphs=None,
-             attention_mask=None):
+             attention_mask=None, stop=None, tokenizer=None):
     """Generate up to max_new_tokens for each prompt: a ragged batch of token-id lists, or a
     2-D tensor of ids with an optional attention_mask (1 = token, 0 = padding).
 
@@ -206,10 +208,13 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     what was defaulted).
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the distribution.
     A row stops after a token of eos_token_id (an int, or a list, tensor or array of them;
-    default: the model config's), which is kept in its output. stream(row, tokens), if given,
-    is called with each row's tokens as they are accepted. cuda_graphs: None replays captured
-    steps on CUDA, eagerly elsewhere; False always runs eagerly (stats["cuda_graphs"] says
-    which ran).
+    default: the model config's), which is kept in its output. stop: a string or list of
+    strings (needs `tokenizer`): a row also ends after the token that completes one in its new
+    text (a stop may span tokens), which is kept in its tokens; res.texts (with a tokenizer)
+    are the new text of each row, cut before its first stop (excluded, as vLLM's `stop`).
+    stream(row, tokens), if given, is called with each row's tokens as they are accepted.
+    cuda_graphs: None replays captured steps on CUDA, eagerly elsewhere; False always runs
+    eagerly (stats["cuda_graphs"] says which ran).
 
     Every argument is checked before any work, each error a ValueError naming it: integers
     are ints or numpy / torch integer scalars (never a bool, never a float such as 8.0),
@@ -234,6 +239,7 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
         fail("cuda_graphs", "None, True or False", cuda_graphs)
     prompts = _prompt_lists(prompts, attention_mask)
+    stop = check_stop(stop, tokenizer)
     stops = stop_ids(c, eos_token_id)
     all_layers = range(c.n_layers)
     confidence, reserve, defaulted = None, 0, []
@@ -274,7 +280,8 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     threads = torch_threads_idle(model) if temperature == 0 else contextlib.nullcontext()
     with threads, held_state(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens
                              + reserve, max(reserve - 1, 0), graphs) as state:
-        outputs = Outputs(len(prompts), stops, max_new_tokens, stream)
+        outputs = Outputs(len(prompts), stops, max_new_tokens, stream,
+                          StopStrings(tokenizer, stop, prompts) if stop else None)
         batch = Batch(state, prompts, outputs, replay=graphs)
         prefill(model, batch.rows, prompts, prefill_layers, sampling, generator, state.cpu_steps)
         batch.emit([[t] for t in batch.rows.tokens.tolist()])
@@ -305,7 +312,9 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
                      exit_layer=exit_layer if draft == "early_exit" else None,
                      num_speculations="auto" if confidence else num_speculations,
                      defaulted=defaulted)
-    return GenerationResult(tokens, stats)
+    texts = None if tokenizer is None else [cut_at_stop(new_text(tokenizer, p, t), stop)
+                                            for p, t in zip(prompts, tokens)]
+    return GenerationResult(tokens, stats, texts)
 
 
 def _graph_stats(model, state, before, graphs, temperature, confidence):
