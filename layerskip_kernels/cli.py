@@ -549,6 +549,11 @@ def cmd_bench(args):
     return main_bench(args)
 
 
+def cmd_lm_eval(args):
+    from .integrations.lm_eval_model import main as lm_eval_main
+    lm_eval_main([a for a in args.harness_args if a != "--debug"])
+
+
 def cmd_sweep(args):
     from .sweep import main_sweep
     return main_sweep(args)
@@ -740,6 +745,16 @@ def build_parser():
     p = _subparser(sub, "info", "print a model's config, parameter count and bytes")
     add_model_args(p, backend=False)
     p.set_defaults(run=cmd_info)
+
+    from .task_eval import add_eval_command
+    add_eval_command(sub)
+    # Every argument after `lm-eval` is lm-eval's: '+' as the prefix keeps argparse off them.
+    p = sub.add_parser("lm-eval", prefix_chars="+", add_help=False,
+                       help="lm-evaluation-harness's command line with the `layerskip` model "
+                       "registered (layerskip lm-eval --model layerskip --model_args "
+                       "pretrained=DIR ... --tasks ...; needs the [eval] extra)")
+    p.add_argument("harness_args", nargs=argparse.REMAINDER)
+    p.set_defaults(run=cmd_lm_eval)
 
     from .training.cli import add_training_commands
     add_training_commands(sub, formatter_class=_HelpFormatter, add_debug=add_debug)

@@ -1,0 +1,1 @@
+"""Adapters to other frameworks, each importing its framework only when imported itself."""
