@@ -16,6 +16,7 @@ from .benchmark import (Progress, _ours, dtype_name, machine_info, time_interlea
                         write_atomic)
 from .decoding.generate import DEFAULT_NUM_SPECULATIONS, default_exit_layer
 from .decoding.stop import cut_at_stop, new_text
+from .ops.llama_layer import _cpu
 
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "exact_match")
 METRIC_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU",
@@ -105,19 +106,17 @@ def run_eval(model, tokenizer, prompts, references, max_new_tokens, configs, sto
     format_table). on_repeat(report), if given, gets the report of the repetitions so far
     after each one ("complete": false)."""
     ids = [tokenizer.encode(p) for p in prompts]
-    texts = {}
+    last, texts = {}, {}  # each configuration's tokens (greedy: every run's), and their text
 
-    def scored(name, run):
+    def kept(name, run):
         def call():
-            tokens, stats = run()
-            texts[name] = [cut_at_stop(new_text(tokenizer, p, t), stop)
-                           for p, t in zip(ids, tokens)]
-            return tokens, stats
+            last[name], stats = run()
+            return last[name], stats
         return call
 
     timed = [(name, settings,
-              scored(name, _ours(model, ids, max_new_tokens, batch_size, stop=stop,
-                                 tokenizer=tokenizer, eos_token_id=eos_token_id, **settings)))
+              kept(name, _ours(model, ids, max_new_tokens, batch_size, stop=stop,
+                               tokenizer=tokenizer, eos_token_id=eos_token_id, **settings)))
              for name, settings in configs]
     settings = {"examples": len(prompts), "max_new_tokens": max_new_tokens, "stop": stop,
                 "eos_token_id": eos_token_id, "repeats": repeats, "warmup": warmup,
@@ -129,12 +128,15 @@ def run_eval(model, tokenizer, prompts, references, max_new_tokens, configs, sto
         base = configs[0][0]
         for row in rows:
             name = row["name"]
-            if name not in scores:
+            if name not in scores:  # decoded and scored once, outside the timed runs
+                texts[name] = [cut_at_stop(new_text(tokenizer, p, t), stop)
+                               for p, t in zip(ids, last[name])]
                 scores[name] = score(texts[name], references)
             row.update(scores[name])
             row["same_text_as_autoregressive"] = texts[name] == texts[base]
             row["same_scores_as_autoregressive"] = scores[name] == scores[base]
         return {"machine": machine, "threads": torch.get_num_threads(),
+                "kernel_threads": _cpu.num_threads() if _cpu is not None else None,
                 "settings": {**settings, "repeats_done": done}, "complete": done == repeats,
                 "metrics": HOW_SCORED,
                 "results": rows,
