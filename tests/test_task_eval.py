@@ -10,7 +10,8 @@ pytest.importorskip("sacrebleu")
 
 import layerskip_kernels as lsk  # noqa: E402
 from layerskip_kernels.cli import main  # noqa: E402
-from layerskip_kernels.task_eval import configurations, load_examples, run_eval, score  # noqa: E402
+from layerskip_kernels.task_eval import (_time_speedup, configurations, load_examples,  # noqa: E402
+                                         run_eval, score)
 
 EXAMPLES = [("Once upon a time", " there was a little girl named Lily."),
             ("The dog was", " very happy."),
@@ -40,6 +41,17 @@ def test_metrics_average_over_pairs():
         score(["a"], ["a", "b"])
 
 
+def test_speedup_in_time():
+    """Autoregressive: 100 tokens at 10 tokens/s (10 s); a configuration that writes 50 tokens
+    at 10 tokens/s takes 5 s: 1x in tokens/s, 2x in time."""
+    row = {"tokens_per_s": 10.0, "speedup_vs_ours_autoregressive": 1.0,
+           "speedup_vs_ours_autoregressive_min": 0.8, "speedup_vs_ours_autoregressive_max": 1.1}
+    _time_speedup(row, 50, 100)
+    assert row["time_s"] == 5.0 and row["new_tokens"] == 50
+    assert (row["speedup_in_time"], row["speedup_in_time_min"], row["speedup_in_time_max"]) == (
+        2.0, 1.6, 2.2)
+
+
 def test_self_speculative_scores_equal_autoregressive(stories_path, stories_tokenizer_path):
     model = lsk.load_model(stories_path)
     tok = lsk.load_tokenizer(stories_tokenizer_path)
@@ -54,6 +66,8 @@ def test_self_speculative_scores_equal_autoregressive(stories_path, stories_toke
     ar, spec = rows["autoregressive"], rows["self_speculative E=2 k=3"]
     assert spec["same_text_as_autoregressive"] and spec["same_scores_as_autoregressive"]
     assert all(spec[m] == ar[m] for m in ("rouge1", "rouge2", "rougeL", "bleu", "exact_match"))
+    assert spec["new_tokens"] == ar["new_tokens"]  # the same tokens: both speedups agree
+    assert spec["speedup_in_time"] == pytest.approx(spec["speedup_vs_ours_autoregressive"])
     assert not rows["early_exit E=2"]["same_text_as_autoregressive"]  # a lossy control
     for example in report["examples"]:
         assert all("." not in text for text in example["outputs"].values())  # the stop
@@ -101,3 +115,27 @@ def test_bad_data_lines_are_named(tmp_path, line, match):
     assert load_examples(path, limit=1) == (["a"], ["b"])  # passing control: line 2 unread
     with pytest.raises(ValueError, match=match):
         load_examples(path)
+
+
+def test_interrupt_keeps_the_finished_repetitions(stories_path, stories_tokenizer_path, data,
+                                                  tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first of two repetitions: exit 130, and --output holds that one
+    ("complete": false), as bench keeps its repetitions."""
+    from layerskip_kernels import task_eval
+    real = task_eval.time_interleaved
+
+    def one_then_interrupt(timed, repeats, warmup, progress, on_repeat):
+        real(timed, 1, warmup, progress, lambda rows, done: on_repeat(rows, done))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(task_eval, "time_interleaved", one_then_interrupt)
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", stories_path, "--tokenizer", stories_tokenizer_path,
+              "--data", data, "--max-new-tokens", "8", "--exit-layers", "2", "--speedups",
+              "1.5", "--repeats", "2", "--warmup", "0", "--quiet", "--output", out])
+    assert exit_.value.code == 130
+    assert "keeps the 1 of 2 repetitions" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert not report["complete"] and report["settings"]["repeats_done"] == 1
+    assert len(report["results"]) == 4 and "rougeL" in report["results"][0]
