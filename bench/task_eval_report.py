@@ -146,8 +146,13 @@ def main_report():
         "# Task quality against speedup (`layerskip eval`)", "",
         f"Machine: {machine['processor'] or machine['platform']}, {machine['cpu_count']} CPUs, "
         f"commit {machine['commit']}, {machine['date']}. The machine was shared with other "
-        "developers' jobs while this ran: absolute tokens/s are inflated by that load, and the "
-        "speedups are ratios of medians of interleaved runs in one process.", "",
+        "developers' jobs while this ran: absolute times are inflated (tokens/s deflated) by "
+        "that load, which changed from second to second (see the min-max spreads in the JSON); "
+        "the speedups are ratios of medians of interleaved runs in one process.", "",
+        "Columns: `tokens`, new tokens over all examples; `x tok/s`, the speedup over "
+        "autoregressive decoding in tokens/s (as `bench`); `x time`, in wall time on the same "
+        "examples (stop strings let a lossy configuration write more or fewer tokens; the plots "
+        "use this one); `same as AR`, every output equal to the autoregressive one.", "",
         f"Scores: {report['metrics']}.", "",
         "Reproduce: `" + report["settings"]["command"] + "`", "", *sections])
     write_atomic(args.output / "report.md", text)

@@ -5,6 +5,7 @@ own. Skips when the [eval] extra (lm-eval) is absent."""
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -150,3 +151,19 @@ def test_simple_evaluate_on_local_tasks(stories_lm, tmp_path):
 def test_registered_as_layerskip():
     from lm_eval.api.registry import get_model
     assert get_model("layerskip") is LayerSkipLM
+
+
+def test_layerskip_lm_eval_hands_every_argument_to_lm_eval(monkeypatch):
+    """`layerskip lm-eval ARGS`: lm-eval's command line gets ARGS untouched (argparse keeps
+    off them), with `layerskip` registered."""
+    import lm_eval.__main__
+    from lm_eval.api.registry import get_model
+
+    from layerskip_kernels.cli import main
+    monkeypatch.setattr(sys, "argv", sys.argv[:])  # lm-eval's command line reads sys.argv
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate",
+                        lambda: seen.append((sys.argv[:], get_model("layerskip"))))
+    args = ["--model", "layerskip", "--model_args", "pretrained=x,exit_layer=2", "--tasks", "t"]
+    assert main(["lm-eval", *args]) == 0
+    assert seen == [(["lm-eval", *args], LayerSkipLM)]
