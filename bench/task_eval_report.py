@@ -27,8 +27,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from layerskip_kernels.benchmark import write_atomic
 from layerskip_kernels.cli import main
+from layerskip_kernels.files import write_text
 from layerskip_kernels.task_eval import format_table
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -116,7 +116,7 @@ def run_task(name, task, args, scratch):
     report.pop("examples")  # the prompts are rebuilt by this script; see its docstring
     report["settings"].update(data=task["what"], wall_s=round(seconds, 1),
                               command="python bench/task_eval_report.py " + " ".join(sys.argv[1:]))
-    write_atomic(out, json.dumps(report, indent=1) + "\n")
+    write_text(out, json.dumps(report, indent=1) + "\n")
     return report, seconds
 
 
@@ -155,7 +155,7 @@ def main_report():
         "use this one); `same as AR`, every output equal to the autoregressive one.", "",
         f"Scores: {report['metrics']}.", "",
         "Reproduce: `" + report["settings"]["command"] + "`", "", *sections])
-    write_atomic(args.output / "report.md", text)
+    write_text(args.output / "report.md", text)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .benchmark import (Progress, _ours, dtype_name, machine_info, time_interleaved,
-                        write_atomic)
+from .benchmark import Progress, _kept, _ours, dtype_name, machine_info, time_interleaved
 from .decoding.generate import DEFAULT_NUM_SPECULATIONS, default_exit_layer
 from .decoding.stop import cut_at_stop, new_text
+from .files import atomic_path, check_output_file, write_text
 from .ops.llama_layer import _cpu
 
 METRICS = ("rouge1", "rouge2", "rougeL", "bleu", "exact_match")
@@ -193,7 +193,6 @@ def plot(report, path, metric="rougeL", title=None):
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise RuntimeError("plot: matplotlib is not installed (pip install matplotlib)") from error
-    from .benchmark import atomic_path
     colors = {"autoregressive": "black", "early_exit": "tab:blue", "layer_skip": "tab:orange",
               "self_speculative": "tab:green"}
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -226,7 +225,7 @@ def plot(report, path, metric="rougeL", title=None):
                  f"{s['max_new_tokens']} new tokens at most", fontsize=10)
     fig.tight_layout()
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, "--plot") as tmp:
             fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
@@ -237,9 +236,8 @@ def main_eval(args):
     model loads; the JSON report is rewritten (atomically) after every repetition, so an
     interrupted run keeps the repetitions that finished ("complete": false); the table and
     the plot come at the end."""
-    from .cli import (UsageError, check_exit_layer, check_fits, check_output_file,
-                      find_tokenizer, load_model_arg, reading, require_file, stop_tokens)
-    from .benchmark import _kept
+    from .cli import (UsageError, check_exit_layer, check_fits, find_tokenizer, load_model_arg,
+                      reading, require_file, stop_tokens)
     from .ops.llama_layer import set_num_threads
     _metric_libraries()
     output = Path(args.output)
@@ -272,7 +270,7 @@ def main_eval(args):
 
     def keep(report):
         report["settings"].update(model=args.model, data=str(args.data))
-        write_atomic(output, json.dumps(report, indent=1) + "\n")
+        write_text(output, json.dumps(report, indent=1) + "\n", "--output")
         done.append(report["settings"]["repeats_done"])
 
     try:
@@ -298,7 +296,8 @@ def main_eval(args):
 def add_eval_command(sub):
     """The `eval` subcommand, added by cli.build_parser (the CLI helpers are imported here, so
     that importing this module imports no CLI code)."""
-    from .cli import _subparser, add_model_args, eos_arg, float_in, int_at_least, stop_arg
+    from .cli import (_subparser, add_model_args, eos_arg, float_in, int_at_least, stop_arg,
+                      threads_arg)
     p = _subparser(sub, "eval", "score generations against references: quality vs speedup",
                   "Each decoding configuration (autoregressive, early exit at each E, layer "
                   "skip at each speedup, self-speculative) continues every prompt of --data "
@@ -338,7 +337,7 @@ def add_eval_command(sub):
                    help="timed runs of each configuration")
     p.add_argument("--warmup", metavar="N", type=int_at_least(0), default=1,
                    help="untimed runs first")
-    p.add_argument("--threads", metavar="N", type=int_at_least(1),
+    p.add_argument("--threads", metavar="N", type=threads_arg,
                    help="CPU threads of torch and of the C++ kernels (default: as bench)")
     p.add_argument("--output", metavar="FILE.json", required=True,
                    help="where to write the JSON report (rewritten after every repetition)")

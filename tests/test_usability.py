@@ -236,7 +236,8 @@ def test_readme_cli_synopsis_matches_the_parser():
     synopsis = _synopsis()
     assert set(synopsis) == set(commands.choices) | {"--version"}
     for name, sub in commands.choices.items():
-        actions = [a for a in sub._actions if a.option_strings[0] not in ("-h", "--debug")]
+        actions = [a for a in sub._actions  # lm-eval's one positional: all its arguments
+                   if a.option_strings and a.option_strings[0] not in ("-h", "--debug")]
         flags = {a.option_strings[-1] for a in actions}
         assert set(re.findall(r"--[a-z][a-z-]*", synopsis[name])) == flags, name
         assert _outside_brackets(synopsis[name]) == {
