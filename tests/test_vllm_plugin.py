@@ -151,6 +151,31 @@ def test_exit_layer_refuses(layerskip):
         plugin.exit_layer_of(config)
 
 
+def test_v2_runner_refuses_a_self_draft(tmp_path):
+    """The V2 runner's speculator is not patched: given the target as its own draft it refuses
+    (else it would load a full second copy), and another draft keeps vLLM's behaviour."""
+    plugin.register()
+    from vllm.v1.worker.gpu.spec_decode.speculator import DraftModelSpeculator
+
+    assert DraftModelSpeculator.__init__._layerskip_guard
+
+    def spec(draft, target):
+        return SimpleNamespace(method="draft_model",
+                               draft_model_config=SimpleNamespace(model=str(draft)),
+                               target_model_config=SimpleNamespace(model=str(target)))
+
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER: expected 0"):
+        plugin.refuse_self_draft(spec(DEFAULT_MODEL, DEFAULT_MODEL))
+    plugin.refuse_self_draft(spec(tmp_path, DEFAULT_MODEL))
+
+
+def test_truncated_copy_refuses_a_non_regular_output(tmp_path):
+    (tmp_path / "config.json").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="out_dir .*config.json: a dangling symlink"):
+        plugin.write_truncated_copy(DEFAULT_MODEL, 3, tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_exit_layer_reads_config():
     assert plugin.exit_layer_of(SimpleNamespace(num_hidden_layers=12, layerskip={"exit_layer": 3})) == 3
 
