@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -50,6 +51,8 @@ def _ours(model, prompts, max_new_tokens, batch_size=None, **kwargs):
             tokens += result.tokens
             for key, value in result.stats.items():
                 summed = key in SUMMED and key in stats
+                if key == "choices" and key in stats:  # the adaptive policy's, per batch
+                    value = dict(Counter(stats[key]) + Counter(value))
                 stats[key] = stats[key] + value if summed else value
         if "drafted" in stats:
             stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
@@ -60,7 +63,7 @@ def _ours(model, prompts, max_new_tokens, batch_size=None, **kwargs):
 
 
 SUMMED = ("rounds", "row_rounds", "drafted", "accepted", "new_tokens", "time_s", "prefill_s",
-          "capture_s")
+          "capture_s", "fallback_rounds", "policy_s")
 
 
 def _transformers(hf_model, prompts, max_new_tokens, **kwargs):
@@ -174,7 +177,9 @@ def summarize(timed, times, outputs, stats):
                "speedup_vs_ours_autoregressive_max": ratios[-1]}
         s = stats[name]
         row.update({key: s[key] for key in ("acceptance_rate", "tokens_per_round", "rounds",
-                                            "cuda_graphs", "path") if key in s})
+                                            "drafted", "cuda_graphs", "path", "choices",
+                                            "fallback_rounds", "policy_s", "exit_acceptance")
+                    if key in s})
         if s.get("strategy") == "self_speculative":
             for key in ("exit_layer", "num_speculations"):  # what ran, where settings left None
                 if row.get(key) is None and s.get(key) is not None:

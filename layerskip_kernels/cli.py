@@ -23,6 +23,7 @@ import torch
 from . import __version__
 from .benchmark import compare, dtype_name
 from .decoding import generate
+from .decoding.policy import candidate_ks
 from .decoding.generate import (AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, SEED_RANGE,
                                 STRATEGIES, check_applicable, check_seed, stop_ids)
 from .files import OutputPathError
@@ -74,6 +75,11 @@ def int_at_least(low):
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
         return value
     return parse
+
+
+def exit_layer_arg(text):
+    """--exit-layer: an integer >= 1, or 'auto' (self_speculative: a policy chooses per round)."""
+    return text if text == "auto" else int_at_least(1)(text)
 
 
 def threads_arg(text):
@@ -289,7 +295,7 @@ def check_decodes(model, tokenizer, tokenizer_path):
 
 def check_exit_layer(model, exit_layer):
     L = model.config.n_layers
-    if exit_layer is not None and not 1 <= exit_layer <= L - 1:
+    if exit_layer not in (None, "auto") and not 1 <= exit_layer <= L - 1:
         raise UsageError(f"--exit-layer: expected an integer in [1, {L - 1}] for this "
                          f"{L}-layer model, got {exit_layer}")
 
@@ -310,10 +316,13 @@ def stop_tokens(args, model, tokenizer):
     return [i for i in ids if i is not None] or None
 
 
-def _draft_slots(model, strategy, num_speculations):
-    """The cache slots a self-speculative round reserves past the output (k + 1)."""
+def _draft_slots(model, strategy, num_speculations, exit_layer=None):
+    """The cache slots a self-speculative round reserves past the output (k + 1; with
+    --exit-layer auto and no k, the longest k the policy may choose)."""
     if strategy != "self_speculative":
         return 0
+    if exit_layer == "auto" and num_speculations is None:
+        return max(candidate_ks(model.config.num_speculations, AUTO_DRAFT_CAP)) + 1
     k = num_speculations if num_speculations is not None else model.config.num_speculations
     k = AUTO_DRAFT_CAP if k == "auto" else k or DEFAULT_NUM_SPECULATIONS
     return k + 1
@@ -381,7 +390,8 @@ def cmd_generate(args):
     check_decodes(model, tokenizer, tokenizer_path)
     eos = stop_tokens(args, model, tokenizer)
     check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
-               _draft_slots(model, args.strategy, args.num_speculations), eos)
+               _draft_slots(model, args.strategy, args.num_speculations, args.exit_layer),
+               eos)
     printing = is_first_rank()  # under --tp, every rank decodes and rank 0 prints
     stream = _Printer(tokenizer, prompts) if args.stream and printing else None
     result = generate(model, prompts, max_new_tokens=args.max_new_tokens, stream=stream,
@@ -420,15 +430,47 @@ def _draft_settings(stats):
     return text
 
 
+# Drafts accepted less often than this are "almost never" (draft_note).
+NEAR_ZERO_ACCEPTANCE = 0.05
+
+
+def draft_note(stats):
+    """One line when a self-speculative run did not pay for its drafts, else None: the
+    policy fell back to autoregressive steps in most rounds, or a fixed exit's drafts were
+    almost never accepted (a model not trained for early exit at that layer)."""
+    if stats.get("exit_layer") == "auto":
+        if 2 * stats["fallback_rounds"] <= stats["rounds"]:
+            return None
+        return (f"note: the policy fell back to autoregressive steps in "
+                f"{stats['fallback_rounds']} of {stats['rounds']} rounds: no exit's drafts "
+                f"paid (acceptance per exit {stats['exit_acceptance']}); the model is not "
+                "LayerSkip-trained for these exits")
+    if not stats["drafted"] or stats["acceptance_rate"] >= NEAR_ZERO_ACCEPTANCE:
+        return None
+    where = (f"exit layer {stats['exit_layer']}" if stats.get("exit_layer") is not None
+             else "this draft")
+    return (f"note: acceptance {stats['acceptance_rate']:.2f}: the model is not "
+            f"LayerSkip-trained for {where}, so self-speculation only adds work; try "
+            "--exit-layer auto, which falls back to autoregressive steps")
+
+
 def _print_stats(stats):
     draft = (f" ({_draft_settings(stats)})" if stats["strategy"] == "self_speculative" else "")
     extra = (f", acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_round']:.2f} "
              "tokens/round" if "acceptance_rate" in stats else "")
+    extra += f", per round: {_choices(stats)}" if "choices" in stats else ""
     decode = stats.get("decode_tokens_per_s")
     decode = "" if decode is None else f" ({decode:.1f} decoding alone)"
     print(f"[{stats['strategy']}{draft}: {stats['new_tokens']} tokens, "
           f"{stats['tokens_per_s']:.1f} tokens/s with prefill{decode}{extra}, {_path(stats)}]",
           file=sys.stderr)
+    if stats["strategy"] == "self_speculative" and (note := draft_note(stats)) is not None:
+        print(note, file=sys.stderr)
+
+
+def _choices(stats):
+    """The adaptive policy's rounds per choice, e.g. 'E3 k3 x40, autoregressive x2'."""
+    return ", ".join(f"{name} x{n}" for name, n in stats["choices"].items())
 
 
 def _path(stats):
@@ -508,7 +550,8 @@ def cmd_compare(args):
     check_decodes(model, tokenizer, tokenizer_path)
     eos = stop_tokens(args, model, tokenizer)
     check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
-               _draft_slots(model, "self_speculative", args.num_speculations), eos)
+               _draft_slots(model, "self_speculative", args.num_speculations,
+                            args.exit_layer), eos)
     from .benchmark import Progress
     with Progress(args.quiet) as progress:
         results, outputs = compare(model, prompts, args.max_new_tokens, args.repeats,
@@ -524,7 +567,10 @@ def cmd_compare(args):
     ar, spec = results
     print(f"identical outputs: {'yes' if spec['same_tokens_as_autoregressive'] else 'NO'}")
     print(f"self_speculative: {_draft_settings(spec)}, acceptance {spec['acceptance_rate']:.2f}, "
-          f"{spec['tokens_per_round']:.2f} tokens/round")
+          f"{spec['tokens_per_round']:.2f} tokens/round" + (
+              f"; per round: {_choices(spec)}" if "choices" in spec else ""))
+    if (note := draft_note(spec)) is not None:
+        print(note)
     print(f"autoregressive {ar['tokens_per_s']:.1f} tokens/s, self_speculative "
           f"{spec['tokens_per_s']:.1f} tokens/s: speedup "
           f"{spec['speedup_vs_ours_autoregressive']:.2f}x (ratio of medians over {args.repeats} "
@@ -629,9 +675,11 @@ def build_parser():
     _add_decoding_args(p)
     p.add_argument("--strategy", default="autoregressive", choices=STRATEGIES,
                    help="decoding strategy")
-    p.add_argument("--exit-layer", metavar="E", type=int_at_least(1),
-                   help="early_exit / self_speculative exit layer E (default: the model's "
-                   "recommendation, else L // 4 for self_speculative)")
+    p.add_argument("--exit-layer", metavar="E", type=exit_layer_arg,
+                   help="early_exit / self_speculative exit layer E, or 'auto' "
+                   "(self_speculative: a policy chooses E, k unless given, and whether to "
+                   "draft, per round; default: the model's recommendation, else L // 4 for "
+                   "self_speculative)")
     p.add_argument("--num-speculations", metavar="K", type=speculations,
                    help="self_speculative draft length k, or 'auto' (default: the model's "
                    f"recommendation, else {DEFAULT_NUM_SPECULATIONS})")
@@ -666,8 +714,9 @@ def build_parser():
                    "per-repeat ratios).")
     add_model_args(p)
     _add_decoding_args(p)
-    p.add_argument("--exit-layer", metavar="E", type=int_at_least(1),
-                   help="default: the model's recommendation, else L // 4")
+    p.add_argument("--exit-layer", metavar="E", type=exit_layer_arg,
+                   help="E or 'auto' (a policy chooses per round; default: the model's "
+                   "recommendation, else L // 4)")
     p.add_argument("--num-speculations", metavar="K", type=speculations,
                    help="k or 'auto' (default: the model's recommendation, else "
                    f"{DEFAULT_NUM_SPECULATIONS})")

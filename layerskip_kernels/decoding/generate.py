@@ -9,6 +9,7 @@ from ..ops._checks import as_float, as_int, fail
 from .autoregressive import Batch, Outputs, decode_autoregressive, prefill
 from .cpu import cpu_steps_refusal, torch_threads_idle
 from .layer_skip import kept_layers
+from .policy import AdaptivePolicy, FixedPolicy, candidate_exits, candidate_ks
 from .self_speculative import ExitDraft, SkipDraft, decode_self_speculative
 from .state import held_state, replayable
 from .stop import StopStrings, check_stop, cut_at_stop, new_text
@@ -205,7 +206,13 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
                           layers in one pass; lossless: the output is that of "autoregressive".
     exit_layer and num_speculations default to the model's recommendation (config); for
     self_speculative on a model without one, to a quarter of the depth and k = 4 (stats list
-    what was defaulted).
+    what was defaulted). exit_layer="auto" (self_speculative, draft early_exit): a policy
+    (decoding/policy.py) chooses each round's exit layer, and whether to draft at all (else
+    one autoregressive step), from the tokens per second the call's rounds measured; it
+    starts at the model's recommendation. With it, num_speculations None lets the policy
+    choose k per round too; an int fixes k; "auto" keeps its meaning (each round stops
+    drafting when unsure, at most 8). stats["choices"] counts the rounds per choice,
+    stats["fallback_rounds"] the autoregressive ones, stats["policy_s"] the policy's time.
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the distribution.
     A row stops after a token of eos_token_id (an int, or a list, tensor or array of them;
     default: the model config's), which is kept in its output. stop: a string or list of
@@ -242,8 +249,13 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     stop = check_stop(stop, tokenizer)
     stops = stop_ids(c, eos_token_id)
     all_layers = range(c.n_layers)
-    confidence, reserve, defaulted = None, 0, []
-    if strategy == "self_speculative":
+    confidence, reserve, defaulted, ks = None, 0, [], None
+    adaptive = (strategy == "self_speculative" and isinstance(exit_layer, str)
+                and exit_layer == "auto")
+    if adaptive and num_speculations is None:  # the policy chooses k per round
+        ks = candidate_ks(c.num_speculations, AUTO_DRAFT_CAP)
+        num_speculations = max(ks)
+    elif strategy == "self_speculative":
         if num_speculations is None:
             num_speculations = c.num_speculations
         if num_speculations is None:
@@ -255,8 +267,11 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
             num_speculations = as_int("num_speculations", num_speculations, low=1)
         except ValueError:
             fail("num_speculations", "an integer >= 1 or 'auto'", num_speculations)
+        ks = [num_speculations]
+    if strategy == "self_speculative":
         reserve = num_speculations + 1
-    if strategy == "early_exit" or (strategy == "self_speculative" and draft == "early_exit"):
+    if not adaptive and (strategy == "early_exit"
+                         or (strategy == "self_speculative" and draft == "early_exit")):
         exit_layer = c.exit_layer if exit_layer is None else exit_layer
         if exit_layer is None and strategy == "self_speculative" and c.n_layers > 1:
             exit_layer = default_exit_layer(c.n_layers)
@@ -288,10 +303,18 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
         prefill_s = time.perf_counter() - start
         before = (state.graphs.capture_s, state.graphs.replays)
         if strategy == "self_speculative":
-            drafter = (ExitDraft(model, exit_layer) if draft == "early_exit"
-                       else SkipDraft(model, kept_layers(c.n_layers, speedup)))
-            stats = decode_self_speculative(model, batch, sampling, generator, drafter,
-                                            num_speculations, confidence)
+            if adaptive:
+                recommended = c.exit_layer and (
+                    c.exit_layer, c.num_speculations if c.num_speculations in ks else max(ks))
+                policy = AdaptivePolicy(lambda e: ExitDraft(model, e), c.n_layers,
+                                        candidate_exits(c.n_layers, c.exit_layer), ks,
+                                        recommended, confidence)
+            else:
+                policy = FixedPolicy(ExitDraft(model, exit_layer) if draft == "early_exit"
+                                     else SkipDraft(model, kept_layers(c.n_layers, speedup)),
+                                     num_speculations)
+            stats = decode_self_speculative(model, batch, sampling, generator, policy,
+                                            confidence)
         else:
             stats = decode_autoregressive(model, batch, sampling, generator, decode_layers)
         stats.update(_graph_stats(model, state, before, graphs, temperature, confidence))
@@ -309,8 +332,10 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
         stats.update(acceptance_rate=stats["accepted"] / max(stats["drafted"], 1),
                      tokens_per_round=(stats["accepted"] + stats["row_rounds"])
                      / max(stats["row_rounds"], 1),
-                     exit_layer=exit_layer if draft == "early_exit" else None,
-                     num_speculations="auto" if confidence else num_speculations,
+                     exit_layer="auto" if adaptive else (
+                         exit_layer if draft == "early_exit" else None),
+                     num_speculations="auto" if confidence else (
+                         "per round" if adaptive and len(ks) > 1 else num_speculations),
                      defaulted=defaulted)
     texts = None if tokenizer is None else [cut_at_stop(new_text(tokenizer, p, t), stop)
                                             for p, t in zip(prompts, tokens)]

@@ -8,9 +8,12 @@ token x[p_b] (already emitted, rows.tokens) is pending. A round:
   accept  m_b drafts and one token from the full model;
   roll back by setting p_b += m_b + 1: KV past that is stale, never read, later overwritten.
 """
+import time
+
 import torch
 
 from ..ops.greedy_accept import greedy_rule
+from .autoregressive import decode_step
 from .sampling import logits_to_probs
 
 
@@ -140,28 +143,50 @@ def sampled_round(drafter, rows, k, sampling, generator, confidence=None):
     return k
 
 
-def decode_self_speculative(model, batch, sampling, generator, drafter, num_speculations,
-                            confidence=None):
-    """Rounds until every row is done: greedy fixed-k rounds replay from CUDA graphs (on a CPU,
-    one C++ call each, adaptive ones too), rounds that sample or draft adaptively otherwise run
-    eagerly. One host sync per round."""
+def decode_self_speculative(model, batch, sampling, generator, policy, confidence=None):
+    """Rounds until every row is done, each with the drafter and k that `policy` (policy.py)
+    chooses, or, where it chooses no drafter, one autoregressive step of every layer. Greedy
+    fixed-k rounds and steps replay from CUDA graphs (on a CPU, one C++ call each, adaptive
+    rounds too), rounds that sample or draft adaptively otherwise run eagerly. One host sync
+    per round; the policy sees only what it brought back, and host timestamps."""
     stats = {"rounds": 0, "row_rounds": 0, "drafted": 0, "accepted": 0}
     greedy = sampling[0] == 0
+    every_layer = tuple(range(model.config.n_layers))
+    graphs, last = batch.state.graphs, time.perf_counter()
     while not all(batch.outputs.done):
         batch.compact()
-        rows, live, k = batch.rows, batch.live, num_speculations
-        key = ("round", rows.n, k, drafter.key)
-        eager = lambda: sampled_round(drafter, rows, k, sampling, generator, confidence)  # noqa: E731
-        if not greedy:
-            k = eager()
-        elif confidence is not None:
-            k = batch.state.run_adaptive(key, confidence, eager)
+        rows, live = batch.rows, batch.live
+        drafter, k = policy.choose(len(live))
+        captured = graphs.capture_s
+        if drafter is None:
+            step = lambda: decode_step(model, rows, every_layer, sampling, generator)  # noqa: E731
+            if greedy:
+                batch.state.run(("step", rows.n, every_layer), step, batch.replay)
+            else:
+                step()
+            tokens = rows.tokens.tolist()  # the step's one host sync
+            batch.emit([[t] for t in tokens])
+            accepted, k = [0] * len(live), 0
         else:
-            batch.state.run(key, lambda: greedy_round(drafter, rows, k), batch.replay)
-        emitted = rows.emitted[:, :k + 2].tolist()  # the round's one host sync
-        batch.emit([drafts[:m] + [token] for *drafts, token, m in emitted])
-        stats["accepted"] += sum(emitted[i][k + 1] for i in live)
+            key = ("round", rows.n, k, drafter.key)
+            eager = lambda: sampled_round(drafter, rows, k, sampling, generator,  # noqa: E731
+                                          confidence)
+            if not greedy:
+                k = eager()
+            elif confidence is not None:
+                k = batch.state.run_adaptive(key, confidence, eager)
+            else:
+                batch.state.run(key, lambda: greedy_round(drafter, rows, k), batch.replay)
+            emitted = rows.emitted[:, :k + 2].tolist()  # the round's one host sync
+            batch.emit([drafts[:m] + [token] for *drafts, token, m in emitted])
+            accepted = [emitted[i][k + 1] for i in live]
+        now = time.perf_counter()
+        # A round that captured a graph (its first run of this key) is not a steady cost.
+        policy.record(accepted, now - last if graphs.capture_s == captured else None, k)
+        last = now
+        stats["accepted"] += sum(accepted)
         stats["rounds"] += 1
         stats["row_rounds"] += len(live)
         stats["drafted"] += k * len(live)
+    stats.update(policy.stats())
     return stats

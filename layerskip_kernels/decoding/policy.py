@@ -1,0 +1,276 @@
+"""Who decides a self-speculative round: its drafter and draft length k, or no draft (one
+autoregressive step of every layer). decode_self_speculative asks a policy once per round
+(choose) and tells it what the round did (record), from what the round's one host sync
+already brought back: each live row's accepted count, and host timestamps. A policy never
+touches the device, so it adds no sync.
+
+One choice serves the whole batch: a round is one kernel launch sequence (one CUDA graph,
+one C++ call) over every row, and rows drafting different (E, k) would split it into
+several passes over the weights, which is what the round saves.
+"""
+import math
+import time
+from collections import Counter
+
+# Verification over q positions costs about 1 + VERIFY_SLOPE * (q - 1) of one position (2
+# CPU cores: 4 positions cost ~1.3x one; on a GPU ~1x): the shape of the cost model
+# (units), whose scale is fitted to the measured rounds.
+VERIFY_SLOPE = 0.1
+COST_MEMORY = 0.3  # weight of the newest stint in tokens per round (an exponential average)
+FIRST_REPROBE = 32  # rounds before an option not chosen is tried again; the gap doubles
+# A choice holds for a stint of rounds, timed as one: a round of a small model takes a
+# fraction of a millisecond, too short to time alone on a busy machine, and scoring every
+# option each round would cost as much as the round.
+STINT, PROBE_STINT = 16, 2
+MARGIN = 1.05  # a draft must promise this many times the tokens/s of a plain step
+
+
+class FixedPolicy:
+    """The same drafter and k every round: self-speculation as the caller configured it."""
+
+    def __init__(self, drafter, k):
+        self.drafter, self.k = drafter, k
+
+    def choose(self, live):
+        return self.drafter, self.k
+
+    def record(self, accepted, seconds, made=None):
+        pass
+
+    def stats(self):
+        return {}
+
+
+def option_name(option):
+    return "autoregressive" if option is None else f"E{option[0]} k{option[1]}"
+
+
+class AdaptivePolicy:
+    """Per stint of rounds (STINT; a probe PROBE_STINT), the option (exit E, draft length
+    k) or None (an autoregressive step) with the most expected tokens per second, from
+    statistics of the rounds this call ran; a draft must promise MARGIN times a plain step's:
+
+    - acceptance per exit: alpha_E, the chance that a draft is accepted given the one before
+      it was, counted over every row of every round drafted from E (m accepted of k is m
+      successes and, when m < k, one failure), with a Beta prior (recommended exit 3:1,
+      others 1:3: an exit of a model not trained for early exit is rarely accepted), and
+      at most that of a deeper exit. A row drafting k expects (1 - alpha^(k+1)) /
+      (1 - alpha) tokens;
+    - cost per round: measured for options that ran: host seconds between the round's
+      syncs, averaged over a stint, the least over stints (on a shared machine the noise
+      only slows a stint down); for the others, predicted by a line fixed + per_unit *
+      units() fitted to the measured ones (cost_line, scores).
+
+    Exploration is cheap and bounded: a probe is a stint of PROBE_STINT rounds at an exit's
+    smallest k (k = 1: one draft, a verify over two positions). A model's recommended
+    (E, k) runs first, a whole stint; then the start probes the autoregressive step and the
+    deepest exit; an option kind not chosen (the plain step, or
+    an exit) is probed after FIRST_REPROBE rounds, then after twice as many, and only while
+    its acceptance's upper bound could beat the best.
+    With confidence (num_speculations="auto"), each option's k is the cap of a round that
+    stops drafting when unsure, and its expected tokens are those it measured.
+    """
+
+    def __init__(self, make_drafter, n_layers, exits, ks, recommended=None, confidence=None):
+        self.make_drafter, self.n_layers, self.confidence = make_drafter, n_layers, confidence
+        self.exits, self.ks = list(exits), list(ks)
+        self.drafters = {}
+        self.prior = {e: (3.0, 1.0) if recommended and e == recommended[0] else (1.0, 3.0)
+                      for e in self.exits}
+        self.hits, self.misses = Counter(), Counter()
+        self.cost, self.tokens, self.runs = {}, {}, Counter()
+        self.next_probe, self.gap = {}, {}
+        self.choices, self.round, self.overhead_s = Counter(), 0, 0.0
+        self.left, self.stint_s, self.stint_rounds, self.timed = 0, 0.0, 0, True
+        # First the recommendation (it starts there), then a probe of the plain step and of
+        # the deepest exit (the likeliest accepted; shallower ones are probed once it is).
+        self.recommended = tuple(recommended) if recommended else None
+        start = [self.recommended] if recommended else []
+        self.queue = start + [None] + [(e, ks[0]) for e in self.exits[-1:]]
+        self.chosen = None
+        self.options = [None] + [(e, k) for e in self.exits for k in self.ks]
+
+    # ---------------------------------------------------------------------- the two calls
+
+    def choose(self, live):
+        """(drafter, k) of the next round, or (None, None) for an autoregressive step."""
+        if self.left:
+            self.left -= 1
+            return self.answer
+        begin = time.perf_counter()
+        option, self.left = self._pick()
+        self.left -= 1
+        self.chosen, self.timed = option, True
+        self.stint_s, self.stint_rounds, self.stint_rows, self.stint_hits = 0.0, 0, 0, 0
+        self.stint_misses = 0
+        self.answer = (None, None) if option is None else (self._drafter(option[0]), option[1])
+        self.overhead_s += time.perf_counter() - begin
+        return self.answer
+
+    def record(self, accepted, seconds, made=None):
+        """accepted: each live row's accepted drafts (Python ints); seconds: the round's host
+        time (None when it included a graph capture: not a steady-state cost); made: the
+        drafts the round made (a confidence-stopped round's; else the chosen k). Sums only:
+        the estimates are updated once per stint."""
+        if self.chosen is not None:
+            for m in accepted:
+                self.stint_hits += m
+                self.stint_misses += m < made
+        self.stint_rows += len(accepted)
+        if seconds is None:
+            self.timed = False
+        else:
+            self.stint_s += seconds
+        self.stint_rounds += 1
+        if self.left == 0:
+            self._end_stint()
+
+    def _end_stint(self):
+        begin = time.perf_counter()
+        option, rounds = self.chosen, self.stint_rounds
+        if option is not None:
+            self.hits[option[0]] += self.stint_hits
+            self.misses[option[0]] += self.stint_misses
+        per_row = 1 + self.stint_hits / max(self.stint_rows, 1)
+        old = self.tokens.get(option)
+        self.tokens[option] = per_row if old is None else old + COST_MEMORY * (per_row - old)
+        if self.timed:
+            seconds = self.stint_s / rounds
+            self.cost[option] = min(seconds, self.cost.get(option, seconds))
+        self.runs[option] += rounds
+        self.choices[option] += rounds
+        self.round += rounds
+        self.stint_rounds = 0
+        self.overhead_s += time.perf_counter() - begin
+
+    def stats(self):
+        if self.stint_rounds:  # the call ended within a stint
+            self._end_stint()
+        return {"choices": {option_name(o): n for o, n in self.choices.most_common()},
+                "fallback_rounds": self.choices[None], "policy_s": self.overhead_s,
+                "exit_acceptance": {e: round(self._alpha(e, False), 3) for e in self.exits
+                                    if self.hits[e] + self.misses[e]}}
+
+    # ------------------------------------------------------------------------- the model
+
+    def alpha(self, e, optimistic=False):
+        """Exit e's acceptance estimate (optimistic: its upper bound, mean + 2 sd), at most
+        that of any deeper exit drafted from: a shallower exit is accepted less often."""
+        return min(self._alpha(d, optimistic) for d in self.exits
+                   if d == e or (d > e and self.hits[d] + self.misses[d]))
+
+    def _alpha(self, e, optimistic):
+        a, b = self.prior[e]
+        n = self.hits[e] + self.misses[e] + a + b
+        mean = (self.hits[e] + a) / n
+        return min(1.0, mean + 2 * math.sqrt(mean * (1 - mean) / (n + 1))) if optimistic else mean
+
+    def units(self, option):
+        """The cost model's work of a round, in layer-positions (a head counts as a layer):
+        an autoregressive step is L layers and a head; a round drafts through E layers and
+        a head k times, runs E layers once more on the last draft, then L - E layers and the
+        head over k + 1 positions."""
+        L = self.n_layers
+        if option is None:
+            return L + 1.0
+        e, k = option
+        return (k + 1) * e + k + (L - e + 1) * (1 + VERIFY_SLOPE * k)
+
+    def expected_tokens(self, option, alpha):
+        if option is None:
+            return 1.0
+        if self.confidence is not None:
+            return self.tokens.get(option, 1 + alpha)
+        k = option[1]
+        return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+    def cost_line(self):
+        """(fixed, per_unit): a round's seconds as fixed + per_unit * units, fitted (least
+        squares) to the measured options: the fixed part is what every round pays whatever
+        its work (a call, the host sync, the loop's Python), large on a small model. With
+        one measured size, or a fit that comes out negative: no fixed part."""
+        points = [(self.units(o), c) for o, c in self.cost.items()]
+        if not points:
+            return 0.0, 1.0  # nothing timed: only ratios matter
+        mean_u = sum(u for u, _ in points) / len(points)
+        mean_c = sum(c for _, c in points) / len(points)
+        var = sum((u - mean_u) ** 2 for u, _ in points)
+        if var > 0:
+            slope = sum((u - mean_u) * (c - mean_c) for u, c in points) / var
+            fixed = mean_c - slope * mean_u
+            if slope > 0 and fixed >= 0:
+                return fixed, slope
+        return 0.0, mean_c / mean_u
+
+    def scores(self, options, optimistic=False):
+        """{option: expected tokens per row per second} (optimistic: at each exit's
+        acceptance upper bound). A round's seconds: measured; else the same exit's
+        measured round of the nearest k plus the fitted cost of the units between; else
+        the fitted line (cost_line)."""
+        fixed, per_unit = self.cost_line()
+        alpha = {e: self.alpha(e, optimistic) for e in self.exits}
+        measured = {}  # exit: [(k, seconds)]
+        for o, c in self.cost.items():
+            if o is not None:
+                measured.setdefault(o[0], []).append((o[1], c))
+        scores = {}
+        for o in options:
+            cost = self.cost.get(o)
+            if cost is None and o is not None and o[0] in measured:
+                k, c = min(measured[o[0]], key=lambda kc: abs(kc[0] - o[1]))
+                cost = c + per_unit * (self.units(o) - self.units((o[0], k)))
+            if cost is None:
+                cost = fixed + per_unit * self.units(o)
+            tokens = 1.0 if o is None else self.expected_tokens(o, alpha[o[0]])
+            scores[o] = tokens / cost
+        return scores
+
+    def _pick(self):
+        """The next stint's option and length."""
+        while self.queue:  # the start, then one probe of each kind
+            option = self.queue.pop(0)
+            if self.runs[option] == 0:
+                return option, (STINT if option is not None and option == self.recommended
+                                else PROBE_STINT)
+        scores = self.scores(self.options)
+        best = max(scores, key=scores.get)
+        if best is not None and scores[best] < MARGIN * scores[None]:
+            best = None
+        # Probe an option kind not chosen lately, if it could beat the best: the
+        # autoregressive step, or an exit at its cheapest k.
+        best_score, optimistic = scores[best], None
+        for kind in [None] + self.exits:
+            if kind == (best if best is None else best[0]):
+                continue
+            probe = kind if kind is None else (kind, self.ks[0])
+            due = self.next_probe.setdefault(kind, self.round + FIRST_REPROBE)
+            if self.round >= due:
+                self.gap[kind] = 2 * self.gap.get(kind, FIRST_REPROBE)
+                self.next_probe[kind] = self.round + self.gap[kind]
+                optimistic = optimistic or self.scores(self.options, optimistic=True)
+                if optimistic[probe] > best_score:
+                    return probe, PROBE_STINT
+        return best, STINT
+
+    def _drafter(self, e):
+        if e not in self.drafters:
+            self.drafters[e] = self.make_drafter(e)
+        return self.drafters[e]
+
+
+def candidate_exits(n_layers, recommended_exit):
+    """The exits the adaptive policy may draft from: the recommendation and its neighbours,
+    or, on a model without one, a quarter, half and three quarters of the depth and the
+    last layer but one (a deep exit drafts slowly but is accepted most)."""
+    if recommended_exit is not None:
+        exits = {recommended_exit - 1, recommended_exit, recommended_exit + 1}
+    else:
+        exits = {n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1}
+    return sorted(e for e in exits if 1 <= e <= n_layers - 1)
+
+
+def candidate_ks(recommended_k, cap):
+    """Draft lengths the policy may choose: 1, 2, 3, 4, 6 and the recommendation, at most
+    cap."""
+    ks = {1, 2, 3, 4, 6} | ({recommended_k} if recommended_k else set())
+    return sorted(k for k in ks if k <= cap)

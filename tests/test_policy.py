@@ -1,0 +1,223 @@
+"""Self-speculation that asks a policy each round (decoding/policy.py): exit_layer="auto" is
+greedy-exact (random and trained models, ragged batches, stop tokens inside accepted drafts),
+a change of drafter between rounds keeps sampling lossless, the adaptive policy falls back
+to autoregressive steps when no draft pays and keeps drafting when one does (fed fake
+timings: no timing assertion), and it decides from Python numbers the round already synced,
+adding no device-to-host transfer."""
+import importlib
+
+import pytest
+import torch
+from test_self_speculative import (VOCAB, autoregressive, exact_distribution,
+                                   first_tokens_histogram, random_llama, random_prompts,
+                                   sampling_p_values, speculative)
+
+import layerskip_kernels as lsk
+from layerskip_kernels.cli import draft_note
+from layerskip_kernels.decoding.policy import (STINT, AdaptivePolicy, candidate_exits,
+                                               candidate_ks)
+
+generate_module = importlib.import_module("layerskip_kernels.decoding.generate")
+
+
+# ------------------------------------------------------------------------- greedy exactness
+
+
+@pytest.mark.parametrize("num_speculations", [None, 2, "auto"])
+@pytest.mark.parametrize("n_layers,lengths", [(4, (1, 3, 7, 12)), (6, (12, 1)), (5, (7,))])
+def test_auto_exit_equals_autoregressive(generator, n_layers, lengths, num_speculations):
+    model = random_llama(generator, n_layers)
+    prompts = random_prompts(generator, lengths)
+    expected = autoregressive(model, prompts, 50).tokens
+    res = speculative(model, prompts, 50, exit_layer="auto", num_speculations=num_speculations)
+    assert res.tokens == expected
+    s = res.stats
+    assert s["exit_layer"] == "auto" and sum(s["choices"].values()) == s["rounds"]
+    assert s["fallback_rounds"] == s["choices"].get("autoregressive", 0) >= 1  # its probe
+    assert s["drafted"] > s["accepted"]  # drafts were made, and some rejected
+    assert s["policy_s"] >= 0
+
+
+def test_auto_exit_equals_autoregressive_with_every_drafter_change(generator, monkeypatch):
+    """Each round drafts from another exit with another k, or takes a plain step: the KV
+    a round leaves serves the next whatever its drafter (ragged batch, stop tokens inside
+    accepted drafts)."""
+    model = random_llama(generator, n_layers=5)
+    prompts = random_prompts(generator, (1, 3, 7, 12))
+    free = autoregressive(model, prompts, 40).tokens
+    stop = next(t for t in range(VOCAB) if all(0 < row.index(t) < 39 for row in free[1:]
+                                                if t in row) and sum(t in r for r in free) >= 2)
+    expected = [row[:row.index(stop) + 1] if stop in row else row for row in free]
+    monkeypatch.setattr(generate_module, "AdaptivePolicy", Scripted)
+    res = speculative(model, prompts, 40, exit_layer="auto", eos_token_id=stop)
+    assert res.tokens == expected
+    assert any(len(row) < 40 for row in res.tokens)
+    assert len(res.stats["choices"]) == len(set(Scripted.SCRIPT))
+
+
+class Scripted:
+    """A policy that cycles through exits 1-4, k 1-6 and plain steps, round by round."""
+    SCRIPT = [(4, 6), None, (1, 1), (2, 3), (3, 2), None, (4, 1), (1, 4)]
+
+    def __init__(self, make_drafter, *args):
+        self.make_drafter, self.round, self.counts = make_drafter, 0, {}
+
+    def choose(self, live):
+        option = self.SCRIPT[self.round % len(self.SCRIPT)]
+        self.round += 1
+        self.counts[option] = self.counts.get(option, 0) + 1
+        return (None, None) if option is None else (self.make_drafter(option[0]), option[1])
+
+    def record(self, accepted, seconds, made=None):
+        pass
+
+    def stats(self):
+        return {"choices": self.counts, "fallback_rounds": self.counts.get(None, 0)}
+
+
+def test_default_model_auto_exit_equals_autoregressive():
+    model = lsk.load_model()
+    prompts = [[0, 738, 599, 200, 738, 291], [0, 314, 410]]
+    expected = lsk.generate(model, prompts, max_new_tokens=48).tokens
+    res = lsk.generate(model, prompts, max_new_tokens=48, strategy="self_speculative",
+                       exit_layer="auto")
+    assert res.tokens == expected
+    # It starts at the model's recommendation (a trained exit: most drafts accepted).
+    c = model.config
+    assert res.stats["choices"][f"E{c.exit_layer} k{c.num_speculations}"] >= STINT // 2
+    assert res.stats["acceptance_rate"] > 0.5
+
+
+# ------------------------------------------------------------------------------- sampling
+
+
+def test_sampling_stays_lossless_when_the_drafter_changes(generator, monkeypatch):
+    V, n = 10, 6000
+    model = random_llama(generator, n_layers=4, vocab=V, dim=32, hidden_dim=48, std=0.35)
+    prompt = random_prompts(generator, (4,), V)[0]
+    sampling = (1.0, 0, 1.0)
+    law = exact_distribution(model, prompt, sampling)
+    monkeypatch.setattr(Scripted, "SCRIPT", [(1, 1), (3, 1), None])
+    monkeypatch.setattr(generate_module, "AdaptivePolicy", Scripted)
+    res = speculative(model, [prompt] * n, 3, exit_layer="auto", num_speculations=1,
+                      temperature=1.0, seed=int(torch.randint(0, 2**31, (), generator=generator)))
+    assert 0.2 < res.stats["acceptance_rate"] < 0.9
+    p_joint, p_third = sampling_p_values(first_tokens_histogram(res, V), law)
+    assert p_joint > 1e-3 and p_third > 1e-3, (p_joint, p_third)
+
+
+# ----------------------------------------------------------------- the adaptive policy's choices
+
+
+def drive(policy, rounds, accept, seconds):
+    """Run the policy for `rounds` rounds of 2 rows: accept(E, k) the drafts each row's round
+    accepts, seconds(option) the round's fake time. Returns the options chosen in order."""
+    chosen = []
+    for _ in range(rounds):
+        drafter, k = policy.choose(2)
+        option = None if drafter is None else (drafter, k)
+        chosen.append(option)
+        policy.record([0, 0] if option is None else [accept(*option)] * 2,
+                      seconds(option), k or 0)
+    return chosen
+
+
+def round_seconds(option, n_layers=5):
+    """A small model's cost on a CPU: 0.8 ms a round whatever its work (a call, the sync,
+    Python), plus 0.05 ms per layer or head on one position, 0.012 ms per further verified
+    position."""
+    if option is None:
+        return 8e-4 + 5e-5 * (n_layers + 1)
+    e, k = option
+    return 8e-4 + 5e-5 * ((k + 1) * e + k + n_layers - e + 1) + 1.2e-5 * k * (n_layers - e + 1)
+
+
+def test_falls_back_to_autoregressive_steps_when_no_draft_is_accepted():
+    exits = candidate_exits(8, None)
+    policy = AdaptivePolicy(lambda e: e, 8, exits, candidate_ks(None, 8))
+    chosen = drive(policy, 400, accept=lambda e, k: 0,
+                   seconds=lambda option: round_seconds(option, 8))
+    drafted = sum(option is not None for option in chosen)
+    assert chosen[-STINT:] == [None] * STINT
+    assert drafted <= 16  # its probes, at k = 1, where a reprobe looks worth it
+    assert all(option[1] == 1 for option in chosen if option is not None)
+    stats = policy.stats()
+    assert stats["fallback_rounds"] == 400 - drafted
+    assert all(a < 0.25 for a in stats["exit_acceptance"].values())  # prior 1:3, misses
+
+
+def test_keeps_drafting_where_a_draft_pays():
+    """Exit 4 is always accepted, shallower ones never: the policy finds exit 4 (probed
+    first, as the deepest) and drafts long rounds from it."""
+    policy = AdaptivePolicy(lambda e: e, 5, candidate_exits(5, None), candidate_ks(None, 8))
+    chosen = drive(policy, 300, accept=lambda e, k: k if e == 4 else 0,
+                   seconds=round_seconds)
+    late = chosen[100:]
+    assert sum(option is not None and option[0] == 4 for option in late) >= 0.9 * len(late)
+    assert max(option[1] for option in late if option is not None) >= 4
+
+
+def test_starts_at_the_recommendation():
+    policy = AdaptivePolicy(lambda e: e, 12, candidate_exits(12, 3), candidate_ks(3, 8),
+                            recommended=(3, 3))
+    chosen = drive(policy, STINT, accept=lambda e, k: k,
+                   seconds=lambda option: round_seconds(option, 12))
+    assert chosen == [(3, 3)] * STINT
+
+
+def test_a_round_that_captured_a_graph_is_not_timed():
+    policy = AdaptivePolicy(lambda e: e, 5, [4], [1])
+    drive(policy, STINT, accept=lambda e, k: 0, seconds=lambda option: None)
+    assert policy.cost == {}
+
+
+# -------------------------------------------------------------------- no extra host sync
+
+
+def test_decisions_use_only_the_rounds_sync(generator, monkeypatch):
+    """The policy gets Python numbers only, and the decode loop makes one host transfer a
+    round (tolist of the round's emitted tokens): no .item() and no extra tolist."""
+    model = random_llama(generator, n_layers=4)
+    prompts = random_prompts(generator, (1, 3, 7, 12))
+    records = []
+    record = AdaptivePolicy.record
+
+    def checked_record(self, accepted, seconds, made=None):
+        records.append((accepted, seconds, made))
+        return record(self, accepted, seconds, made)
+
+    monkeypatch.setattr(AdaptivePolicy, "record", checked_record)
+    calls = {"tolist": 0, "item": 0}
+    for name in calls:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    res = speculative(model, prompts, 40, exit_layer="auto")
+    assert len(records) == res.stats["rounds"]
+    for accepted, seconds, made in records:
+        assert all(type(m) is int for m in accepted) and type(made) is int
+        assert seconds is None or type(seconds) is float
+    assert calls == {"tolist": res.stats["rounds"] + 1, "item": 0}  # + the prefill's token
+
+
+# ------------------------------------------------------------------- arguments and the CLI
+
+
+def test_auto_exit_layer_is_only_self_speculative(generator):
+    model = random_llama(generator, n_layers=4)
+    with pytest.raises(ValueError, match="exit_layer"):
+        lsk.generate(model, [[1, 2]], 4, strategy="early_exit", exit_layer="auto")
+
+
+def test_cli_notes_drafts_that_are_never_accepted():
+    fixed = {"strategy": "self_speculative", "exit_layer": 1, "drafted": 40,
+             "acceptance_rate": 0.0}
+    assert "not LayerSkip-trained for exit layer 1" in draft_note(fixed)
+    assert draft_note({**fixed, "acceptance_rate": 0.4}) is None
+    fell_back = {"strategy": "self_speculative", "exit_layer": "auto", "rounds": 100,
+                 "fallback_rounds": 90, "exit_acceptance": {4: 0.05}}
+    assert "fell back to autoregressive steps in 90 of 100 rounds" in draft_note(fell_back)
+    assert draft_note({**fell_back, "fallback_rounds": 10}) is None
