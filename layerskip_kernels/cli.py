@@ -443,8 +443,8 @@ def draft_note(stats):
             return None
         return (f"note: the policy fell back to autoregressive steps in "
                 f"{stats['fallback_rounds']} of {stats['rounds']} rounds: no exit's drafts "
-                f"paid (acceptance per exit {stats['exit_acceptance']}); the model is not "
-                "LayerSkip-trained for these exits")
+                f"paid for their work (estimated acceptance per exit "
+                f"{stats['exit_acceptance']})")
     if not stats["drafted"] or stats["acceptance_rate"] >= NEAR_ZERO_ACCEPTANCE:
         return None
     where = (f"exit layer {stats['exit_layer']}" if stats.get("exit_layer") is not None
