@@ -22,7 +22,10 @@ FIRST_REPROBE = 32  # rounds before an option not chosen is tried again; the gap
 # fraction of a millisecond, too short to time alone on a busy machine, and scoring every
 # option each round would cost as much as the round.
 STINT, PROBE_STINT = 16, 2
-MARGIN = 1.05  # a draft must promise this many times the tokens/s of a plain step
+# The policy leaves the option it exploits (at first the recommendation, else the plain
+# step) only for one that promises SWITCH times its tokens/s: timings on a shared machine
+# vary by more than the differences between neighbouring options.
+SWITCH = 1.15
 
 
 class FixedPolicy:
@@ -48,13 +51,14 @@ def option_name(option):
 class AdaptivePolicy:
     """Per stint of rounds (STINT; a probe PROBE_STINT), the option (exit E, draft length
     k) or None (an autoregressive step) with the most expected tokens per second, from
-    statistics of the rounds this call ran; a draft must promise MARGIN times a plain step's:
+    statistics of the rounds this call ran; it leaves the option it exploits only for one
+    that promises SWITCH times its tokens per second:
 
     - acceptance per exit: alpha_E, the chance that a draft is accepted given the one before
       it was, counted over every row of every round drafted from E (m accepted of k is m
       successes and, when m < k, one failure), with a Beta prior (recommended exit 3:1,
       others 1:3: an exit of a model not trained for early exit is rarely accepted), and
-      at most that of a deeper exit. A row drafting k expects (1 - alpha^(k+1)) /
+      at most the upper bound of a deeper exit observed more (alpha). A row drafting k expects (1 - alpha^(k+1)) /
       (1 - alpha) tokens;
     - cost per round: measured for options that ran: host seconds between the round's
       syncs, averaged over a stint, the least over stints (on a shared machine the noise
@@ -85,6 +89,7 @@ class AdaptivePolicy:
         # First the recommendation (it starts there), then a probe of the plain step and of
         # the deepest exit (the likeliest accepted; shallower ones are probed once it is).
         self.recommended = tuple(recommended) if recommended else None
+        self.current = self.recommended  # the option exploited (None: the plain step)
         start = [self.recommended] if recommended else []
         self.queue = start + [None] + [(e, ks[0]) for e in self.exits[-1:]]
         self.chosen = None
@@ -155,9 +160,13 @@ class AdaptivePolicy:
 
     def alpha(self, e, optimistic=False):
         """Exit e's acceptance estimate (optimistic: its upper bound, mean + 2 sd), at most
-        that of any deeper exit drafted from: a shallower exit is accepted less often."""
-        return min(self._alpha(d, optimistic) for d in self.exits
-                   if d == e or (d > e and self.hits[d] + self.misses[d]))
+        the upper bound of a deeper exit observed more often: a shallower exit is usually
+        accepted less, which spares probing it, but not always (a model trained to exit at
+        one layer), so an exit's own observations prevail once it has more."""
+        seen = self.hits[e] + self.misses[e]
+        return min([self._alpha(e, optimistic)] + [
+            self._alpha(d, True) for d in self.exits
+            if d > e and self.hits[d] + self.misses[d] > seen])
 
     def _alpha(self, e, optimistic):
         a, b = self.prior[e]
@@ -234,8 +243,9 @@ class AdaptivePolicy:
                                 else PROBE_STINT)
         scores = self.scores(self.options)
         best = max(scores, key=scores.get)
-        if best is not None and scores[best] < MARGIN * scores[None]:
-            best = None
+        if scores[best] < SWITCH * scores[self.current]:
+            best = self.current
+        self.current = best
         # Probe an option kind not chosen lately, if it could beat the best: the
         # autoregressive step, or an exit at its cheapest k.
         best_score, optimistic = scores[best], None
