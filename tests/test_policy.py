@@ -171,6 +171,30 @@ def test_a_round_that_captured_a_graph_is_not_timed():
     assert policy.cost == {}
 
 
+# ------------------------------------------------------------------------ replayed rounds
+
+
+def test_replayed_rounds_equal_autoregressive_and_bound_the_captures(generator, monkeypatch):
+    """With CUDA graphs (the CPU stand-in of test_decode_state): every (bucket, k, exit)
+    round and the plain step are captured once and replayed, the tokens stay exact, and
+    the captured variants are at most buckets x (exits x ks + 1)."""
+    from test_decode_state import Capture
+    from test_decode_state import random_llama as graph_llama
+    capture = Capture(monkeypatch)
+    model = graph_llama(generator)
+    prompts = random_prompts(generator, (5, 17, 9), vocab=61)
+    expected = autoregressive(model, prompts, 40).tokens
+    res = speculative(model, prompts, 40, exit_layer="auto")
+    assert res.tokens == expected and res.stats["cuda_graphs"]
+    rounds = [key for key in capture.keys if key[0] == "round"]
+    assert rounds and len(set(capture.keys)) == len(capture.keys)  # each captured once
+    exits, ks = candidate_exits(4, None), candidate_ks(None, 8)
+    assert {key[3] for key in rounds} <= {("exit", e) for e in exits}
+    assert {key[2] for key in rounds} <= set(ks)
+    buckets = {key[1] for key in capture.keys}
+    assert len(capture.keys) <= len(buckets) * (len(exits) * len(ks) + 1)
+
+
 # -------------------------------------------------------------------- no extra host sync
 
 
