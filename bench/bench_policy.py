@@ -4,8 +4,11 @@ in one process, interleaved over repeats (benchmark.time_interleaved), each prom
     python bench/bench_policy.py --model ../shared/data/stories260K.bin --fixed 1:4,4:1
     python bench/bench_policy.py --prompts bench/results/default_model/heldout_prompts.json \
         --fixed 3:3,3:2,4:1
+    python bench/bench_policy.py --text ../shared/data/tinystories_val.txt --fixed 3:3
 
---prompts: a JSON list of token-id lists (default: BOS alone); --fixed E:K,...: the fixed
+--prompts: a JSON list of token-id lists, or --text FILE: its first --count non-empty lines
+(200 characters each) through --tokenizer (default: the default model's); else BOS alone.
+--fixed E:K,...: the fixed
 self-speculative pairs beside autoregressive and auto. Prints one line per configuration:
 median tokens/s, the ratio to autoregressive (median, and min-max over repeats), exactness,
 acceptance and, for auto, its rounds per choice (last repeat).
@@ -22,6 +25,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="default: the embedded default model")
     p.add_argument("--prompts", help="JSON list of token-id lists (default: BOS alone)")
+    p.add_argument("--text", help="a text file: its first --count lines are the prompts")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--tokenizer", help="for --text (default: the default model's)")
     p.add_argument("--fixed", default="", help="E:K,... fixed self-speculative pairs")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
@@ -31,7 +37,12 @@ def main():
     lsk.set_num_threads(args.threads)
     model = lsk.load_model(args.model)
     bos = model.config.bos_token_id
-    prompts = (json.load(open(args.prompts)) if args.prompts else [[bos or 0]])
+    if args.text:
+        tok = lsk.load_tokenizer(args.tokenizer)
+        lines = [line for line in open(args.text).read().splitlines() if line.strip()]
+        prompts = [tok.encode(line[:200]) for line in lines[:args.count]]
+    else:
+        prompts = json.load(open(args.prompts)) if args.prompts else [[bos or 0]]
     pairs = [tuple(map(int, pair.split(":"))) for pair in args.fixed.split(",") if pair]
     configs = [("autoregressive", {})] + [
         (f"E{e} k{k}", {"strategy": "self_speculative", "exit_layer": e, "num_speculations": k})

@@ -62,7 +62,7 @@ class Scripted:
     def __init__(self, make_drafter, *args):
         self.make_drafter, self.round, self.counts = make_drafter, 0, {}
 
-    def choose(self, live):
+    def choose(self):
         option = self.SCRIPT[self.round % len(self.SCRIPT)]
         self.round += 1
         self.counts[option] = self.counts.get(option, 0) + 1
@@ -114,7 +114,7 @@ def drive(policy, rounds, accept, seconds):
     accepts, seconds(option) the round's fake time. Returns the options chosen in order."""
     chosen = []
     for _ in range(rounds):
-        drafter, k = policy.choose(2)
+        drafter, k = policy.choose()
         option = None if drafter is None else (drafter, k)
         chosen.append(option)
         policy.record([0, 0] if option is None else [accept(*option)] * 2,
@@ -245,3 +245,17 @@ def test_cli_notes_drafts_that_are_never_accepted():
                  "fallback_rounds": 90, "exit_acceptance": {4: 0.05}}
     assert "fell back to autoregressive steps in 90 of 100 rounds" in draft_note(fell_back)
     assert draft_note({**fell_back, "fallback_rounds": 10}) is None
+
+
+def test_cli_compare_and_generate_take_exit_layer_auto(capsys, stories_path,
+                                                        stories_tokenizer_path):
+    from layerskip_kernels.cli import main
+    model = ["--model", str(stories_path), "--tokenizer", str(stories_tokenizer_path)]
+    main(["compare", *model, "--exit-layer", "auto", "--max-new-tokens", "24", "--repeats",
+          "1", "--warmup", "0", "--quiet"])
+    out = capsys.readouterr().out
+    assert "identical outputs: yes" in out and "exit layer auto, k per round" in out
+    assert "per round: " in out and "autoregressive x" in out  # its probe at least
+    main(["generate", *model, "--strategy", "self_speculative", "--exit-layer", "auto",
+          "--prompt", "Once", "--max-new-tokens", "8"])
+    assert "per round: " in capsys.readouterr().err

@@ -34,7 +34,7 @@ class FixedPolicy:
     def __init__(self, drafter, k):
         self.drafter, self.k = drafter, k
 
-    def choose(self, live):
+    def choose(self):
         return self.drafter, self.k
 
     def record(self, accepted, seconds, made=None):
@@ -97,7 +97,7 @@ class AdaptivePolicy:
 
     # ---------------------------------------------------------------------- the two calls
 
-    def choose(self, live):
+    def choose(self):
         """(drafter, k) of the next round, or (None, None) for an autoregressive step."""
         if self.left:
             self.left -= 1

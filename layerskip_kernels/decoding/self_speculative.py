@@ -156,7 +156,7 @@ def decode_self_speculative(model, batch, sampling, generator, policy, confidenc
     while not all(batch.outputs.done):
         batch.compact()
         rows, live = batch.rows, batch.live
-        drafter, k = policy.choose(len(live))
+        drafter, k = policy.choose()
         captured = graphs.capture_s
         if drafter is None:
             step = lambda: decode_step(model, rows, every_layer, sampling, generator)  # noqa: E731
