@@ -67,8 +67,8 @@ class AdaptivePolicy:
 
     Exploration is cheap and bounded: a probe is a stint of PROBE_STINT rounds at an exit's
     smallest k (k = 1: one draft, a verify over two positions). A model's recommended
-    (E, k) runs first, a whole stint; then the start probes the autoregressive step and the
-    deepest exit; an option kind not chosen (the plain step, or
+    (E, k) runs first, a whole stint; without one, the start probes the autoregressive step
+    and the deepest exit. An option kind not chosen (the plain step, or
     an exit) is probed after FIRST_REPROBE rounds, then after twice as many, and only while
     its acceptance's upper bound could beat the best.
     With confidence (num_speculations="auto"), each option's k is the cap of a round that
@@ -86,12 +86,13 @@ class AdaptivePolicy:
         self.next_probe, self.gap = {}, {}
         self.choices, self.round, self.overhead_s = Counter(), 0, 0.0
         self.left, self.stint_s, self.stint_rounds, self.timed = 0, 0.0, 0, True
-        # First the recommendation (it starts there), then a probe of the plain step and of
-        # the deepest exit (the likeliest accepted; shallower ones are probed once it is).
+        # The recommendation (a sweep measured it: the rest is probed only where it could
+        # beat it), else probes of the plain step and of the deepest exit (the likeliest
+        # accepted).
         self.recommended = tuple(recommended) if recommended else None
         self.current = self.recommended  # the option exploited (None: the plain step)
-        start = [self.recommended] if recommended else []
-        self.queue = start + [None] + [(e, ks[0]) for e in self.exits[-1:]]
+        self.queue = ([self.recommended] if recommended
+                      else [None] + [(e, ks[0]) for e in self.exits[-1:]])
         self.chosen = None
         self.options = [None] + [(e, k) for e in self.exits for k in self.ks]
 
