@@ -50,6 +50,15 @@ def main():
     timed = [(name, kw, _ours(model, prompts, args.max_new_tokens, batch_size=1,
                               eos_token_id=[], **kw)) for name, kw in configs]
     load = os.getloadavg()
+    last_stints = {}
+
+    def keep_stints(run):  # the policy's choices over time, of the last prompt's last run
+        def wrapped():
+            tokens, stats = run()
+            last_stints["auto"] = stats.get("stints")
+            return tokens, stats
+        return wrapped
+    timed[-1] = (*timed[-1][:2], keep_stints(timed[-1][2]))
     rows, _ = time_interleaved(timed, args.repeats, args.warmup)
     print(f"load average before: {load}, after: {os.getloadavg()}; {len(prompts)} prompts, each alone, "
           f"{args.max_new_tokens} new tokens, {args.warmup} warm-up + {args.repeats} repeats")
@@ -61,6 +70,8 @@ def main():
               f"{'yes' if r['same_tokens_as_autoregressive'] else 'NO'}"
               + (f"  acceptance {r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "")
               + (f"  {r['choices']}" if "choices" in r else ""))
+    print("auto, the last prompt's choices over time (choice, rounds): "
+          + ", ".join(f"{name} x{n}" for name, n in last_stints["auto"]))
 
 
 if __name__ == "__main__":

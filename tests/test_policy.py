@@ -33,6 +33,7 @@ def test_auto_exit_equals_autoregressive(generator, n_layers, lengths, num_specu
     assert res.tokens == expected
     s = res.stats
     assert s["exit_layer"] == "auto" and sum(s["choices"].values()) == s["rounds"]
+    assert sum(n for _, n in s["stints"]) == s["rounds"]
     assert s["fallback_rounds"] == s["choices"].get("autoregressive", 0) >= 1  # its probe
     assert s["drafted"] > s["accepted"]  # drafts were made, and some rejected
     assert s["policy_s"] >= 0

@@ -212,7 +212,8 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     starts at the model's recommendation. With it, num_speculations None lets the policy
     choose k per round too; an int fixes k; "auto" keeps its meaning (each round stops
     drafting when unsure, at most 8). stats["choices"] counts the rounds per choice,
-    stats["fallback_rounds"] the autoregressive ones, stats["policy_s"] the policy's time.
+    stats["stints"] lists them in order ((choice, rounds) pairs), stats["fallback_rounds"]
+    counts the autoregressive ones, stats["policy_s"] the policy's time.
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the distribution.
     A row stops after a token of eos_token_id (an int, or a list, tensor or array of them;
     default: the model config's), which is kept in its output. stop: a string or list of

@@ -85,6 +85,7 @@ class AdaptivePolicy:
         self.cost, self.tokens, self.runs = {}, {}, Counter()
         self.next_probe, self.gap = {}, {}
         self.choices, self.round, self.overhead_s = Counter(), 0, 0.0
+        self.stints = []  # (option name, rounds) in order: the choices over time
         self.left, self.stint_s, self.stint_rounds, self.timed = 0, 0.0, 0, True
         # The recommendation (a sweep measured it: the rest is probed only where it could
         # beat it), else probes of the plain step and of the deepest exit (the likeliest
@@ -145,6 +146,11 @@ class AdaptivePolicy:
             self.cost[option] = min(seconds, self.cost.get(option, seconds))
         self.runs[option] += rounds
         self.choices[option] += rounds
+        name = option_name(option)
+        if self.stints and self.stints[-1][0] == name:  # consecutive stints of one choice
+            self.stints[-1] = (name, self.stints[-1][1] + rounds)
+        else:
+            self.stints.append((name, rounds))
         self.round += rounds
         self.stint_rounds = 0
         self.overhead_s += time.perf_counter() - begin
@@ -154,6 +160,7 @@ class AdaptivePolicy:
             self._end_stint()
         return {"choices": {option_name(o): n for o, n in self.choices.most_common()},
                 "fallback_rounds": self.choices[None], "policy_s": self.overhead_s,
+                "stints": self.stints,
                 "exit_acceptance": {e: round(self._alpha(e, False), 3) for e in self.exits
                                     if self.hits[e] + self.misses[e]}}
 
