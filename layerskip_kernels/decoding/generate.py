@@ -213,7 +213,9 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     choose k per round too; an int fixes k; "auto" keeps its meaning (each round stops
     drafting when unsure, at most 8). stats["choices"] counts the rounds per choice,
     stats["stints"] lists them in order ((choice, rounds) pairs), stats["fallback_rounds"]
-    counts the autoregressive ones, stats["policy_s"] the policy's time.
+    counts the autoregressive ones, stats["policy_s"] the policy's time. Its choices follow
+    timings: when sampling, a seed's tokens may differ between runs (each is drawn from the
+    exact distribution).
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the distribution.
     A row stops after a token of eos_token_id (an int, or a list, tensor or array of them;
     default: the model config's), which is kept in its output. stop: a string or list of
