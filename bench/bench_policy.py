@@ -1,5 +1,6 @@
 """exit_layer="auto" (the adaptive policy) against fixed (E, k) and autoregressive decoding,
-in one process, interleaved over repeats (benchmark.time_interleaved), each prompt alone.
+in one process, each prompt alone, its configurations back to back in every repeat (the
+machine's speed drifts: on a shared 2-core machine by several times within a minute).
 
     python bench/bench_policy.py --model ../shared/data/stories260K.bin --fixed 1:4,4:1
     python bench/bench_policy.py --prompts bench/results/default_model/heldout_prompts.json \
@@ -10,15 +11,17 @@ in one process, interleaved over repeats (benchmark.time_interleaved), each prom
 (200 characters each) through --tokenizer (default: the default model's); else BOS alone.
 --fixed E:K,...: the fixed
 self-speculative pairs beside autoregressive and auto. Prints one line per configuration:
-median tokens/s, the ratio to autoregressive (median, and min-max over repeats), exactness,
-acceptance and, for auto, its rounds per choice (last repeat).
+median tokens/s, the ratio to autoregressive (median of the repeats' ratios, and min-max),
+exactness, acceptance and, for auto, its rounds per choice (last repeat).
 """
 import argparse
 import json
 import os
+import statistics
+import time
+from collections import Counter
 
 import layerskip_kernels as lsk
-from layerskip_kernels.benchmark import _ours, time_interleaved
 
 
 def main():
@@ -47,31 +50,42 @@ def main():
     configs = [("autoregressive", {})] + [
         (f"E{e} k{k}", {"strategy": "self_speculative", "exit_layer": e, "num_speculations": k})
         for e, k in pairs] + [("auto", {"strategy": "self_speculative", "exit_layer": "auto"})]
-    timed = [(name, kw, _ours(model, prompts, args.max_new_tokens, batch_size=1,
-                              eos_token_id=[], **kw)) for name, kw in configs]
     load = os.getloadavg()
-    last_stints = {}
-
-    def keep_stints(run):  # the policy's choices over time, of the last prompt's last run
-        def wrapped():
-            tokens, stats = run()
-            last_stints["auto"] = stats.get("stints")
-            return tokens, stats
-        return wrapped
-    timed[-1] = (*timed[-1][:2], keep_stints(timed[-1][2]))
-    rows, _ = time_interleaved(timed, args.repeats, args.warmup)
-    print(f"load average before: {load}, after: {os.getloadavg()}; {len(prompts)} prompts, each alone, "
-          f"{args.max_new_tokens} new tokens, {args.warmup} warm-up + {args.repeats} repeats")
-    for r in rows:
-        print(f"{r['name']:<16} {r['tokens_per_s']:9.1f} tok/s  "
-              f"{r['speedup_vs_ours_autoregressive']:.2f}x AR "
-              f"({r['speedup_vs_ours_autoregressive_min']:.2f}-"
-              f"{r['speedup_vs_ours_autoregressive_max']:.2f})  exact "
-              f"{'yes' if r['same_tokens_as_autoregressive'] else 'NO'}"
-              + (f"  acceptance {r['acceptance_rate']:.2f}" if "acceptance_rate" in r else "")
-              + (f"  {r['choices']}" if "choices" in r else ""))
+    ratios = {name: [] for name, _ in configs}
+    rates = {name: [] for name, _ in configs}
+    for rep in range(args.warmup + args.repeats):
+        seconds = dict.fromkeys(ratios, 0.0)
+        tokens = {name: [] for name in ratios}
+        choices, accepted, drafted = Counter(), Counter(), Counter()
+        for prompt in prompts:  # each prompt's configurations back to back: drift cancels
+            for name, kw in configs:
+                start = time.perf_counter()
+                res = lsk.generate(model, [prompt], args.max_new_tokens, eos_token_id=[], **kw)
+                seconds[name] += time.perf_counter() - start
+                tokens[name] += res.tokens
+                accepted[name] += res.stats.get("accepted", 0)
+                drafted[name] += res.stats.get("drafted", 0)
+                if name == "auto":
+                    choices.update(res.stats["choices"])
+                    stints = res.stats["stints"]
+        if rep < args.warmup:
+            continue
+        for name in ratios:
+            ratios[name].append(seconds["autoregressive"] / seconds[name])
+            rates[name].append(sum(map(len, tokens[name])) / seconds[name])
+    print(f"load average before: {load}, after: {os.getloadavg()}; {len(prompts)} prompts, "
+          f"each alone, {args.max_new_tokens} new tokens, {args.warmup} warm-up + "
+          f"{args.repeats} repeats; ratio to autoregressive: median of the repeats' ratios "
+          "(min-max)")
+    for name, _ in configs:
+        r = sorted(ratios[name])
+        print(f"{name:<16} {statistics.median(rates[name]):9.1f} tok/s  "
+              f"{statistics.median(r):.2f}x AR ({r[0]:.2f}-{r[-1]:.2f})  exact "
+              f"{'yes' if tokens[name] == tokens['autoregressive'] else 'NO'}"
+              + (f"  acceptance {accepted[name] / drafted[name]:.2f}" if drafted[name] else "")
+              + (f"  {dict(choices.most_common())}" if name == "auto" else ""))
     print("auto, the last prompt's choices over time (choice, rounds): "
-          + ", ".join(f"{name} x{n}" for name, n in last_stints["auto"]))
+          + ", ".join(f"{name} x{n}" for name, n in stints))
 
 
 if __name__ == "__main__":
