@@ -21,7 +21,9 @@ FIRST_REPROBE = 32  # rounds before an option not chosen is tried again; the gap
 # A choice holds for a stint of rounds, timed as one: a round of a small model takes a
 # fraction of a millisecond, too short to time alone on a busy machine, and scoring every
 # option each round would cost as much as the round.
-STINT, PROBE_STINT = 16, 2
+# An option chosen again gets a stint twice as long, up to MAX_STINT: fewer decisions (each
+# scores every option) while nothing changes.
+STINT, PROBE_STINT, MAX_STINT = 16, 2, 64
 # The policy leaves the option it exploits (at first the recommendation, else the plain
 # step) only for one that promises SWITCH times its tokens/s: timings on a shared machine
 # vary by more than the differences between neighbouring options.
@@ -49,7 +51,8 @@ def option_name(option):
 
 
 class AdaptivePolicy:
-    """Per stint of rounds (STINT; a probe PROBE_STINT), the option (exit E, draft length
+    """Per stint of rounds (STINT, doubling up to MAX_STINT while the choice stays; a probe
+    PROBE_STINT), the option (exit E, draft length
     k) or None (an autoregressive step) with the most expected tokens per second, from
     statistics of the rounds this call ran; it leaves the option it exploits only for one
     that promises SWITCH times its tokens per second:
@@ -92,10 +95,12 @@ class AdaptivePolicy:
         # accepted).
         self.recommended = tuple(recommended) if recommended else None
         self.current = self.recommended  # the option exploited (None: the plain step)
+        self.exploit_stint = STINT // 2  # doubled when the first pick keeps it
         self.queue = ([self.recommended] if recommended
                       else [None] + [(e, ks[0]) for e in self.exits[-1:]])
         self.chosen = None
         self.options = [None] + [(e, k) for e in self.exits for k in self.ks]
+        self.unit = {o: self.units(o) for o in self.options}
 
     # ---------------------------------------------------------------------- the two calls
 
@@ -206,7 +211,7 @@ class AdaptivePolicy:
         squares) to the measured options: the fixed part is what every round pays whatever
         its work (a call, the host sync, the loop's Python), large on a small model. With
         one measured size, or a fit that comes out negative: no fixed part."""
-        points = [(self.units(o), c) for o, c in self.cost.items()]
+        points = [(self.unit[o], c) for o, c in self.cost.items()]
         if not points:
             return 0.0, 1.0  # nothing timed: only ratios matter
         mean_u = sum(u for u, _ in points) / len(points)
@@ -235,9 +240,9 @@ class AdaptivePolicy:
             cost = self.cost.get(o)
             if cost is None and o is not None and o[0] in measured:
                 k, c = min(measured[o[0]], key=lambda kc: abs(kc[0] - o[1]))
-                cost = c + per_unit * (self.units(o) - self.units((o[0], k)))
+                cost = c + per_unit * (self.unit[o] - self.unit[(o[0], k)])
             if cost is None:
-                cost = fixed + per_unit * self.units(o)
+                cost = fixed + per_unit * self.unit[o]
             tokens = 1.0 if o is None else self.expected_tokens(o, alpha[o[0]])
             scores[o] = tokens / cost
         return scores
@@ -253,10 +258,14 @@ class AdaptivePolicy:
         best = max(scores, key=scores.get)
         if scores[best] < SWITCH * scores[self.current]:
             best = self.current
+        if best is not None and not self.hits[best[0]] + self.misses[best[0]]:
+            return best, PROBE_STINT  # an exit never drafted from: its prior only, so probe
+        kept = best == self.current
         self.current = best
+        self.exploit_stint = min(2 * self.exploit_stint, MAX_STINT) if kept else STINT
         # Probe an option kind not chosen lately, if it could beat the best: the
         # autoregressive step, or an exit at its cheapest k.
-        best_score, optimistic = scores[best], None
+        best_score = scores[best]
         for kind in [None] + self.exits:
             if kind == (best if best is None else best[0]):
                 continue
@@ -265,10 +274,9 @@ class AdaptivePolicy:
             if self.round >= due:
                 self.gap[kind] = 2 * self.gap.get(kind, FIRST_REPROBE)
                 self.next_probe[kind] = self.round + self.gap[kind]
-                optimistic = optimistic or self.scores(self.options, optimistic=True)
-                if optimistic[probe] > best_score:
+                if self.scores([probe], optimistic=True)[probe] > best_score:
                     return probe, PROBE_STINT
-        return best, STINT
+        return best, self.exploit_stint
 
     def _drafter(self, e):
         if e not in self.drafters:

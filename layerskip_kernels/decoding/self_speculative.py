@@ -181,8 +181,10 @@ def decode_self_speculative(model, batch, sampling, generator, policy, confidenc
             batch.emit([drafts[:m] + [token] for *drafts, token, m in emitted])
             accepted = [emitted[i][k + 1] for i in live]
         now = time.perf_counter()
-        # A round that captured a graph (its first run of this key) is not a steady cost.
-        policy.record(accepted, now - last if graphs.capture_s == captured else None, k)
+        # Not a steady cost: the call's first round (its caches and threads cold), or a round
+        # that captured a graph (its key's first run).
+        steady = stats["rounds"] and graphs.capture_s == captured
+        policy.record(accepted, now - last if steady else None, k)
         last = now
         stats["accepted"] += sum(accepted)
         stats["rounds"] += 1
