@@ -32,6 +32,8 @@ def main():
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--tokenizer", help="for --text (default: the default model's)")
     p.add_argument("--fixed", default="", help="E:K,... fixed self-speculative pairs")
+    p.add_argument("--batch", action="store_true",
+                   help="the prompts as one ragged batch (default: each alone)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -57,10 +59,11 @@ def main():
         seconds = dict.fromkeys(ratios, 0.0)
         tokens = {name: [] for name in ratios}
         choices, accepted, drafted = Counter(), Counter(), Counter()
-        for prompt in prompts:  # each prompt's configurations back to back: drift cancels
+        groups = [prompts] if args.batch else [[p] for p in prompts]
+        for group in groups:  # each group's configurations back to back: drift cancels
             for name, kw in configs:
                 start = time.perf_counter()
-                res = lsk.generate(model, [prompt], args.max_new_tokens, eos_token_id=[], **kw)
+                res = lsk.generate(model, group, args.max_new_tokens, eos_token_id=[], **kw)
                 seconds[name] += time.perf_counter() - start
                 tokens[name] += res.tokens
                 accepted[name] += res.stats.get("accepted", 0)
@@ -74,7 +77,7 @@ def main():
             ratios[name].append(seconds["autoregressive"] / seconds[name])
             rates[name].append(sum(map(len, tokens[name])) / seconds[name])
     print(f"load average before: {load}, after: {os.getloadavg()}; {len(prompts)} prompts, "
-          f"each alone, {args.max_new_tokens} new tokens, {args.warmup} warm-up + "
+          f"{'one batch' if args.batch else 'each alone'}, {args.max_new_tokens} new tokens, {args.warmup} warm-up + "
           f"{args.repeats} repeats; ratio to autoregressive: median of the repeats' ratios "
           "(min-max)")
     for name, _ in configs:
