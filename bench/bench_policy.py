@@ -77,9 +77,9 @@ def main():
             ratios[name].append(seconds["autoregressive"] / seconds[name])
             rates[name].append(sum(map(len, tokens[name])) / seconds[name])
     print(f"load average before: {load}, after: {os.getloadavg()}; {len(prompts)} prompts, "
-          f"{'one batch' if args.batch else 'each alone'}, {args.max_new_tokens} new tokens, {args.warmup} warm-up + "
-          f"{args.repeats} repeats; ratio to autoregressive: median of the repeats' ratios "
-          "(min-max)")
+          f"{'one batch' if args.batch else 'each alone'}, {args.max_new_tokens} new tokens, "
+          f"{args.warmup} warm-up + {args.repeats} repeats; ratio to autoregressive: median "
+          "of the repeats' ratios (min-max)")
     for name, _ in configs:
         r = sorted(ratios[name])
         print(f"{name:<16} {statistics.median(rates[name]):9.1f} tok/s  "

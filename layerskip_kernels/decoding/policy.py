@@ -52,28 +52,28 @@ def option_name(option):
 
 class AdaptivePolicy:
     """Per stint of rounds (STINT, doubling up to MAX_STINT while the choice stays; a probe
-    PROBE_STINT), the option (exit E, draft length
-    k) or None (an autoregressive step) with the most expected tokens per second, from
-    statistics of the rounds this call ran; it leaves the option it exploits only for one
-    that promises SWITCH times its tokens per second:
+    PROBE_STINT), the option (exit E, draft length k) or None (an autoregressive step) with
+    the most expected tokens per second, from statistics of the rounds this call ran; it
+    leaves the option it exploits only for one that promises SWITCH times its tokens/s:
 
     - acceptance per exit: alpha_E, the chance that a draft is accepted given the one before
       it was, counted over every row of every round drafted from E (m accepted of k is m
       successes and, when m < k, one failure), with a Beta prior (recommended exit 3:1,
       others 1:3: an exit of a model not trained for early exit is rarely accepted), and
-      at most the upper bound of a deeper exit observed more (alpha). A row drafting k expects (1 - alpha^(k+1)) /
-      (1 - alpha) tokens;
+      at most the upper bound of a deeper exit observed more (alpha). A row drafting k
+      expects (1 - alpha^(k+1)) / (1 - alpha) tokens;
     - cost per round: measured for options that ran: host seconds between the round's
-      syncs, averaged over a stint, the least over stints (on a shared machine the noise
-      only slows a stint down); for the others, predicted by a line fixed + per_unit *
-      units() fitted to the measured ones (cost_line, scores).
+      syncs, averaged over a stint's timed rounds, the least over stints (on a shared
+      machine the noise only slows a stint down); for the others, predicted by a line
+      fixed + per_unit * units() fitted to the measured ones (cost_line, scores).
 
     Exploration is cheap and bounded: a probe is a stint of PROBE_STINT rounds at an exit's
     smallest k (k = 1: one draft, a verify over two positions). A model's recommended
     (E, k) runs first, a whole stint; without one, the start probes the autoregressive step
-    and the deepest exit. An option kind not chosen (the plain step, or
-    an exit) is probed after FIRST_REPROBE rounds, then after twice as many, and only while
-    its acceptance's upper bound could beat the best.
+    and the deepest exit. An option kind not chosen (the plain step, or an exit) is probed
+    after FIRST_REPROBE rounds, then after twice as many, and only while its acceptance's
+    upper bound could beat the best; an exit never drafted from is probed before it is
+    exploited.
     With confidence (num_speculations="auto"), each option's k is the cap of a round that
     stops drafting when unsure, and its expected tokens are those it measured.
     """
@@ -89,7 +89,7 @@ class AdaptivePolicy:
         self.next_probe, self.gap = {}, {}
         self.choices, self.round, self.overhead_s = Counter(), 0, 0.0
         self.stints = []  # (option name, rounds) in order: the choices over time
-        self.left, self.stint_s, self.stint_rounds, self.timed = 0, 0.0, 0, True
+        self.left, self.stint_rounds = 0, 0
         # The recommendation (a sweep measured it: the rest is probed only where it could
         # beat it), else probes of the plain step and of the deepest exit (the likeliest
         # accepted).
@@ -112,16 +112,16 @@ class AdaptivePolicy:
         begin = time.perf_counter()
         option, self.left = self._pick()
         self.left -= 1
-        self.chosen, self.timed = option, True
-        self.stint_s, self.stint_rounds, self.stint_rows, self.stint_hits = 0.0, 0, 0, 0
-        self.stint_misses = 0
+        self.chosen, self.stint_s, self.stint_rounds, self.timed_rounds = option, 0.0, 0, 0
+        self.stint_rows = self.stint_hits = self.stint_misses = 0
         self.answer = (None, None) if option is None else (self._drafter(option[0]), option[1])
         self.overhead_s += time.perf_counter() - begin
         return self.answer
 
     def record(self, accepted, seconds, made=None):
         """accepted: each live row's accepted drafts (Python ints); seconds: the round's host
-        time (None when it included a graph capture: not a steady-state cost); made: the
+        time (None where it is not a steady cost: the call's first round, or one that
+        captured a graph); made: the
         drafts the round made (a confidence-stopped round's; else the chosen k). Sums only:
         the estimates are updated once per stint."""
         if self.chosen is not None:
@@ -129,10 +129,9 @@ class AdaptivePolicy:
                 self.stint_hits += m
                 self.stint_misses += m < made
         self.stint_rows += len(accepted)
-        if seconds is None:
-            self.timed = False
-        else:
+        if seconds is not None:
             self.stint_s += seconds
+            self.timed_rounds += 1
         self.stint_rounds += 1
         if self.left == 0:
             self._end_stint()
@@ -146,8 +145,8 @@ class AdaptivePolicy:
         per_row = 1 + self.stint_hits / max(self.stint_rows, 1)
         old = self.tokens.get(option)
         self.tokens[option] = per_row if old is None else old + COST_MEMORY * (per_row - old)
-        if self.timed:
-            seconds = self.stint_s / rounds
+        if self.timed_rounds:
+            seconds = self.stint_s / self.timed_rounds
             self.cost[option] = min(seconds, self.cost.get(option, seconds))
         self.runs[option] += rounds
         self.choices[option] += rounds
