@@ -89,13 +89,15 @@ def _load_transformers(model, dtype):
 
 
 def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, speedups,
-                   with_transformers, cuda_graphs=None, batch_size=None, strategies=STRATEGIES):
+                   with_transformers, cuda_graphs=None, batch_size=None, strategies=STRATEGIES,
+                   adaptive=False):
     """(name, settings, callable) for every configuration of `strategies` to time: ours
     autoregressive first, always (every speedup and exactness check is against it); early_exit
     at each exit layer; self_speculative at each (E, k), at each E with k="auto", and, when
     layer_skip is chosen too, drafted by each speedup's layer subset at each k; layer_skip at
     each speedup; with_transformers, transformers' generate and, when self_speculative is
-    chosen, its assistant_early_exit at each E. exit_layers None: every layer in [1, L).
+    chosen, its assistant_early_exit at each E; adaptive (with self_speculative), our
+    self_speculative with exit_layer="auto". exit_layers None: every layer in [1, L).
     cuda_graphs goes to each of our generate() calls (False: eager even on CUDA)."""
     L = model.config.n_layers
     exit_layers = exit_layers or range(1, L)
@@ -112,6 +114,9 @@ def configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths, s
         configs += [(f"ours self_speculative E={e} k=auto",
                      {"strategy": "self_speculative", "exit_layer": e, "num_speculations": "auto"})
                     for e in exit_layers]
+        if adaptive:
+            configs.append(("ours self_speculative E=auto",
+                            {"strategy": "self_speculative", "exit_layer": "auto"}))
     if "layer_skip" in chosen:
         configs += [(f"ours layer_skip speedup={s}", {"strategy": "layer_skip", "speedup": s})
                     for s in speedups]
@@ -213,13 +218,14 @@ SPEEDUPS = (1.25, 1.5)  # ... and layer_skip speedups
 def run_benchmark(model, prompts, max_new_tokens=200, repeats=5, warmup=1, exit_layers=None,
                   draft_lengths=DRAFT_LENGTHS, speedups=SPEEDUPS, with_transformers=True,
                   progress=None, cuda_graphs=None, on_repeat=None, batch_size=None,
-                  strategies=STRATEGIES):
+                  strategies=STRATEGIES, adaptive=False):
     """Time every configuration of `strategies` (see configurations); the report: machine,
     threads, settings (the grid among them), "complete" and the result rows. on_repeat(report),
     if given, gets the report of the repetitions done so far after each one ("complete":
     false, settings["repeats_done"])."""
     timed = configurations(model, prompts, max_new_tokens, exit_layers, draft_lengths,
-                           speedups, with_transformers, cuda_graphs, batch_size, strategies)
+                           speedups, with_transformers, cuda_graphs, batch_size, strategies,
+                           adaptive)
     machine = machine_info()
     settings = {"strategies": [s for s in STRATEGIES if s in strategies],
                 "exit_layers": list(exit_layers or range(1, model.config.n_layers)),

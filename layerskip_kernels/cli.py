@@ -767,7 +767,8 @@ def build_parser():
 
     p = _subparser(sub, "sweep", "self-speculative decoding over an (exit layer, k) grid",
                    "Self-speculative decoding over a grid of exit layers E and draft lengths "
-                   "k (plus k=auto and plain early exit at each E), timed as `bench` times. "
+                   "k (plus k=auto and plain early exit at each E, and the adaptive policy, "
+                   "--exit-layer auto), timed as `bench` times. "
                    "DIR/sweep.json and DIR/sweep.csv are rewritten atomically after every "
                    "repetition, so an interrupted sweep keeps the repetitions that finished "
                    '("complete": false); DIR/sweep_heatmap.png comes at the end.')

@@ -1,8 +1,9 @@
 """`layerskip sweep`: self-speculative decoding over a grid of exit layers E and draft lengths k.
 
 Every configuration is timed by benchmark.run_benchmark (same process, interleaved repeats,
-median and spread), which also times plain early exit and k="auto" at each E; we keep them as
-extra rows and an "auto" column. Writes DIR/sweep.csv and DIR/sweep.json (the full report),
+median and spread), which also times plain early exit and k="auto" at each E, and the
+adaptive policy (exit_layer="auto"); we keep them as extra rows, an "auto" column and a line
+beside the best pair. Writes DIR/sweep.csv and DIR/sweep.json (the full report),
 both rewritten atomically after every repetition so that an interrupted sweep keeps what it
 measured, then DIR/sweep_heatmap.png (speedup over our autoregressive decoding; needs
 matplotlib), and prints the best (E, k) among the fixed k: a model records a fixed k as its
@@ -47,9 +48,16 @@ def check_exit_layers(exit_layers, n_layers):
 
 
 def sweep_rows(report):
-    """The report's rows that are self-speculative with an early-exit draft, by (E, k)."""
+    """The report's rows that are self-speculative with an early-exit draft at a fixed exit
+    layer, by (E, k)."""
     return {(r["exit_layer"], r["num_speculations"]): r for r in report["results"]
-            if r.get("strategy") == "self_speculative" and "exit_layer" in r}
+            if r.get("strategy") == "self_speculative" and "exit_layer" in r
+            and r["exit_layer"] != "auto"}
+
+
+def adaptive_row(report):
+    """The row of exit_layer="auto" (the adaptive policy), or None."""
+    return next((r for r in report["results"] if r.get("exit_layer") == "auto"), None)
 
 
 def best_pair(report):
@@ -146,7 +154,8 @@ def main_sweep(args):
                                    with_transformers=False, progress=progress,
                                    cuda_graphs=False if getattr(args, "no_cuda_graphs", False)
                                    else None, on_repeat=keep,
-                                   batch_size=getattr(args, "batch_size", None))
+                                   batch_size=getattr(args, "batch_size", None),
+                                   adaptive=True)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_kept(out / "sweep.json", done, args.repeats)) from None
     report["settings"]["model"] = args.model
@@ -166,5 +175,10 @@ def main_sweep(args):
               f"x{best['speedup_vs_ours_autoregressive']:.2f} over autoregressive, "
               f"acceptance {best['acceptance_rate']:.2f} (x{best['speedup_if_all_accepted']:.2f} "
               "if every draft were accepted)")
+    auto = adaptive_row(report)
+    print(f"adaptive (exit layer auto): x{auto['speedup_vs_ours_autoregressive']:.2f} over "
+          "autoregressive" + (f", x{auto['tokens_per_s'] / best['tokens_per_s']:.2f} the best "
+                              "fixed" if best else "")
+          + f"; rounds per choice (last run): {auto['choices']}")
     print("wrote " + ", ".join(map(str, wrote)), file=sys.stderr)
     return report

@@ -282,7 +282,8 @@ def test_sweep_on_stories(stories_path, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
     grid = {(r["exit_layer"], r["num_speculations"]) for r in rows
             if r["strategy"] == "self_speculative"}
-    assert grid == {(e, k) for e in ("1", "2") for k in ("1", "2", "auto")}
+    assert grid == {(e, k) for e in ("1", "2") for k in ("1", "2", "auto")} | {
+        ("auto", "per round")}  # the adaptive policy's row
     assert all(r["same_tokens_as_autoregressive"] == "True" for r in rows
                if r["strategy"] != "early_exit")  # greedy self-speculation is lossless
     for r in rows:  # the ceiling scales the measured speedup to k + 1 tokens per round
@@ -296,9 +297,10 @@ def test_sweep_on_stories(stories_path, tmp_path, capsys):
     assert json.loads((tmp_path / "sweep.json").read_text())["settings"]["exit_layers"] == [1, 2]
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "sweep_heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    best = sweep.best_pair(report)
+    best, out = sweep.best_pair(report), capsys.readouterr().out
     assert (f"best of the fixed k (k=auto not compared; sweep.csv has it): "
-            f"E={best['exit_layer']} k={best['num_speculations']}:") in capsys.readouterr().out
+            f"E={best['exit_layer']} k={best['num_speculations']}:") in out
+    assert "adaptive (exit layer auto): x" in out and "the best fixed; rounds per choice" in out
 
 
 @pytest.mark.parametrize("arg, value", [("exit_layers", "1,x"), ("exit_layers", "0,1"),
