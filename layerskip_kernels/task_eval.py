@@ -239,6 +239,7 @@ def main_eval(args):
     from .cli import (UsageError, check_exit_layer, check_fits, find_tokenizer, load_model_arg,
                       reading, require_file, stop_tokens)
     from .ops.llama_layer import set_num_threads
+    from .sweep import check_exit_layers
     _metric_libraries()
     output = Path(args.output)
     check_output_file(output, "--output", args.overwrite)
@@ -254,8 +255,8 @@ def main_eval(args):
         set_num_threads(args.threads)
     model = load_model_arg(args)
     L = model.config.n_layers
-    for e in args.exit_layers or ():
-        check_exit_layer(model, e)
+    if args.exit_layers:
+        check_exit_layers(args.exit_layers, L)
     check_exit_layer(model, args.exit_layer)
     # self-speculation's E and k as generate() would default them, named in the report
     E = args.exit_layer or model.config.exit_layer or default_exit_layer(L)

@@ -106,6 +106,18 @@ def test_eval_command(stories_path, stories_tokenizer_path, data, tmp_path, caps
     assert "--output" in capsys.readouterr().err
 
 
+def test_exit_layers_past_the_model_name_their_flag(stories_path, stories_tokenizer_path, data,
+                                                    tmp_path, capsys):
+    """stories260K has 5 layers: --exit-layers 1,5 is refused naming --exit-layers (the list
+    flag), before any decoding; 1,4 is the passing control of the check (test_eval_command)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", stories_path, "--tokenizer", stories_tokenizer_path,
+              "--data", data, "--exit-layers", "1,5", "--output", tmp_path / "eval.json"])
+    assert exit_.value.code == 2
+    assert "--exit-layers: expected layers in [1, 4]" in capsys.readouterr().err
+    assert not (tmp_path / "eval.json").exists()
+
+
 @pytest.mark.parametrize("line, match", [("not json", "line 2: expected a JSON object"),
                                          ('{"prompt": "a"}', "line 2: expected"),
                                          ('{"prompt": 1, "reference": "b"}', "line 2")])
