@@ -425,3 +425,34 @@ def test_batch_size_decodes_prompts_alone_and_sums_the_rounds():
     assert alone_stats["drafted"] == sum(s["drafted"] for s in each)
     assert alone_stats["acceptance_rate"] == sum(s["accepted"] for s in each) / sum(
         s["drafted"] for s in each)
+
+
+def test_policy_headroom_replay_counts_rounds_as_self_speculation_does():
+    headroom = _load("policy_headroom")
+    trace = {3: ([1, 1, 0, 1, 1, 1, 1, 0], [0.9] * 8)}
+    cost = {(3, 2): 2.0, (3, 4): 3.0}
+    # k = 2 at t: accepts the run of agreements from t, at most 2, then one token more.
+    # t=0: m=2 -> t=3; t=3: m=2 -> t=6; t=6: m=1 -> t=8: three rounds of cost 2.
+    assert headroom.replay(trace, cost, lambda t, history: (3, 2)) == 6.0
+    fixed = {k: headroom.speed([trace], cost, lambda tr, k=k: lambda t, h: (3, k)) for k in (2, 4)}
+    best = headroom.speed([trace], cost, headroom.oracle(cost, [3], [2, 4]))
+    assert best >= max(fixed.values())
+    assert headroom.up_to([1, 2, 4], 3) == 4 and headroom.up_to([1, 2, 4], 9) == 4
+
+
+def test_policy_headroom_traces_match_the_model(stories_path):
+    """The agreement trace at the last layer but one is what early exit there decodes
+    alongside the full model's tokens (a mismatch would make every replay wrong)."""
+    import layerskip_kernels as lsk
+    headroom = _load("policy_headroom")
+    model = lsk.load_model(stories_path)
+    L, prompt = model.config.n_layers, [1]
+    (trace,) = headroom.traces(model, [prompt], 12)
+    full = lsk.generate(model, [prompt], 12, eos_token_id=[]).tokens[0]
+    assert set(trace) == set(range(1, L)) and all(len(a) == 12 for a, _ in trace.values())
+    # Position 0's exit token is early exit's first token from the same prompt.
+    for e in (1, L - 1):
+        first = lsk.generate(model, [prompt], 1, strategy="early_exit", exit_layer=e,
+                             eos_token_id=[]).tokens[0][0]
+        assert trace[e][0][0] == (first == full[0])
+        assert 0 < trace[e][1][0] <= 1
