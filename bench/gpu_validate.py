@@ -5,7 +5,8 @@
                                                     plain, then under compute-sanitizer
                                                     memcheck/racecheck)
     python bench/gpu_validate.py e2e OUT.json       generate() on the default model and a
-                                                    Llama-3.2-1B shape, B = 1 and ragged B = 4:
+                                                    Llama-3.2-1B shape, B = 1 and ragged B = 4,
+                                                    AR, fixed (E, k) and exit_layer auto:
                                                     replay == eager, ms per token vs the floor
     python bench/gpu_validate.py merge WORK OUT.json [--copy-to FILE]
                                                     merge the parts' outputs (WORK/parts.tsv,
@@ -98,8 +99,9 @@ E2E_NEW_TOKENS = 64
 def e2e(output, device="cuda", shapes=E2E_SHAPES, new_tokens=E2E_NEW_TOKENS, bandwidth=None):
     """generate() as a user runs it on the GPU, bf16, on the embedded default model and a random
     Llama-3.2-1B-shaped model (layers >= L/4 damped, so drafts are accepted), at B = 1 and a
-    ragged B = 4; autoregressive and self-speculative (E = the model's exit layer or L/4,
-    k = 3). Each case: an eager call (cuda_graphs=False), a first replayed call (captures),
+    ragged B = 4; autoregressive, self-speculative (E = the model's exit layer or L/4, k = 3)
+    and self-speculative with exit_layer="auto" (the adaptive policy: its choices per round
+    are recorded). Each case: an eager call (cuda_graphs=False), a first replayed call (captures),
     a second (timed): replayed tokens must equal eager ones (the same state, geometry and
     kernels); self-speculative against autoregressive is reported, not required (in bf16 a
     batched verify may flip a near-tie). Decode ms per token (each row's tokens after the
@@ -128,16 +130,18 @@ def e2e(output, device="cuda", shapes=E2E_SHAPES, new_tokens=E2E_NEW_TOKENS, ban
         for batch, lengths in E2E_BATCHES.items():
             prompts = [torch.randint(0, c.vocab_size, (n,), generator=g).tolist() for n in lengths]
             tokens = {}
-            for strategy, extra in (("autoregressive", {}),
-                                    ("self_speculative", dict(exit_layer=E, num_speculations=3))):
+            for label, extra in (("autoregressive", {}),
+                                 ("self_speculative", dict(exit_layer=E, num_speculations=3)),
+                                 ("self_speculative auto", dict(exit_layer="auto"))):
+                strategy = label.split()[0]
                 kw = dict(max_new_tokens=new_tokens, strategy=strategy, eos_token_id=[], **extra)
                 eager = lsk.generate(model, prompts, cuda_graphs=False, **kw)
                 first = lsk.generate(model, prompts, **kw)
                 timed = lsk.generate(model, prompts, **kw)
-                tokens[strategy] = timed.tokens
+                tokens[label] = timed.tokens
                 steps = new_tokens - 1
                 ms = (timed.stats["time_s"] - timed.stats["prefill_s"]) * 1e3 / steps
-                case = {"batch": batch, "prompt_lengths": lengths, "strategy": strategy,
+                case = {"batch": batch, "prompt_lengths": lengths, "strategy": label,
                         "same_as_eager": first.tokens == eager.tokens == timed.tokens,
                         "path": timed.stats["path"], "cuda_graphs": timed.stats["cuda_graphs"],
                         "capture_s": first.stats["capture_s"],
@@ -146,14 +150,15 @@ def e2e(output, device="cuda", shapes=E2E_SHAPES, new_tokens=E2E_NEW_TOKENS, ban
                             eager.stats["time_s"] - eager.stats["prefill_s"]) * 1e3 / steps,
                         "prefill_ms": timed.stats["prefill_s"] * 1e3,
                         "pct_of_floor": 100 * floor_ms / ms,
-                        "acceptance_rate": timed.stats.get("acceptance_rate")}
+                        "acceptance_rate": timed.stats.get("acceptance_rate"),
+                        "choices": timed.stats.get("choices")}
                 if strategy == "self_speculative":
                     case["same_as_autoregressive"] = timed.tokens == tokens["autoregressive"]
                 cases["cases"].append(case)
                 if not case["same_as_eager"]:
-                    report["failures"].append(f"{name} {batch} {strategy}: replayed tokens "
+                    report["failures"].append(f"{name} {batch} {label}: replayed tokens "
                                               "differ from eager")
-                print(f"{name} {batch} {strategy}: {'ok' if case['same_as_eager'] else 'DIFFERS'}"
+                print(f"{name} {batch} {label}: {'ok' if case['same_as_eager'] else 'DIFFERS'}"
                       f" {ms:.2f} ms/token (floor {floor_ms:.3f}), capture "
                       f"{case['capture_s']:.2f} s, {case['path']}", flush=True)
                 Path(output).write_text(json.dumps(report, indent=1) + "\n")
@@ -234,7 +239,8 @@ def _roofline_summary(data):
 
 
 def _e2e_summary(data):
-    """Per model and batch: ms per token of AR and self-speculative against the floor."""
+    """Per model and batch: ms per token of AR, self-speculative and the adaptive policy
+    against the floor."""
     if not data:
         return None
     parts = []
@@ -242,7 +248,8 @@ def _e2e_summary(data):
         for batch in dict.fromkeys(c["batch"] for c in model["cases"]):
             ms = {c["strategy"]: c["ms_per_token"] for c in model["cases"] if c["batch"] == batch}
             parts.append(f"{name} {batch}: AR {ms.get('autoregressive', float('nan')):.2f}, "
-                         f"spec {ms.get('self_speculative', float('nan')):.2f} ms/token (floor "
+                         f"spec {ms.get('self_speculative', float('nan')):.2f}, auto "
+                         f"{ms.get('self_speculative auto', float('nan')):.2f} ms/token (floor "
                          f"{model['floor_ms_per_token']:.3f})")
     failures = data.get("failures") or []
     return "; ".join(parts) + (f"; {len(failures)} FAILURES" if failures else "")

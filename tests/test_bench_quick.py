@@ -238,10 +238,13 @@ def test_gpu_validate_e2e_on_cpu(tmp_path):
     cases = report["models"]["tiny"]["cases"]
     assert rc == 0 and not report["failures"]
     assert [(c["batch"], c["strategy"]) for c in cases] == [
-        (b, s) for b in ("B=1", "B=4 ragged") for s in ("autoregressive", "self_speculative")]
+        (b, s) for b in ("B=1", "B=4 ragged")
+        for s in ("autoregressive", "self_speculative", "self_speculative auto")]
+    assert all(c["choices"] for c in cases if c["strategy"] == "self_speculative auto")
     assert all(c["same_as_eager"] and c["ms_per_token"] > 0 for c in cases)
     assert all(c["same_as_autoregressive"] for c in cases if c["strategy"] != "autoregressive")
     assert "tiny B=4 ragged: AR" in gpu_validate._e2e_summary(report)
+    assert ", auto " in gpu_validate._e2e_summary(report)
 
 
 def _script_part(name):
