@@ -23,9 +23,9 @@ import torch
 from . import __version__
 from .benchmark import compare, dtype_name
 from .decoding import generate
-from .decoding.policy import candidate_ks
-from .decoding.generate import (AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, SEED_RANGE,
-                                STRATEGIES, check_applicable, check_seed, stop_ids)
+from .decoding.generate import (DEFAULT_NUM_SPECULATIONS, SEED_RANGE, STRATEGIES,
+                                check_applicable, check_seed, stop_ids)
+from .decoding.plan import draft_lengths
 from .files import OutputPathError
 from .decoding.stop import new_text
 from .model import load_model, load_tokenizer
@@ -317,15 +317,11 @@ def stop_tokens(args, model, tokenizer):
 
 
 def _draft_slots(model, strategy, num_speculations, exit_layer=None):
-    """The cache slots a self-speculative round reserves past the output (k + 1; with
-    --exit-layer auto and no k, the longest k the policy may choose)."""
+    """The cache slots a self-speculative round reserves past the output: k + 1, k the
+    longest draft generate() resolves (with --exit-layer auto and no k, the policy's)."""
     if strategy != "self_speculative":
         return 0
-    if exit_layer == "auto" and num_speculations is None:
-        return max(candidate_ks(model.config.num_speculations, AUTO_DRAFT_CAP)) + 1
-    k = num_speculations if num_speculations is not None else model.config.num_speculations
-    k = AUTO_DRAFT_CAP if k == "auto" else k or DEFAULT_NUM_SPECULATIONS
-    return k + 1
+    return draft_lengths(model.config, num_speculations, exit_layer == "auto")[1] + 1
 
 
 def _cuda_graphs(args):

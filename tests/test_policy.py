@@ -4,8 +4,6 @@ a change of drafter between rounds keeps sampling lossless, the adaptive policy 
 to autoregressive steps when no draft pays and keeps drafting when one does (fed fake
 timings: no timing assertion), and it decides from Python numbers the round already synced,
 adding no device-to-host transfer."""
-import importlib
-
 import pytest
 import torch
 from test_self_speculative import (VOCAB, autoregressive, exact_distribution,
@@ -14,10 +12,9 @@ from test_self_speculative import (VOCAB, autoregressive, exact_distribution,
 
 import layerskip_kernels as lsk
 from layerskip_kernels.cli import draft_note
+from layerskip_kernels.decoding import plan as plan_module
 from layerskip_kernels.decoding.policy import (STINT, AdaptivePolicy, candidate_exits,
                                                candidate_ks)
-
-generate_module = importlib.import_module("layerskip_kernels.decoding.generate")
 
 
 # ------------------------------------------------------------------------- greedy exactness
@@ -49,7 +46,7 @@ def test_auto_exit_equals_autoregressive_with_every_drafter_change(generator, mo
     stop = next(t for t in range(VOCAB) if all(0 < row.index(t) < 39 for row in free[1:]
                                                 if t in row) and sum(t in r for r in free) >= 2)
     expected = [row[:row.index(stop) + 1] if stop in row else row for row in free]
-    monkeypatch.setattr(generate_module, "AdaptivePolicy", Scripted)
+    monkeypatch.setattr(plan_module, "AdaptivePolicy", Scripted)
     res = speculative(model, prompts, 40, exit_layer="auto", eos_token_id=stop)
     assert res.tokens == expected
     assert any(len(row) < 40 for row in res.tokens)
@@ -99,7 +96,7 @@ def test_sampling_stays_lossless_when_the_drafter_changes(generator, monkeypatch
     sampling = (1.0, 0, 1.0)
     law = exact_distribution(model, prompt, sampling)
     monkeypatch.setattr(Scripted, "SCRIPT", [(1, 1), (3, 1), None])
-    monkeypatch.setattr(generate_module, "AdaptivePolicy", Scripted)
+    monkeypatch.setattr(plan_module, "AdaptivePolicy", Scripted)
     res = speculative(model, [prompt] * n, 3, exit_layer="auto", num_speculations=1,
                       temperature=1.0, seed=int(torch.randint(0, 2**31, (), generator=generator)))
     assert 0.2 < res.stats["acceptance_rate"] < 0.9
