@@ -12,7 +12,8 @@ from .plan import plan_generation
 from .self_speculative import decode_self_speculative
 from .state import held_state, replayable
 from .stop import StopStrings, cut_at_stop, new_text
-# Defined beside the checks and defaults they belong to; callers import them from here.
+# Callers (the CLI, benchmark, sweep, eval) import these from here; they are defined with the
+# argument checks (arguments.py) and the defaults (plan.py) they belong to.
 from .arguments import SEED_RANGE, check_applicable, check_seed, stop_ids  # noqa: F401
 from .plan import (AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES,  # noqa: F401
                    default_exit_layer)

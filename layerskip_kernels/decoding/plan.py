@@ -30,7 +30,7 @@ class Plan:
     draft: str | None  # self_speculative's drafter: "early_exit" or "layer_skip"; else None
     prompts: list  # each prompt's token ids, a list
     max_new_tokens: int
-    stop_ids: set  # a row ends after one of these tokens ...
+    stop_ids: frozenset  # a row ends after one of these tokens ...
     stop: list | None  # ... or after the token that completes one of these strings
     temperature: float  # 0: greedy
     top_k: int
@@ -125,7 +125,7 @@ def plan_generation(config, prompts, max_new_tokens=128, strategy="autoregressiv
         fail("cuda_graphs", "None, True or False", cuda_graphs)
     prompts = prompt_lists(prompts, attention_mask)
     stop = check_stop(stop, tokenizer)
-    stops = stop_ids(config, eos_token_id)
+    stops = frozenset(stop_ids(config, eos_token_id))
     speculative = strategy == "self_speculative"
     draft = (draft or "early_exit") if speculative else None
     adaptive = speculative and isinstance(exit_layer, str) and exit_layer == "auto"
