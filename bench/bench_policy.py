@@ -272,6 +272,12 @@ def stint_colours(names):
 
 
 def plot_choices(report, path):
+    """Draw choices_figure(report) to path (--plot)."""
+    with atomic_path(path, "--plot") as tmp:
+        choices_figure(report).savefig(tmp, dpi=120)
+
+
+def choices_figure(report):
     """Auto's choices over time in the last repeat of a results.json's report: one band per
     prompt (or the batch), its rounds along x, each stint coloured by its choice."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
@@ -296,8 +302,7 @@ def plot_choices(report, path):
     ax.set_title(f'exit_layer="auto": the choice of each round (last repeat)\n{model}, '
                  f"{s['prompts']} prompts, {s['max_new_tokens']} new tokens", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path, "--plot") as tmp:
-        fig.savefig(tmp, dpi=120)
+    return fig
 
 
 def main(argv=None):
@@ -306,8 +311,8 @@ def main(argv=None):
         plot_choices(json.loads(Path(args.replot).read_text()), args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
         return
-    lsk.set_num_threads(args.threads)
     model = lsk.load_model(args.model)
+    lsk.set_num_threads(args.threads)
     prompts = load_prompts(args, model)
     configs = configurations(args.pairs)
     head, dirty = commit()

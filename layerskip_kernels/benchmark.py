@@ -374,16 +374,34 @@ def parse_speedups(text, arg="--speedups"):
     return values
 
 
+def parse_exit_layers(text, arg="--exit-layers"):
+    """`bench`'s --exit-layers: a comma list of exit layers >= 1 and "auto" (the adaptive
+    policy, exit_layer="auto"): (the layers, None where auto is alone; whether auto is in)."""
+    from .cli import UsageError
+    from .sweep import parse_ints
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    layers = [name for name in names if name != "auto"]
+    if names and not layers:
+        return None, True
+    try:
+        return parse_ints(",".join(layers), arg), len(layers) < len(names)
+    except UsageError:
+        raise UsageError(f"{arg}: expected a comma list of integers >= 1 and auto, got "
+                         f"{text!r}") from None
+
+
 def bench_grid(args):
     """`bench`'s selection, checked before the model loads: (strategies, exit layers, draft
-    lengths, speedups); exit layers and draft lengths are None where not given (the model's
-    recommendation is their default). A list that no chosen strategy uses is an error."""
+    lengths, speedups, adaptive); exit layers and draft lengths are None where not given (the
+    model's recommendation is their default); adaptive: --exit-layers holds auto. A list that
+    no chosen strategy uses is an error."""
     from .cli import UsageError
     from .sweep import parse_ints
     strategies = parse_strategies(getattr(args, "strategies", None)
                                   or ",".join(BENCH_STRATEGIES))
     lists = {}
-    for flag, parse, users in (("--exit-layers", parse_ints, ("early_exit", "self_speculative")),
+    for flag, parse, users in (("--exit-layers", parse_exit_layers,
+                                ("early_exit", "self_speculative")),
                                ("--draft-lengths", parse_ints, ("self_speculative",)),
                                ("--speedups", parse_speedups, ("layer_skip",))):
         text = getattr(args, flag[2:].replace("-", "_"), None)
@@ -391,8 +409,13 @@ def bench_grid(args):
             raise UsageError(f"{flag}: applies only when --strategies includes "
                              f"{' or '.join(users)}, got --strategies {','.join(strategies)}")
         lists[flag] = None if text is None else parse(text, flag)
+    exit_layers, adaptive = lists["--exit-layers"] or (None, False)
+    if adaptive and "self_speculative" not in strategies:
+        raise UsageError("--exit-layers: auto (the adaptive policy) applies only when "
+                         f"--strategies includes self_speculative, got --strategies "
+                         f"{','.join(strategies)}")
     speedups = lists["--speedups"] or (list(SPEEDUPS) if "layer_skip" in strategies else [])
-    return strategies, lists["--exit-layers"], lists["--draft-lengths"], speedups
+    return strategies, exit_layers, lists["--draft-lengths"], speedups, adaptive
 
 
 def model_grid(model, strategies, exit_layers, draft_lengths):
@@ -412,9 +435,10 @@ def main_bench(args):
     the JSON report is rewritten (atomically) after every repetition, so an interrupted run
     keeps the repetitions that finished ("complete": false)."""
     from .cli import UsageError, check_fits, find_tokenizer, load_model_arg, require_file
+    from .sweep import adaptive_row
     output = Path(args.output)
     check_output_file(output, "--output", getattr(args, "overwrite", False))
-    strategies, exit_layers, draft_lengths, speedups = bench_grid(args)
+    strategies, exit_layers, draft_lengths, speedups, adaptive = bench_grid(args)
     if args.prompts:
         require_file(args.prompts, "--prompts")
     if not args.no_transformers and importlib.util.find_spec("transformers") is None:
@@ -448,11 +472,15 @@ def main_bench(args):
                                    progress=progress, cuda_graphs=cuda_graphs, on_repeat=keep,
                                    batch_size=getattr(args, "batch_size", None),
                                    exit_layers=exit_layers, draft_lengths=draft_lengths,
-                                   speedups=speedups, strategies=strategies)
+                                   speedups=speedups, strategies=strategies,
+                                   adaptive=adaptive)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_kept(output, done, args.repeats)) from None
     report["settings"]["model"] = args.model
     print(format_table(report))
+    auto = adaptive_row(report)
+    if auto:
+        print(f"adaptive (exit layer auto): rounds per choice (last run): {auto['choices']}")
     print(f"wrote {output}", file=sys.stderr)
     return report
 

@@ -740,10 +740,11 @@ def build_parser():
                    help=f"comma list of our strategies to time, of {', '.join(STRATEGIES)} "
                    "(default: autoregressive,early_exit,self_speculative); ours "
                    "autoregressive always runs, as every speedup's baseline")
-    p.add_argument("--exit-layers", metavar="E,...",
+    p.add_argument("--exit-layers", metavar="E|auto,...",
                    help="comma list of exit layers of early_exit, self_speculative and "
                    "transformers' assistant_early_exit (default: the model's recommendation, "
-                   "else L // 4)")
+                   "else L // 4); auto adds self_speculative with the adaptive policy "
+                   "(exit_layer auto) beside them")
     p.add_argument("--draft-lengths", metavar="K,...",
                    help="comma list of self_speculative draft lengths k, each E also run with "
                    f"k=auto (default: the model's recommendation, else {DEFAULT_NUM_SPECULATIONS})")

@@ -355,6 +355,49 @@ def test_bench_without_transformers_writes_its_report(capsys, tiny, tmp_path):
     assert code == 0, err
 
 
+def test_bench_exit_layers_auto_times_the_adaptive_policy(capsys, tiny, tmp_path):
+    """auto among --exit-layers adds exit_layer="auto" beside the fixed configurations;
+    alone, the fixed exit layers are the default (E = L // 4 = 1 on this model)."""
+    out = tmp_path / "bench.json"
+    common = ["bench", "--model", tiny, "--no-transformers", "--max-new-tokens", "3",
+              "--repeats", "1", "--warmup", "0", "--output", out, "--overwrite", "--quiet"]
+    code, stdout, err = run(capsys, *common, "--strategies", "self_speculative",
+                            "--exit-layers", "2,auto", "--draft-lengths", "1")
+    assert code == 0, err
+    rows = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in rows] == [
+        "ours autoregressive", "ours self_speculative E=2 k=1",
+        "ours self_speculative E=2 k=auto", "ours self_speculative E=auto"]
+    auto = rows[-1]
+    assert auto["exit_layer"] == "auto" and auto["same_tokens_as_autoregressive"]
+    assert sum(auto["choices"].values()) == auto["rounds"] > 0
+    assert f"adaptive (exit layer auto): rounds per choice (last run): {auto['choices']}" \
+        in stdout
+    code, stdout, err = run(capsys, *common, "--exit-layers", "auto")
+    assert code == 0, err
+    assert [r["name"] for r in json.loads(out.read_text())["results"]] == [
+        "ours autoregressive", "ours early_exit E=1", "ours self_speculative E=1 k=4",
+        "ours self_speculative E=1 k=auto", "ours self_speculative E=auto"]
+    code, stdout, err = run(capsys, *common)  # the control: no auto, no adaptive row or line
+    assert code == 0, err
+    assert "E=auto" not in out.read_text() and "adaptive" not in stdout
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--strategies", "early_exit", "--exit-layers", "2,auto"],
+     ["--exit-layers", "auto", "self_speculative", "--strategies early_exit"]),
+    (["--exit-layers", "2,autox"], ["--exit-layers", "integers >= 1 and auto", "'2,autox'"]),
+    (["--exit-layers", "0,auto"], ["--exit-layers", "'0,auto'"]),
+])
+def test_bench_exit_layers_auto_errors_come_before_loading(capsys, tmp_path, monkeypatch, argv,
+                                                           needles):
+    def no_load(*args, **kwargs):
+        raise AssertionError("checked before the model loads")
+    monkeypatch.setattr(cli, "load_model", no_load)
+    assert_error(run(capsys, "bench", "--no-transformers", "--output", tmp_path / "r.json",
+                     *argv), 2, *needles)
+
+
 def test_format_table_without_transformers():
     row = {"name": "ours autoregressive", "tokens_per_s": 10.0, "tokens_per_s_min": 9.0,
            "tokens_per_s_max": 11.0, "speedup_vs_ours_autoregressive": 1.0,
