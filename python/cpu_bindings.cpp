@@ -136,7 +136,7 @@ lsk_cpu::Decoder make_decoder(std::vector<uintptr_t> weights, std::vector<uintpt
                               float norm_eps, uintptr_t lm_head, int64_t vocab, uintptr_t tokens,
                               uintptr_t cache_seqlens, uintptr_t active, uintptr_t exit_cache,
                               uintptr_t drafts, uintptr_t emitted, int64_t batch,
-                              int64_t max_drafts) {
+                              int64_t max_drafts, int64_t emitted_row) {
   lsk_cpu::DecoderModel model{};
   set_cache_and_rope(model.shapes, k_strides, v_strides, rotary_cos, rotary_sin, cos_stride,
                      sin_stride, rotary_rows);
@@ -152,7 +152,8 @@ lsk_cpu::Decoder make_decoder(std::vector<uintptr_t> weights, std::vector<uintpt
   model.vocab = vocab;
   lsk_cpu::DecoderState state{ptr<int64_t>(tokens), ptr<int32_t>(cache_seqlens),
                               ptr<const uint8_t>(active), ptr<float>(exit_cache),
-                              ptr<int64_t>(drafts), ptr<int64_t>(emitted), batch, max_drafts};
+                              ptr<int64_t>(drafts), ptr<int64_t>(emitted), batch, max_drafts,
+                              emitted_row};
   return lsk_cpu::Decoder(std::move(model), state);
 }
 
@@ -177,7 +178,7 @@ PYBIND11_MODULE(_cpu, m) {
            py::arg("softmax_scale"), py::arg("embed"), py::arg("norm"), py::arg("norm_eps"),
            py::arg("lm_head"), py::arg("vocab"), py::arg("tokens"), py::arg("cache_seqlens"),
            py::arg("active"), py::arg("exit_cache"), py::arg("drafts"), py::arg("emitted"),
-           py::arg("batch"), py::arg("max_drafts"))
+           py::arg("batch"), py::arg("max_drafts"), py::arg("emitted_row"))
       .def("prefill",
            [](lsk_cpu::Decoder& d, uintptr_t tokens, int64_t n, int64_t S, int64_t token_row,
               uintptr_t lengths, const std::vector<int64_t>& layers, uintptr_t hidden) {
@@ -188,9 +189,11 @@ PYBIND11_MODULE(_cpu, m) {
            py::arg("tokens"), py::arg("n"), py::arg("S"), py::arg("token_row"),
            py::arg("lengths"), py::arg("layers"), py::arg("hidden"))
       .def("step", &lsk_cpu::Decoder::step, py::arg("n"), py::arg("layers"),
+           py::arg("shadow") = std::vector<int64_t>{},
            py::call_guard<py::gil_scoped_release>())
       .def("exit_round", &lsk_cpu::Decoder::exit_round, py::arg("n"), py::arg("k"),
            py::arg("exit_layer"), py::arg("confidence") = 0.0f,
+           py::arg("shadow") = std::vector<int64_t>{},
            py::call_guard<py::gil_scoped_release>())
       .def("skip_round", &lsk_cpu::Decoder::skip_round, py::arg("n"), py::arg("k"),
            py::arg("draft_layers"), py::arg("confidence") = 0.0f,

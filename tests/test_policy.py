@@ -64,9 +64,10 @@ class Scripted:
         option = self.SCRIPT[self.round % len(self.SCRIPT)]
         self.round += 1
         self.counts[option] = self.counts.get(option, 0) + 1
-        return (None, None) if option is None else (self.make_drafter(option[0]), option[1])
+        return (None, None, ()) if option is None else (self.make_drafter(option[0]),
+                                                         option[1], ())
 
-    def record(self, accepted, seconds, made=None):
+    def record(self, accepted, seconds, made=None, shadow=None):
         pass
 
     def stats(self):
@@ -112,7 +113,7 @@ def drive(policy, rounds, accept, seconds):
     accepts, seconds(option) the round's fake time. Returns the options chosen in order."""
     chosen = []
     for _ in range(rounds):
-        drafter, k = policy.choose()
+        drafter, k, _ = policy.choose()
         option = None if drafter is None else (drafter, k)
         chosen.append(option)
         policy.record([0, 0] if option is None else [accept(*option)] * 2,
@@ -198,15 +199,16 @@ def test_replayed_rounds_equal_autoregressive_and_bound_the_captures(generator, 
 
 def test_decisions_use_only_the_rounds_sync(generator, monkeypatch):
     """The policy gets Python numbers only, and the decode loop makes one host transfer a
-    round (tolist of the round's emitted tokens): no .item() and no extra tolist."""
+    round (tolist of the round's emitted tokens, the shadow tokens included): no .item() and
+    no extra tolist."""
     model = random_llama(generator, n_layers=4)
     prompts = random_prompts(generator, (1, 3, 7, 12))
     records = []
     record = AdaptivePolicy.record
 
-    def checked_record(self, accepted, seconds, made=None):
-        records.append((accepted, seconds, made))
-        return record(self, accepted, seconds, made)
+    def checked_record(self, accepted, seconds, made=None, shadow=None):
+        records.append((accepted, seconds, made, shadow))
+        return record(self, accepted, seconds, made, shadow)
 
     monkeypatch.setattr(AdaptivePolicy, "record", checked_record)
     calls = {"tolist": 0, "item": 0}
@@ -219,9 +221,11 @@ def test_decisions_use_only_the_rounds_sync(generator, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     res = speculative(model, prompts, 40, exit_layer="auto")
     assert len(records) == res.stats["rounds"]
-    for accepted, seconds, made in records:
+    for accepted, seconds, made, shadow in records:
         assert all(type(m) is int for m in accepted) and type(made) is int
         assert seconds is None or type(seconds) is float
+        assert all(type(n) is int for counts in (shadow or {}).values() for n in counts)
+    assert res.stats["shadow_rounds"] == sum(r[3] is not None for r in records) >= 2
     assert calls == {"tolist": res.stats["rounds"] + 1, "item": 0}  # + the prefill's token
 
 

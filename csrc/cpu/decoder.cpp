@@ -22,6 +22,7 @@ Decoder::Decoder(DecoderModel model, DecoderState state)
           "expected 6 weights, a k_cache and a v_cache per layer");
   require(m_.vocab >= 1 && m_.shapes.dim >= 1, "vocab and dim must be positive");
   require(s_.batch >= 1 && s_.max_drafts >= 0, "batch >= 1 and max_drafts >= 0");
+  require(s_.emitted_row >= s_.max_drafts + 2, "emitted_row must be >= max_drafts + 2");
   reserve(s_.batch * (s_.max_drafts + 1));
   seqlens_.resize(s_.batch);
   for (int64_t i = 0; i < n_layers_; ++i) all_layers_.push_back(i);
@@ -75,6 +76,26 @@ const float* Decoder::forward(const float* x, int64_t n, int64_t S, const int32_
   return h_.data();
 }
 
+const float* Decoder::forward_split(const float* x, int64_t n, int64_t S, int64_t offset,
+                                   const int64_t* layers, int64_t count,
+                                   const std::vector<int64_t>& shadow, int64_t k, int64_t at) {
+  const int64_t dim = m_.shapes.dim;
+  int64_t start = 0;
+  for (size_t j = 0; j < shadow.size(); ++j) {
+    const int64_t cut = std::count_if(layers, layers + count,
+                                      [&](int64_t layer) { return layer < shadow[j]; });
+    if (cut <= start || cut >= count) continue;  // not inside these layers
+    const float* h = forward(x, n, S, s_.cache_seqlens, offset, layers + start, cut - start);
+    float* slot = shadow_h_.data() + j * n * (k + 1) * dim;
+    for (int64_t b = 0; b < n; ++b)
+      std::memcpy(slot + (b * (k + 1) + at) * dim, h + b * S * dim, S * dim * sizeof(float));
+    std::copy(h, h + n * S * dim, x_.data());  // the next segment's input (forward writes h_)
+    x = x_.data();
+    start = cut;
+  }
+  return forward(x, n, S, s_.cache_seqlens, offset, layers + start, count - start);
+}
+
 void Decoder::head(const float* h, int64_t rows, int64_t* tokens, bool with_max_prob) {
   draft_head_argmax(h, rows, m_.shapes.dim, m_.shapes.dim, m_.norm, m_.norm_eps, m_.lm_head,
                     m_.vocab, tokens, max_logit_.data(), with_max_prob ? max_prob_.data() : nullptr);
@@ -101,8 +122,38 @@ void Decoder::check_round(int64_t n, int64_t k) const {
   }
 }
 
+void Decoder::check_shadow(const std::vector<int64_t>& shadow, const int64_t* layers,
+                           int64_t count, int64_t k, int64_t exit_layer) const {
+  // Python's check_shadow (decoding/autoregressive.py), as memory safety needs it.
+  const int64_t size = static_cast<int64_t>(shadow.size());
+  require(k + 2 + size * (k + 1) <= s_.emitted_row,
+          "shadow: " + std::to_string(size) + " exits do not fit an emitted row of " +
+              std::to_string(s_.emitted_row) + " after " + std::to_string(k) + " drafts");
+  for (int64_t j = 0; j < size; ++j) {
+    const int64_t s = shadow[j];
+    require(count > 0 && layers[0] < s && s <= layers[count - 1] && s != exit_layer &&
+                (j == 0 || shadow[j - 1] < s),
+            "shadow exits must be sorted, distinct, in [" +
+                std::to_string(count > 0 ? layers[0] + 1 : 0) + ", " +
+                std::to_string(count > 0 ? layers[count - 1] : 0) +
+                "] and not the exit layer; got " + std::to_string(s));
+  }
+  for (int64_t i = 1; i < count && size > 0; ++i)
+    require(layers[i - 1] < layers[i], "shadow exits need ascending layers");
+}
+
+void Decoder::write_shadow(int64_t n, int64_t k, const std::vector<int64_t>& shadow) {
+  const int64_t dim = m_.shapes.dim, q = k + 1;
+  for (size_t j = 0; j < shadow.size(); ++j) {
+    head(shadow_h_.data() + j * n * q * dim, n * q, target_.data());
+    for (int64_t b = 0; b < n; ++b)
+      std::copy(target_.data() + b * q, target_.data() + (b + 1) * q,
+                s_.emitted + b * s_.emitted_row + k + 2 + j * q);
+  }
+}
+
 void Decoder::accept(int64_t n, int64_t k, const int64_t* target) {
-  const int64_t draft_row = std::max<int64_t>(s_.max_drafts, 1), emitted_row = s_.max_drafts + 2;
+  const int64_t draft_row = std::max<int64_t>(s_.max_drafts, 1), emitted_row = s_.emitted_row;
   for (int64_t b = 0; b < n; ++b) {
     const int64_t* drafts = s_.drafts + b * draft_row;
     const int64_t* row_target = target + b * (k + 1);
@@ -152,27 +203,40 @@ void Decoder::prefill(const int64_t* tokens, int64_t n, int64_t S, int64_t token
   }
 }
 
-void Decoder::step(int64_t n, const std::vector<int64_t>& layers) {
+void Decoder::step(int64_t n, const std::vector<int64_t>& layers,
+                   const std::vector<int64_t>& shadow) {
   check_round(n, 0);
+  const int64_t count = static_cast<int64_t>(layers.size());
+  check_shadow(shadow, layers.data(), count, 0, -1);
+  shadow_h_.resize(shadow.size() * n * m_.shapes.dim);
   embed(s_.tokens, n, 1, x_.data());
-  head(forward(x_.data(), n, 1, s_.cache_seqlens, 0, layers.data(), layers.size()), n,
+  head(forward_split(x_.data(), n, 1, 0, layers.data(), count, shadow, 0, 0), n,
        target_.data());
   for (int64_t b = 0; b < n; ++b) {
     s_.tokens[b] = target_[b];
     s_.cache_seqlens[b] += s_.active[b] ? 1 : 0;
+    if (shadow.empty()) continue;
+    s_.emitted[b * s_.emitted_row] = target_[b];
+    s_.emitted[b * s_.emitted_row + 1] = 0;
   }
+  write_shadow(n, 0, shadow);
 }
 
-int64_t Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer, float confidence) {
+int64_t Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer, float confidence,
+                            const std::vector<int64_t>& shadow) {
   check_round(n, k);
   require(exit_layer >= 1 && exit_layer <= n_layers_, "exit_layer must be in [1, n_layers]");
+  require(shadow.empty() || confidence <= 0, "shadow exits need confidence 0 (a fixed k)");
+  check_shadow(shadow, all_layers_.data(), n_layers_, k, exit_layer);
+  shadow_h_.resize(shadow.size() * n * (k + 1) * m_.shapes.dim);
   const int64_t dim = m_.shapes.dim, exit_row = (s_.max_drafts + 1) * dim;
   const int64_t draft_row = std::max<int64_t>(s_.max_drafts, 1);
   const int64_t* current = s_.tokens;
   int64_t current_stride = 1;
   for (int64_t i = 0; i <= k; ++i) {  // the k drafts, then the last draft's exit state
     embed(current, n, current_stride, x_.data());
-    const float* h = forward(x_.data(), n, 1, s_.cache_seqlens, i, all_layers_.data(), exit_layer);
+    const float* h = forward_split(x_.data(), n, 1, i, all_layers_.data(), exit_layer, shadow,
+                                   k, i);
     for (int64_t b = 0; b < n; ++b)
       std::memcpy(s_.exit_cache + b * exit_row + i * dim, h + b * dim, dim * sizeof(float));
     if (i == k) break;
@@ -185,10 +249,11 @@ int64_t Decoder::exit_round(int64_t n, int64_t k, int64_t exit_layer, float conf
   for (int64_t b = 0; b < n; ++b)
     std::memcpy(x_.data() + b * (k + 1) * dim, s_.exit_cache + b * exit_row,
                 (k + 1) * dim * sizeof(float));
-  const float* h = forward(x_.data(), n, k + 1, s_.cache_seqlens, 0,
-                           all_layers_.data() + exit_layer, n_layers_ - exit_layer);
+  const float* h = forward_split(x_.data(), n, k + 1, 0, all_layers_.data() + exit_layer,
+                                 n_layers_ - exit_layer, shadow, k, 0);
   head(h, n * (k + 1), target_.data());
   accept(n, k, target_.data());
+  write_shadow(n, k, shadow);
   return k;
 }
 

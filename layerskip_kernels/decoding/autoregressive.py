@@ -2,6 +2,7 @@
 what every strategy shares: the prefill, the outputs, and the loop over a batch's rows."""
 import torch
 
+from ..ops._checks import check
 from .sampling import sample
 
 
@@ -22,17 +23,62 @@ def prefill(model, rows, prompts, layers, sampling, generator, cpu_steps=None):
     rows.active.zero_()[:n] = True
 
 
-def decode_step(model, rows, layers, sampling=(0.0, 0, 1.0), generator=None):
+def check_shadow(shadow, layers, emitted, k=0, exit_layer=None):
+    """Shadow exits of a greedy step through `layers` (ascending), or of a round of k drafts
+    from exit_layer (layers: every layer), checked on the host before anything is written: a
+    sorted tuple of distinct exits, each with layers below it and at or above it (an exit s
+    heads the hidden state after the layers below s), not the round's own, whose tokens fit
+    `emitted` (Rows.emitted)."""
+    layers = list(layers)
+    ok = (isinstance(shadow, tuple) and all(type(s) is int for s in shadow)
+          and list(shadow) == sorted(set(shadow)) and exit_layer not in shadow
+          and all(layers and layers[0] < s <= layers[-1] for s in shadow))
+    check(ok, "shadow", "a sorted tuple of distinct exits in "
+          + (f"[{layers[0] + 1}, {layers[-1]}]" if layers else "[] (no layers)")
+          + (f" other than the exit layer {exit_layer}" if exit_layer is not None else ""),
+          repr(shadow))
+    room = (emitted.shape[1] - k - 2) // (k + 1)
+    check(len(shadow) <= room, "shadow", f"at most {room} exits (room in emitted)", len(shadow))
+
+
+def run_layers_split(model, h, layers, step, cache, shadow=(), seen=None):
+    """model.run_layers(h, layers, step, cache) (layers ascending), split at each shadow exit s
+    with layers both below and above it: seen[s] gets the hidden state after those below s.
+    The output is the unsplit run's, bit for bit (the next layer adds a segment's output up
+    as it would the pair a layer hands on)."""
+    layers = list(layers)
+    start = 0
+    for s in shadow:
+        cut = sum(layer < s for layer in layers)
+        if start < cut < len(layers):
+            h = model.run_layers(h, layers[start:cut], step, cache)
+            seen[s].append(h)
+            start = cut
+    return model.run_layers(h, layers[start:], step, cache)
+
+
+def decode_step(model, rows, layers, sampling=(0.0, 0, 1.0), generator=None, shadow=()):
     """One token per row through `layers`: write each row's pending token to the cache, emit
     the next one into rows.tokens, advance the live rows. Greedy steps never sync with the
-    host, so they replay from a CUDA graph."""
+    host, so they replay from a CUDA graph. shadow (greedy only): exits whose tokens (the head
+    after the layers below each) go to rows.emitted with the step's, as Rows describes."""
+    if shadow:
+        check(sampling[0] == 0, "shadow", "() when sampling", repr(shadow))
+        check_shadow(shadow, layers, rows.emitted)
+    seen = {s: [] for s in shadow}
     step = model.step(rows.cache, rows.cache_seqlens, 1)
-    h = model.run_layers(model.embed_tokens(rows.tokens[:, None]), layers, step, rows.cache)
+    h = run_layers_split(model, model.embed_tokens(rows.tokens[:, None]), layers, step,
+                         rows.cache, shadow, seen)
     if sampling[0] == 0:
         rows.tokens.copy_(model.head_argmax(h[:, 0]))
     else:
         rows.tokens.copy_(sample(model.head(h[:, 0]), *sampling, generator))
     rows.cache_seqlens.add_(rows.active)
+    if shadow:
+        rows.emitted[:, 0] = rows.tokens
+        rows.emitted[:, 1] = 0
+        for j, s in enumerate(shadow):
+            rows.emitted[:, 2 + j] = model.head_argmax(seen[s][0][:, 0])
 
 
 class Outputs:

@@ -45,7 +45,8 @@ class CpuSteps:
             vocab=head[2].shape[0], tokens=state.tokens.data_ptr(),
             cache_seqlens=state.cache_seqlens.data_ptr(), active=state.active.data_ptr(),
             exit_cache=state.exit_cache.data_ptr(), drafts=state.drafts.data_ptr(),
-            emitted=state.emitted.data_ptr(), batch=state.batch, max_drafts=state.max_drafts)
+            emitted=state.emitted.data_ptr(), batch=state.batch, max_drafts=state.max_drafts,
+            emitted_row=state.emitted.stride(0))
 
     def prefill(self, tokens, lengths, cache, layers):
         """model.prefill's logits in one C++ call: the prompts through the fused layer stack,
@@ -61,18 +62,21 @@ class CpuSteps:
 
     def run(self, key, confidence=None):
         """confidence (rounds): draft at most k, stopping after the first draft where no row's
-        largest probability reaches it, as sampled_round does when greedy."""
+        largest probability reaches it, as sampled_round does when greedy. A key may end in
+        shadow exits (the Graphs key of a step or round that shadows them); a layer-skip
+        round with some is left to Python, which refuses it."""
         kind, n, *rest = key
         if kind == "step":
-            self._decoder.step(n, list(rest[0]))
+            layers, *tail = rest
+            self._decoder.step(n, list(layers), list(tail[0]) if tail else [])
             made = 0
         else:
-            k, (draft, arg) = rest
-            if k + 1 > CPU_MAX_QUERIES:
+            k, (draft, arg), *tail = rest
+            if k + 1 > CPU_MAX_QUERIES or (draft != "exit" and tail):
                 return None
             confidence = confidence or 0.0
-            made = (self._decoder.exit_round(n, k, arg, confidence) if draft == "exit"
-                    else self._decoder.skip_round(n, k, list(arg), confidence))
+            made = (self._decoder.exit_round(n, k, arg, confidence, list(tail[0]) if tail else [])
+                    if draft == "exit" else self._decoder.skip_round(n, k, list(arg), confidence))
         self.calls += 1
         return made
 

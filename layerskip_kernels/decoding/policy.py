@@ -1,8 +1,9 @@
 """Who decides a self-speculative round: its drafter and draft length k, or no draft (one
 autoregressive step of every layer). decode_self_speculative asks a policy once per round
 (choose) and tells it what the round did (record), from what the round's one host sync
-already brought back: each live row's accepted count, and host timestamps. A policy never
-touches the device, so it adds no sync.
+already brought back: each live row's accepted count, the agreement of the shadow exits it
+asked for (exits whose tokens a greedy round also reads from hidden states it computes
+anyway), and host timestamps. A policy never touches the device, so it adds no sync.
 
 One choice serves the whole batch: a round is one kernel launch sequence (one CUDA graph,
 one C++ call) over every row, and rows drafting different (E, k) would split it into
@@ -11,6 +12,8 @@ several passes over the weights, which is what the round saves.
 import math
 import time
 from collections import Counter
+
+from .state import MAX_SHADOW
 
 # Verification over q positions costs about 1 + VERIFY_SLOPE * (q - 1) of one position (2
 # CPU cores: 4 positions cost ~1.3x one; on a GPU ~1x): the shape of the cost model
@@ -28,6 +31,9 @@ STINT, PROBE_STINT, MAX_STINT = 16, 2, 64
 # step) only for one that promises SWITCH times its tokens/s: timings on a shared machine
 # vary by more than the differences between neighbouring options.
 SWITCH = 1.15
+# Every SHADOW_EVERY-th round of a call heads the other candidate exits too (shadow tokens):
+# their acceptance without probing them, for a few heads every few rounds.
+SHADOW_EVERY = 8
 
 
 class FixedPolicy:
@@ -37,9 +43,9 @@ class FixedPolicy:
         self.drafter, self.k = drafter, k
 
     def choose(self):
-        return self.drafter, self.k
+        return self.drafter, self.k, ()
 
-    def record(self, accepted, seconds, made=None):
+    def record(self, accepted, seconds, made=None, shadow=None):
         pass
 
     def stats(self):
@@ -61,11 +67,17 @@ class AdaptivePolicy:
       successes and, when m < k, one failure), with a Beta prior (recommended exit 3:1,
       others 1:3: an exit of a model not trained for early exit is rarely accepted), and
       at most the upper bound of a deeper exit observed more (alpha). A row drafting k
-      expects (1 - alpha^(k+1)) / (1 - alpha) tokens;
+      expects (1 - alpha^(k+1)) / (1 - alpha) tokens. Every SHADOW_EVERY-th round also
+      shadows the other candidate exits (at most MAX_SHADOW, nearest the drafted one; in a
+      plain step, nearest the last layer): each position whose input was the true prefix
+      where the exit's token equals the full model's counts as a success, the others as
+      failures, in the same counts (the same chance, observed without drafting);
     - cost per round: measured for options that ran: host seconds between the round's
       syncs, averaged over a stint's timed rounds, the least over stints (on a shared
       machine the noise only slows a stint down); for the others, predicted by a line
-      fixed + per_unit * units() fitted to the measured ones (cost_line, scores).
+      fixed + per_unit * units() fitted to the measured ones (cost_line, scores). A
+      shadowed round is not timed (its heads are extra work): the call's tokens/s pays
+      for them, and stats' shadow_rounds counts them.
 
     Exploration is cheap and bounded: a probe is a stint of PROBE_STINT rounds at an exit's
     smallest k (k = 1: one draft, a verify over two positions). A model's recommended
@@ -88,6 +100,8 @@ class AdaptivePolicy:
         self.cost, self.tokens, self.runs = {}, {}, Counter()
         self.next_probe, self.gap = {}, {}
         self.choices, self.round, self.overhead_s = Counter(), 0, 0.0
+        self.asked, self.shadow_rounds = 0, 0  # choose() calls, rounds that shadowed
+        self.shadows = {e: self._shadows(e) for e in [None] + self.exits}
         self.stints = []  # (option name, rounds) in order: the choices over time
         self.left, self.stint_rounds = 0, 0
         # The recommendation (a sweep measured it: the rest is probed only where it could
@@ -105,30 +119,52 @@ class AdaptivePolicy:
     # ---------------------------------------------------------------------- the two calls
 
     def choose(self):
-        """(drafter, k) of the next round, or (None, None) for an autoregressive step."""
+        """(drafter, k, shadow) of the next round, or (None, None, shadow) for an
+        autoregressive step; shadow: the exits to shadow, () but every SHADOW_EVERY-th
+        round."""
+        self.asked += 1
         if self.left:
             self.left -= 1
-            return self.answer
+            return self._answer()
         begin = time.perf_counter()
         option, self.left = self._pick()
         self.left -= 1
         self.chosen, self.stint_s, self.stint_rounds, self.timed_rounds = option, 0.0, 0, 0
         self.stint_rows = self.stint_hits = self.stint_misses = 0
+        self.stint_shadow_hits, self.stint_shadow_misses = Counter(), Counter()
         self.answer = (None, None) if option is None else (self._drafter(option[0]), option[1])
         self.overhead_s += time.perf_counter() - begin
-        return self.answer
+        return self._answer()
 
-    def record(self, accepted, seconds, made=None):
+    def _answer(self):
+        if self.asked % SHADOW_EVERY:
+            return (*self.answer, ())
+        return (*self.answer, self.shadows[None if self.chosen is None else self.chosen[0]])
+
+    def _shadows(self, drafted):
+        """The exits a round drafting from `drafted` (None: a plain step) shadows."""
+        near = drafted if drafted is not None else self.n_layers
+        others = sorted((e for e in self.exits if e != drafted), key=lambda e: abs(e - near))
+        return tuple(sorted(others[:MAX_SHADOW]))
+
+    def record(self, accepted, seconds, made=None, shadow=None):
         """accepted: each live row's accepted drafts (Python ints); seconds: the round's host
         time (None where it is not a steady cost: the call's first round, or one that
-        captured a graph); made: the
-        drafts the round made (a confidence-stopped round's; else the chosen k). Sums only:
-        the estimates are updated once per stint."""
+        captured a graph); made: the drafts the round made (a confidence-stopped round's;
+        else the chosen k); shadow: {exit: (hits, misses)} of the exits the round shadowed
+        (None: none; then the round is timed). Sums only: the estimates are updated once
+        per stint."""
         if self.chosen is not None:
             for m in accepted:
                 self.stint_hits += m
                 self.stint_misses += m < made
         self.stint_rows += len(accepted)
+        if shadow:
+            for e, (hits, misses) in shadow.items():
+                self.stint_shadow_hits[e] += hits
+                self.stint_shadow_misses[e] += misses
+            self.shadow_rounds += 1
+            seconds = None
         if seconds is not None:
             self.stint_s += seconds
             self.timed_rounds += 1
@@ -142,6 +178,8 @@ class AdaptivePolicy:
         if option is not None:
             self.hits[option[0]] += self.stint_hits
             self.misses[option[0]] += self.stint_misses
+        self.hits.update(self.stint_shadow_hits)
+        self.misses.update(self.stint_shadow_misses)
         per_row = 1 + self.stint_hits / max(self.stint_rows, 1)
         old = self.tokens.get(option)
         self.tokens[option] = per_row if old is None else old + COST_MEMORY * (per_row - old)
@@ -164,7 +202,7 @@ class AdaptivePolicy:
             self._end_stint()
         return {"choices": {option_name(o): n for o, n in self.choices.most_common()},
                 "fallback_rounds": self.choices[None], "policy_s": self.overhead_s,
-                "stints": self.stints,
+                "stints": self.stints, "shadow_rounds": self.shadow_rounds,
                 "exit_acceptance": {e: round(self._alpha(e, False), 3) for e in self.exits
                                     if self.hits[e] + self.misses[e]}}
 

@@ -12,37 +12,47 @@ import time
 
 import torch
 
+from ..ops._checks import check
 from ..ops.greedy_accept import greedy_rule
-from .autoregressive import decode_step
+from .autoregressive import check_shadow, decode_step, run_layers_split
 from .sampling import logits_to_probs
 
 
 class ExitDraft:
     """LayerSkip: draft with layers [0, E). Their KV for the drafted positions is reused by
     verification, and so are their outputs (the exit cache), so verification runs layers
-    [0, E) only on the last draft and layers [E, L) on the k + 1 pending positions."""
+    [0, E) only on the last draft and layers [E, L) on the k + 1 pending positions.
+
+    `seen` (greedy_round's shadow exits, {exit: []}): the layers are split at each exit,
+    whose hidden states are appended there, (n, 1, dim) per position below E and (n, k + 1,
+    dim) once above: every layer's state at the round's positions, at no extra layer."""
 
     def __init__(self, model, exit_layer):
         self.model, self.exit_layer = model, exit_layer
         self.key = ("exit", exit_layer)  # what a captured round depends on
 
-    def hidden(self, tokens, i, rows):
+    def check_shadow(self, shadow, k, rows):
+        check_shadow(shadow, range(self.model.config.n_layers), rows.emitted, k,
+                     self.exit_layer)
+
+    def hidden(self, tokens, i, rows, seen=None):
         """The draft's hidden state (n, dim) of tokens (n,), the i-th of this round (at
         positions p + i), before the shared head; kept in the exit cache."""
         model = self.model
         step = model.step(rows.cache, rows.cache_seqlens + i, 1)
-        h = model.run_layers(model.embed_tokens(tokens[:, None]), range(self.exit_layer), step,
-                             rows.cache)[:, 0]
+        h = run_layers_split(model, model.embed_tokens(tokens[:, None]), range(self.exit_layer),
+                             step, rows.cache, seen or (), seen)[:, 0]
         rows.exit_cache[:, i] = h
         return h
 
-    def verify(self, last_draft, k, rows):
+    def verify(self, last_draft, k, rows, seen=None):
         """Full-model hidden states (n, k + 1, dim) at positions p .. p + k."""
-        self.hidden(last_draft, k, rows)
+        self.hidden(last_draft, k, rows, seen)
         model = self.model
         step = model.step(rows.cache, rows.cache_seqlens, k + 1)
-        return model.run_layers(rows.exit_cache[:, :k + 1], range(self.exit_layer,
-                                model.config.n_layers), step, rows.cache)
+        return run_layers_split(model, rows.exit_cache[:, :k + 1],
+                                range(self.exit_layer, model.config.n_layers), step, rows.cache,
+                                seen or (), seen)
 
 
 class SkipDraft:
@@ -53,13 +63,17 @@ class SkipDraft:
         self.model, self.draft_layers = model, kept_layers
         self.key = ("skip", tuple(kept_layers))
 
-    def hidden(self, tokens, i, rows):
+    def check_shadow(self, shadow, k, rows):
+        check(not shadow, "shadow", "() with a layer-skip draft (its hidden states are not "
+              "the full model's, and verification would run every layer again)", repr(shadow))
+
+    def hidden(self, tokens, i, rows, seen=None):
         model = self.model
         step = model.step(rows.cache, rows.cache_seqlens + i, 1)
         return model.run_layers(model.embed_tokens(tokens[:, None]), self.draft_layers, step,
                                 rows.cache)[:, 0]
 
-    def verify(self, last_draft, k, rows):
+    def verify(self, last_draft, k, rows, seen=None):
         model = self.model
         tokens = torch.cat([rows.tokens[:, None], rows.drafts[:, :k]], 1)  # last_draft included
         step = model.step(rows.cache, rows.cache_seqlens, k + 1)
@@ -77,18 +91,28 @@ def finish_round(rows, k, accepted, next_token):
     rows.tokens.copy_(next_token)
 
 
-def greedy_round(drafter, rows, k):
+def greedy_round(drafter, rows, k, shadow=()):
     """Draft k tokens, verify them in one pass and accept on the device: the longest prefix
     of drafts equal to the full model's argmax, then the full model's token. No host sync:
-    the round replays from a CUDA graph."""
-    model, current = drafter.model, rows.tokens
+    the round replays from a CUDA graph.
+
+    shadow: exits (an ExitDraft's) whose tokens the shared head also reads at each of the
+    k + 1 positions from the hidden states the round computes anyway (shadow tokens, DEL,
+    arXiv 2504.05598), into rows.emitted as Rows describes: at a position whose input is
+    the true prefix (up to the accepted count), exit s's token equals the full model's
+    exactly where a draft from s would have been accepted."""
+    drafter.check_shadow(shadow, k, rows)
+    model, current, seen = drafter.model, rows.tokens, {s: [] for s in shadow}
     for i in range(k):
-        current = model.head_argmax(drafter.hidden(current, i, rows))
+        current = model.head_argmax(drafter.hidden(current, i, rows, seen))
         rows.drafts[:, i] = current
-    target = model.head_argmax(drafter.verify(current, k, rows))  # (n, k + 1)
+    target = model.head_argmax(drafter.verify(current, k, rows, seen))  # (n, k + 1)
     accepted, next_token, _ = model.kernels.greedy_accept(rows.drafts[:, :k], target,
                                                           rows.cache_seqlens, rows.active)
     finish_round(rows, k, accepted, next_token)
+    for j, s in enumerate(shadow):
+        column = k + 2 + j * (k + 1)
+        rows.emitted[:, column:column + k + 1] = model.head_argmax(torch.cat(seen[s], 1))
 
 
 def accept(drafts, draft_probs, logits, sampling, generator):
@@ -143,12 +167,35 @@ def sampled_round(drafter, rows, k, sampling, generator, confidence=None):
     return k
 
 
+def shadow_agreement(emitted, live, k, shadow):
+    """{exit: (hits, misses)} of a round's (or, k = 0, a step's) shadow tokens, from the
+    host's copy of rows.emitted (Rows' layout): over each live row's positions 0..m (m its
+    accepted count, the positions whose input was the true prefix), a hit where shadow[j]'s
+    token equals the full model's (the accepted draft, then the next token)."""
+    agreement = {}
+    for j, s in enumerate(shadow):
+        hits = positions = 0
+        column = k + 2 + j * (k + 1)
+        for i in live:
+            row = emitted[i]
+            m = row[k + 1]
+            full = row[:m] + [row[k]]
+            hits += sum(a == b for a, b in zip(row[column:column + m + 1], full))
+            positions += m + 1
+        agreement[s] = (hits, positions - hits)
+    return agreement
+
+
 def decode_self_speculative(model, batch, sampling, generator, policy, confidence=None):
     """Rounds until every row is done, each with the drafter and k that `policy` (policy.py)
     chooses, or, where it chooses no drafter, one autoregressive step of every layer. Greedy
     fixed-k rounds and steps replay from CUDA graphs (on a CPU, one C++ call each, adaptive
     rounds too), rounds that sample or draft adaptively otherwise run eagerly. One host sync
-    per round; the policy sees only what it brought back, and host timestamps."""
+    per round; the policy sees only what it brought back, and host timestamps.
+
+    The policy may also name shadow exits: a greedy round or step heads them too, and the
+    policy gets each one's agreement with the full model (shadow_agreement). Rounds that
+    sample or draft adaptively ignore them (a sampled token is no argmax to agree with)."""
     stats = {"rounds": 0, "row_rounds": 0, "drafted": 0, "accepted": 0}
     greedy = sampling[0] == 0
     every_layer = tuple(range(model.config.n_layers))
@@ -156,19 +203,28 @@ def decode_self_speculative(model, batch, sampling, generator, policy, confidenc
     while not all(batch.outputs.done):
         batch.compact()
         rows, live = batch.rows, batch.live
-        drafter, k = policy.choose()
+        drafter, k, shadow = policy.choose()
+        if not greedy or confidence is not None:
+            shadow = ()
+        tail = (shadow,) if shadow else ()  # a key with shadows names another graph
         captured = graphs.capture_s
         if drafter is None:
-            step = lambda: decode_step(model, rows, every_layer, sampling, generator)  # noqa: E731
+            step = lambda: decode_step(model, rows, every_layer, sampling,  # noqa: E731
+                                       generator, shadow)
             if greedy:
-                batch.state.run(("step", rows.n, every_layer), step, batch.replay)
+                batch.state.run(("step", rows.n, every_layer, *tail), step, batch.replay)
             else:
                 step()
-            tokens = rows.tokens.tolist()  # the step's one host sync
-            batch.emit([[t] for t in tokens])
-            accepted, k = [0] * len(live), 0
+            k = 0
+            if shadow:
+                emitted = rows.emitted[:, :2 + len(shadow)].tolist()  # the step's one host sync
+                batch.emit([[row[0]] for row in emitted])
+            else:
+                tokens = rows.tokens.tolist()  # the step's one host sync
+                batch.emit([[t] for t in tokens])
+            accepted = [0] * len(live)
         else:
-            key = ("round", rows.n, k, drafter.key)
+            key = ("round", rows.n, k, drafter.key, *tail)
             eager = lambda: sampled_round(drafter, rows, k, sampling, generator,  # noqa: E731
                                           confidence)
             if not greedy:
@@ -176,15 +232,18 @@ def decode_self_speculative(model, batch, sampling, generator, policy, confidenc
             elif confidence is not None:
                 k = batch.state.run_adaptive(key, confidence, eager)
             else:
-                batch.state.run(key, lambda: greedy_round(drafter, rows, k), batch.replay)
-            emitted = rows.emitted[:, :k + 2].tolist()  # the round's one host sync
-            batch.emit([drafts[:m] + [token] for *drafts, token, m in emitted])
+                batch.state.run(key, lambda: greedy_round(drafter, rows, k, shadow),
+                                batch.replay)
+            # The round's one host sync.
+            emitted = rows.emitted[:, :k + 2 + len(shadow) * (k + 1)].tolist()
+            batch.emit([row[:row[k + 1]] + [row[k]] for row in emitted])
             accepted = [emitted[i][k + 1] for i in live]
         now = time.perf_counter()
         # Not a steady cost: the call's first round (its caches and threads cold), or a round
         # that captured a graph (its key's first run).
         steady = stats["rounds"] and graphs.capture_s == captured
-        policy.record(accepted, now - last if steady else None, k)
+        policy.record(accepted, now - last if steady else None, k,
+                      shadow=shadow_agreement(emitted, live, k, shadow) if shadow else None)
         last = now
         stats["accepted"] += sum(accepted)
         stats["rounds"] += 1

@@ -13,7 +13,8 @@ kernels' split-KV counts) and replay against eager compares the same arithmetic.
 is sized by capacity: batch and cache length rounded up to powers of two, drafts for any k up
 to MIN_DRAFTS, and a call that does not fit gets a state at least as large as the old one, so
 that a benchmark's or a user's alternating calls (k = 2, k = 4, "auto", layer skip) share it.
-Its graphs are kept per key: (bucket, layers) for a step, (bucket, k, draft) for a round. What
+Its graphs are kept per key: (bucket, layers) for a step, (bucket, k, draft) for a round, each
+followed by its shadow exits where it has some (a different graph: it runs more heads). What
 the graphs hold addresses of and the buffers do not own (the weights, the RoPE tables) is the
 state's key (`state_key`): when it changes, a new state is built. One generate() call at a time
 uses a kept state: calls from several threads on one model wait for each other (`held_state`).
@@ -36,6 +37,7 @@ from .cpu import cpu_steps
 
 MIN_CACHE = 256  # cache lengths are powers of two from here, so calls of similar length share
 MIN_DRAFTS = 8  # a kept state drafts up to this many (generate's "auto" cap) whatever k a call asks
+MAX_SHADOW = 4  # shadow exits a round or step may head besides its own (emitted has their room)
 
 
 def replayable(device):
@@ -55,7 +57,12 @@ class Rows:
     active: torch.Tensor  # (n,) bool: rows still generating (the others do not advance)
     exit_cache: torch.Tensor  # (n, max_drafts + 1, dim): exit hidden states of a round
     drafts: torch.Tensor  # (n, max_drafts) int64
-    emitted: torch.Tensor  # (n, max_drafts + 2) int64: drafts, next token, accepted count
+    # (n, max_drafts + 2 + MAX_SHADOW * (max_drafts + 1)) int64, what the host reads of a round
+    # of k drafts: the drafts (columns 0..k-1), the next token (k), the accepted count (k + 1),
+    # then, with shadow exits, exit shadow[j]'s token at position i of the round in column
+    # k + 2 + j * (k + 1) + i. A greedy step with shadow exits writes the same layout as a
+    # round with k = 0: its token (0), 0 (1), shadow[j]'s token (2 + j); without, only tokens.
+    emitted: torch.Tensor
 
 
 class DecodeState:
@@ -81,7 +88,8 @@ class DecodeState:
         self.exit_cache = torch.zeros(batch, max_drafts + 1, model.config.dim, dtype=weight.dtype,
                                       device=device)
         self.drafts = torch.zeros(batch, max(max_drafts, 1), dtype=torch.int64, device=device)
-        self.emitted = torch.zeros(batch, max_drafts + 2, dtype=torch.int64, device=device)
+        self.emitted = torch.zeros(batch, max_drafts + 2 + MAX_SHADOW * (max_drafts + 1),
+                                   dtype=torch.int64, device=device)
         self.graphs = Graphs(graphs)
         self.cpu_steps = cpu_steps(model, self) if device.type == "cpu" else None
 
