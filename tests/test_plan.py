@@ -119,8 +119,8 @@ def test_the_plan_makes_the_calls_policy():
     assert isinstance(adaptive, AdaptivePolicy)
     assert (adaptive.exits, adaptive.ks, adaptive.recommended) == ([2, 3, 4], [1, 2, 3, 4, 6],
                                                                    (3, 3))
-    drafter, k = adaptive.choose()  # the recommendation first
-    assert (drafter.exit_layer, k) == (3, 3)
+    drafter, k, shadow = adaptive.choose()  # the recommendation first, no shadows yet
+    assert (drafter.exit_layer, k, shadow) == (3, 3, ())
 
 
 @pytest.mark.parametrize("kw, reported", [

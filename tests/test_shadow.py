@@ -5,8 +5,6 @@ the prefix the round ran there (on the C++ path and the Python paths alike, bit 
 bad shadow exits are refused before anything is written; decoding with shadows stays
 token-for-token autoregressive with one host sync a round; and the adaptive policy learns
 an exit's acceptance from shadows of plain steps, never drafting from it."""
-import importlib
-
 import pytest
 import torch
 from test_cpu_steps import buffers, copy_state, live_state, needs_cpu_kernels  # noqa: F401
@@ -14,13 +12,13 @@ from test_cpu_steps import random_llama as cpu_llama
 from test_self_speculative import VOCAB, autoregressive, random_llama, random_prompts, speculative
 
 import layerskip_kernels as lsk
-from layerskip_kernels.decoding import cpu, policy as policy_module, state as state_module
+from layerskip_kernels.decoding import cpu, plan as plan_module, policy as policy_module
+from layerskip_kernels.decoding import state as state_module
 from layerskip_kernels.decoding.autoregressive import decode_step, prefill
 from layerskip_kernels.decoding.policy import STINT, AdaptivePolicy
 from layerskip_kernels.decoding.self_speculative import ExitDraft, SkipDraft, greedy_round
 from layerskip_kernels.decoding.state import MAX_SHADOW, DecodeState
 
-generate_module = importlib.import_module("layerskip_kernels.decoding.generate")
 GREEDY = (0.0, 0, 1.0)
 N_LAYERS = 5
 
@@ -330,7 +328,7 @@ def test_the_policy_learns_an_exits_acceptance_from_plain_steps(generator, monke
     estimates tell the damped exits (high) from the first (low)."""
     model = damped(random_llama(generator, n_layers=8), [6, 7])
     prompts = random_prompts(generator, (3, 9))
-    monkeypatch.setattr(generate_module, "AdaptivePolicy", StepsOnly)
+    monkeypatch.setattr(plan_module, "AdaptivePolicy", StepsOnly)
     StepsOnly.made.clear()
     res = speculative(model, prompts, 24, exit_layer="auto")
     assert res.tokens == autoregressive(model, prompts, 24).tokens
