@@ -6,6 +6,7 @@ timings: no timing assertion), and it decides from Python numbers the round alre
 adding no device-to-host transfer."""
 import pytest
 import torch
+from test_shadow import damped
 from test_self_speculative import (VOCAB, autoregressive, exact_distribution,
                                    first_tokens_histogram, random_llama, random_prompts,
                                    sampling_p_values, speculative)
@@ -13,8 +14,8 @@ from test_self_speculative import (VOCAB, autoregressive, exact_distribution,
 import layerskip_kernels as lsk
 from layerskip_kernels.cli import draft_note
 from layerskip_kernels.decoding import plan as plan_module
-from layerskip_kernels.decoding.policy import (STINT, AdaptivePolicy, candidate_exits,
-                                               candidate_ks)
+from layerskip_kernels.decoding.policy import (SHADOW_STINT, STINT, AdaptivePolicy,
+                                               candidate_exits, candidate_ks)
 
 
 # ------------------------------------------------------------------------- greedy exactness
@@ -23,7 +24,8 @@ from layerskip_kernels.decoding.policy import (STINT, AdaptivePolicy, candidate_
 @pytest.mark.parametrize("num_speculations", [None, 2, "auto"])
 @pytest.mark.parametrize("n_layers,lengths", [(4, (1, 3, 7, 12)), (6, (12, 1)), (5, (7,))])
 def test_auto_exit_equals_autoregressive(generator, n_layers, lengths, num_speculations):
-    model = random_llama(generator, n_layers)
+    """Upper layers damped, so that deep exits' drafts pay and the policy drafts."""
+    model = damped(random_llama(generator, n_layers), range(n_layers // 2, n_layers), 0.3)
     prompts = random_prompts(generator, lengths)
     expected = autoregressive(model, prompts, 50).tokens
     res = speculative(model, prompts, 50, exit_layer="auto", num_speculations=num_speculations)
@@ -31,7 +33,7 @@ def test_auto_exit_equals_autoregressive(generator, n_layers, lengths, num_specu
     s = res.stats
     assert s["exit_layer"] == "auto" and sum(s["choices"].values()) == s["rounds"]
     assert sum(n for _, n in s["stints"]) == s["rounds"]
-    assert s["fallback_rounds"] == s["choices"].get("autoregressive", 0) >= 1  # its probe
+    assert s["fallback_rounds"] == s["choices"].get("autoregressive", 0) >= 1  # its start
     assert s["drafted"] > s["accepted"]  # drafts were made, and some rejected
     assert s["policy_s"] >= 0
 
@@ -57,7 +59,7 @@ class Scripted:
     """A policy that cycles through exits 1-4, k 1-6 and plain steps, round by round."""
     SCRIPT = [(4, 6), None, (1, 1), (2, 3), (3, 2), None, (4, 1), (1, 4)]
 
-    def __init__(self, make_drafter, *args):
+    def __init__(self, make_drafter, *args, **kwargs):
         self.make_drafter, self.round, self.counts = make_drafter, 0, {}
 
     def choose(self):
@@ -110,14 +112,17 @@ def test_sampling_stays_lossless_when_the_drafter_changes(generator, monkeypatch
 
 def drive(policy, rounds, accept, seconds):
     """Run the policy for `rounds` rounds of 2 rows: accept(E, k) the drafts each row's round
-    accepts, seconds(option) the round's fake time. Returns the options chosen in order."""
+    accepts, seconds(option) the round's fake time; a shadowed exit s agrees at every
+    position the round checks where accept(s, 1) is 1, else at none. Returns the options
+    chosen in order."""
     chosen = []
     for _ in range(rounds):
-        drafter, k, _ = policy.choose()
+        drafter, k, shadow = policy.choose()
         option = None if drafter is None else (drafter, k)
         chosen.append(option)
-        policy.record([0, 0] if option is None else [accept(*option)] * 2,
-                      seconds(option), k or 0)
+        m = 0 if option is None else accept(*option)
+        agreement = {s: (2 * (m + 1), 0) if accept(s, 1) else (0, 2 * (m + 1)) for s in shadow}
+        policy.record([m, m], seconds(option), k or 0, agreement or None)
     return chosen
 
 
@@ -131,23 +136,44 @@ def round_seconds(option, n_layers=5):
     return 8e-4 + 5e-5 * ((k + 1) * e + k + n_layers - e + 1) + 1.2e-5 * k * (n_layers - e + 1)
 
 
-def test_falls_back_to_autoregressive_steps_when_no_draft_is_accepted():
+@pytest.mark.parametrize("shadow", [True, False])
+def test_falls_back_to_autoregressive_steps_when_no_draft_is_accepted(shadow):
+    """Where rounds shadow, the exits are seen never to agree, so none is ever drafted
+    from; where they cannot (sampling, a confidence stop), short probes at k = 1."""
     exits = candidate_exits(8, None)
-    policy = AdaptivePolicy(lambda e: e, 8, exits, candidate_ks(None, 8))
+    policy = AdaptivePolicy(lambda e: e, 8, exits, candidate_ks(None, 8), shadow=shadow)
     chosen = drive(policy, 400, accept=lambda e, k: 0,
                    seconds=lambda option: round_seconds(option, 8))
     drafted = sum(option is not None for option in chosen)
     assert chosen[-STINT:] == [None] * STINT
-    assert drafted <= 40  # its probes, at k = 1, where a reprobe looks worth it
+    assert drafted == 0 if shadow else 0 < drafted <= 40
     assert all(option[1] == 1 for option in chosen if option is not None)
     stats = policy.stats()
     assert stats["fallback_rounds"] == 400 - drafted
+    assert stats["shadow_rounds"] == (SHADOW_STINT if shadow else 0)
     assert all(a < 0.25 for a in stats["exit_acceptance"].values())  # prior 1:3, misses
+    assert set(stats["exit_acceptance"]) == set(exits if shadow else stats["exit_acceptance"])
+
+
+def test_shadows_find_a_better_exit_than_the_recommendation():
+    """The recommended exit 3 accepts two drafts at most, its neighbour 4 every draft: a
+    shadow stint sees exit 4 without drafting from it, a short stint times it, and the
+    policy moves there, to longer drafts than recommended (its neighbouring k timed)."""
+    policy = AdaptivePolicy(lambda e: e, 12, candidate_exits(12, 3), candidate_ks(3, 8),
+                            recommended=(3, 3))
+    chosen = drive(policy, 300, accept=lambda e, k: min(k, 2) if e == 3 else k if e == 4 else 0,
+                   seconds=lambda option: round_seconds(option, 12))
+    assert chosen[:STINT] == [(3, 3)] * STINT
+    assert policy.stats()["shadow_rounds"] == SHADOW_STINT
+    late = chosen[100:]
+    assert all(option is not None and option[0] == 4 for option in late)
+    assert min(option[1] for option in late) > 3
+    assert not any(option[0] == 2 for option in chosen if option is not None)
 
 
 def test_keeps_drafting_where_a_draft_pays():
-    """Exit 4 is always accepted, shallower ones never: the policy finds exit 4 (probed
-    first, as the deepest) and drafts long rounds from it."""
+    """Exit 4 is always accepted, shallower ones never: the policy finds exit 4 (seen in
+    the plain steps' shadow stint, then timed) and drafts long rounds from it."""
     policy = AdaptivePolicy(lambda e: e, 5, candidate_exits(5, None), candidate_ks(None, 8))
     chosen = drive(policy, 300, accept=lambda e, k: k if e == 4 else 0,
                    seconds=round_seconds)
@@ -177,11 +203,11 @@ def test_replayed_rounds_equal_autoregressive_and_bound_the_captures(generator, 
     """With CUDA graphs (the CPU stand-in of test_decode_state): every (bucket, k, exit)
     round and the plain step are captured once and replayed, the tokens stay exact, and
     the captured variants are at most buckets x (exits x ks + 1), twice (each also with its
-    shadow exits: policy.SHADOW_EVERY)."""
+    shadow exits, in a shadow stint). Upper layers damped, so that the policy drafts."""
     from test_decode_state import Capture
     from test_decode_state import random_llama as graph_llama
     capture = Capture(monkeypatch)
-    model = graph_llama(generator)
+    model = damped(graph_llama(generator), range(2, 4), 0.3)
     prompts = random_prompts(generator, (5, 17, 9), vocab=61)
     expected = autoregressive(model, prompts, 40).tokens
     res = speculative(model, prompts, 40, exit_layer="auto")

@@ -62,8 +62,11 @@ class Plan:
         """The self-speculative call's policy (policy.py): the adaptive one for
         exit_layer="auto", else the fixed drafter and k."""
         if self.exit_layer == "auto":
+            # Greedy fixed-k rounds shadow: a sampled token or a confidence-stopped round
+            # has no full-model argmax run to compare exits with (decode_self_speculative).
             return AdaptivePolicy(lambda e: ExitDraft(model, e), model.config.n_layers,
-                                  self.exits, self.ks, self.recommended, self.confidence)
+                                  self.exits, self.ks, self.recommended, self.confidence,
+                                  shadow=self.temperature == 0 and self.confidence is None)
         return FixedPolicy(ExitDraft(model, self.exit_layer) if self.draft == "early_exit"
                            else SkipDraft(model, self.kept), self.num_speculations)
 

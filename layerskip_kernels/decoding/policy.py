@@ -31,9 +31,10 @@ STINT, PROBE_STINT, MAX_STINT = 16, 2, 64
 # step) only for one that promises SWITCH times its tokens/s: timings on a shared machine
 # vary by more than the differences between neighbouring options.
 SWITCH = 1.15
-# Every SHADOW_EVERY-th round of a call heads the other candidate exits too (shadow tokens):
-# their acceptance without probing them, for a few heads every few rounds.
-SHADOW_EVERY = 8
+# A shadow stint: SHADOW_STINT rounds of the option exploited that also head other exits
+# (shadow tokens): their acceptance, observed without drafting from them, for a few heads.
+SHADOW_STINT = 4
+PROBE_ACCEPTANCE = 0.5  # an exit accepted this often is worth timing once (_explore)
 
 
 class FixedPolicy:
@@ -67,11 +68,12 @@ class AdaptivePolicy:
       successes and, when m < k, one failure), with a Beta prior (recommended exit 3:1,
       others 1:3: an exit of a model not trained for early exit is rarely accepted), and
       at most the upper bound of a deeper exit observed more (alpha). A row drafting k
-      expects (1 - alpha^(k+1)) / (1 - alpha) tokens. Every SHADOW_EVERY-th round also
-      shadows the other candidate exits (at most MAX_SHADOW, nearest the drafted one; in a
-      plain step, nearest the last layer): each position whose input was the true prefix
-      where the exit's token equals the full model's counts as a success, the others as
-      failures, in the same counts (the same chance, observed without drafting);
+      expects (1 - alpha^(k+1)) / (1 - alpha) tokens. A shadow stint also heads other
+      candidate exits (at most MAX_SHADOW, nearest the drafted one; in a plain step,
+      nearest the last layer) from the hidden states its rounds compute anyway: each
+      position whose input was the true prefix where the exit's token equals the full
+      model's counts as a success, the others as failures, in the same counts (the same
+      chance, observed without drafting);
     - cost per round: measured for options that ran: host seconds between the round's
       syncs, averaged over a stint's timed rounds, the least over stints (on a shared
       machine the noise only slows a stint down); for the others, predicted by a line
@@ -79,18 +81,22 @@ class AdaptivePolicy:
       shadowed round is not timed (its heads are extra work): the call's tokens/s pays
       for them, and stats' shadow_rounds counts them.
 
-    Exploration is cheap and bounded: a probe is a stint of PROBE_STINT rounds at an exit's
-    smallest k (k = 1: one draft, a verify over two positions). A model's recommended
-    (E, k) runs first, a whole stint; without one, the start probes the autoregressive step
-    and the deepest exit. An option kind not chosen (the plain step, or an exit) is probed
-    after FIRST_REPROBE rounds, then after twice as many, and only while its acceptance's
-    upper bound could beat the best; an exit never drafted from is probed before it is
-    exploited.
+    Exploration is cheap and bounded. A model's recommended (E, k) runs first, a whole
+    stint; without one, a shadow stint of plain steps observes every candidate exit (where
+    rounds cannot shadow: sampling, or a confidence stop, a probe stint of PROBE_STINT
+    rounds drafting at k = 1 from the deepest exit that could pay instead). Then each kind
+    of option not exploited is explored when due (at once, then after FIRST_REPROBE
+    rounds, then twice as many each time) and only while it could beat the best: the plain
+    step by a short stint (its cost); exits whose acceptance's upper bound could pay, by a
+    shadow stint of the option exploited; the exploited exit's neighbouring draft lengths
+    never timed, by a short stint. An option whose cost is only predicted runs a short
+    stint before it is exploited.
     With confidence (num_speculations="auto"), each option's k is the cap of a round that
     stops drafting when unsure, and its expected tokens are those it measured.
     """
 
-    def __init__(self, make_drafter, n_layers, exits, ks, recommended=None, confidence=None):
+    def __init__(self, make_drafter, n_layers, exits, ks, recommended=None, confidence=None,
+                 shadow=True):
         self.make_drafter, self.n_layers, self.confidence = make_drafter, n_layers, confidence
         self.exits, self.ks = list(exits), list(ks)
         self.drafters = {}
@@ -100,18 +106,22 @@ class AdaptivePolicy:
         self.cost, self.tokens, self.runs = {}, {}, Counter()
         self.next_probe, self.gap = {}, {}
         self.choices, self.round, self.overhead_s = Counter(), 0, 0.0
-        self.asked, self.shadow_rounds = 0, 0  # choose() calls, rounds that shadowed
+        self.shadow_rounds = 0  # rounds that shadowed
+        self.shadow = shadow
         self.shadows = {e: self._shadows(e) for e in [None] + self.exits}
         self.stints = []  # (option name, rounds) in order: the choices over time
         self.left, self.stint_rounds = 0, 0
-        # The recommendation (a sweep measured it: the rest is probed only where it could
-        # beat it), else probes of the plain step and of the deepest exit (the likeliest
-        # accepted).
+        # The recommendation (a sweep measured it: the rest is explored only where it could
+        # beat it), else plain steps, shadowing the candidate exits where rounds can.
         self.recommended = tuple(recommended) if recommended else None
         self.current = self.recommended  # the option exploited (None: the plain step)
         self.exploit_stint = STINT // 2  # doubled when the first pick keeps it
-        self.queue = ([self.recommended] if recommended
-                      else [None] + [(e, ks[0]) for e in self.exits[-1:]])
+        if recommended:
+            self.start = [(self.recommended, STINT, ())]
+        elif shadow:  # shadowed rounds are not timed: then a timed stint of plain steps
+            self.start = [(None, SHADOW_STINT, self.shadows[None]), (None, PROBE_STINT, ())]
+        else:  # the plain step's cost, then the likeliest accepted exit's
+            self.start = [(None, PROBE_STINT, ()), ((self.exits[-1], ks[0]), PROBE_STINT, ())]
         self.chosen = None
         self.options = [None] + [(e, k) for e in self.exits for k in self.ks]
         self.unit = {o: self.units(o) for o in self.options}
@@ -120,29 +130,26 @@ class AdaptivePolicy:
 
     def choose(self):
         """(drafter, k, shadow) of the next round, or (None, None, shadow) for an
-        autoregressive step; shadow: the exits to shadow, () but every SHADOW_EVERY-th
-        round."""
-        self.asked += 1
+        autoregressive step; shadow: the exits the round also heads (a shadow stint's), or
+        ()."""
         if self.left:
             self.left -= 1
-            return self._answer()
+            return self.answer
         begin = time.perf_counter()
-        option, self.left = self._pick()
+        option, self.left, shadow = self._pick()
         self.left -= 1
         self.chosen, self.stint_s, self.stint_rounds, self.timed_rounds = option, 0.0, 0, 0
         self.stint_rows = self.stint_hits = self.stint_misses = 0
         self.stint_shadow_hits, self.stint_shadow_misses = Counter(), Counter()
-        self.answer = (None, None) if option is None else (self._drafter(option[0]), option[1])
+        drafter = None if option is None else self._drafter(option[0])
+        self.answer = (drafter, None if option is None else option[1], shadow)
         self.overhead_s += time.perf_counter() - begin
-        return self._answer()
-
-    def _answer(self):
-        if self.asked % SHADOW_EVERY:
-            return (*self.answer, ())
-        return (*self.answer, self.shadows[None if self.chosen is None else self.chosen[0]])
+        return self.answer
 
     def _shadows(self, drafted):
-        """The exits a round drafting from `drafted` (None: a plain step) shadows."""
+        """The exits a round drafting from `drafted` (None: a plain step) may shadow: the
+        other candidates, at most MAX_SHADOW, the nearest first (in a plain step, nearest
+        the last layer)."""
         near = drafted if drafted is not None else self.n_layers
         others = sorted((e for e in self.exits if e != drafted), key=lambda e: abs(e - near))
         return tuple(sorted(others[:MAX_SHADOW]))
@@ -285,35 +292,67 @@ class AdaptivePolicy:
         return scores
 
     def _pick(self):
-        """The next stint's option and length."""
-        while self.queue:  # the start, then one probe of each kind
-            option = self.queue.pop(0)
-            if self.runs[option] == 0:
-                return option, (STINT if option is not None and option == self.recommended
-                                else PROBE_STINT)
+        """The next stint: (option, rounds, shadow exits)."""
+        if self.start:
+            return self.start.pop(0)
         scores = self.scores(self.options)
         best = max(scores, key=scores.get)
         if scores[best] < SWITCH * scores[self.current]:
             best = self.current
-        if best is not None and not self.hits[best[0]] + self.misses[best[0]]:
-            return best, PROBE_STINT  # an exit never drafted from: its prior only, so probe
+        if best != self.current and best not in self.cost:
+            return best, PROBE_STINT, ()  # promising, its cost only predicted: measure it
         kept = best == self.current
         self.current = best
         self.exploit_stint = min(2 * self.exploit_stint, MAX_STINT) if kept else STINT
-        # Probe an option kind not chosen lately, if it could beat the best: the
-        # autoregressive step, or an exit at its cheapest k.
-        best_score = scores[best]
-        for kind in [None] + self.exits:
-            if kind == (best if best is None else best[0]):
-                continue
-            probe = kind if kind is None else (kind, self.ks[0])
-            due = self.next_probe.setdefault(kind, self.round + FIRST_REPROBE)
-            if self.round >= due:
-                self.gap[kind] = 2 * self.gap.get(kind, FIRST_REPROBE)
-                self.next_probe[kind] = self.round + self.gap[kind]
-                if self.scores([probe], optimistic=True)[probe] > best_score:
-                    return probe, PROBE_STINT
-        return best, self.exploit_stint
+        return self._explore(best, scores[best]) or (best, self.exploit_stint, ())
+
+    def _due(self, kind):
+        """Whether exploring `kind` is due: at its first asking, then FIRST_REPROBE rounds
+        later, then twice as many each time (a kind that keeps losing costs less and less)."""
+        if self.round < self.next_probe.get(kind, self.round):
+            return False
+        self.gap[kind] = 2 * self.gap.get(kind, FIRST_REPROBE // 2)
+        self.next_probe[kind] = self.round + self.gap[kind]
+        return True
+
+    def _explore(self, best, best_score):
+        """A stint that learns what exploiting `best` does not, where a kind is due and
+        could beat it, else None:
+        - the plain step, where its score could beat the best: a short stint (its cost);
+        - exits: where rounds can shadow, one seen at fewer than SHADOW_STINT positions and
+          could pay (never seen, or promising) by a shadow stint of the option exploited;
+          a promising exit seen enough by a short stint drafting from it at its most
+          promising k (its cost). Promising: the upper bound of its score beats the best,
+          or its drafts are accepted at least PROBE_ACCEPTANCE and its cost is only a
+          prediction (the cost line of one measured option cannot tell a round's fixed
+          part from its work, so it misjudges drafting on small models both ways);
+        - the exploited exit's neighbouring draft lengths never timed, by a short stint,
+          where the predicted score is within SWITCH of the best."""
+        drafted = None if best is None else best[0]
+        if best is not None and self._due(None) and self.scores([None])[None] > best_score:
+            return None, PROBE_STINT, ()
+        due = [e for e in self.exits if e != drafted and self._due(e)]
+        if due:
+            optimistic = self.scores(self.options, optimistic=True)
+            timed = {o[0] for o in self.cost if o is not None}
+            top = {e: max(((e, k) for k in self.ks), key=optimistic.get) for e in due}
+            promising = [e for e in due if optimistic[top[e]] > best_score or (
+                e not in timed and self.alpha(e) >= PROBE_ACCEPTANCE)]
+            seen = {e: self.hits[e] + self.misses[e] for e in due}
+            look = [e for e in due if seen[e] < SHADOW_STINT and (e in promising or not seen[e])]
+            if self.shadow and look:
+                return best, SHADOW_STINT, tuple(e for e in self.shadows[drafted] if e in look)
+            if promising:
+                e = max(promising, key=lambda e: optimistic[top[e]])
+                return top[e] if self.shadow else (e, self.ks[0]), PROBE_STINT, ()
+        if best is not None and self._due(("k", best[0])):
+            i = self.ks.index(best[1])
+            near = [(best[0], k) for k in self.ks[max(i - 1, 0):i + 2]
+                    if (best[0], k) not in self.cost]
+            scores = self.scores(near)
+            if near and max(scores.values()) * SWITCH >= best_score:
+                return max(near, key=scores.get), PROBE_STINT, ()
+        return None
 
     def _drafter(self, e):
         if e not in self.drafters:
