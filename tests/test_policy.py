@@ -14,8 +14,9 @@ from test_self_speculative import (VOCAB, autoregressive, exact_distribution,
 import layerskip_kernels as lsk
 from layerskip_kernels.cli import draft_note
 from layerskip_kernels.decoding import plan as plan_module
-from layerskip_kernels.decoding.policy import (SHADOW_STINT, STINT, AdaptivePolicy,
-                                               candidate_exits, candidate_ks)
+from layerskip_kernels.decoding.policy import (LONGEST_STINT, POLICY_SHARE, SHADOW_STINT,
+                                               STINT, AdaptivePolicy, candidate_exits,
+                                               candidate_ks)
 
 
 # ------------------------------------------------------------------------- greedy exactness
@@ -188,6 +189,21 @@ def test_starts_at_the_recommendation():
     chosen = drive(policy, STINT, accept=lambda e, k: k,
                    seconds=lambda option: round_seconds(option, 12))
     assert chosen == [(3, 3)] * STINT
+
+
+def test_stints_grow_until_the_policy_costs_a_small_share():
+    """A decision of 50 us against 0.1 ms rounds: stints of 100 rounds keep the policy at
+    POLICY_SHARE (0.5%) of the time; never past LONGEST_STINT; the doubling stint where the
+    option's cost is unknown or the decisions are cheap."""
+    policy = AdaptivePolicy(lambda e: e, 5, [4], [1])
+    policy.exploit_stint = STINT
+    assert policy._stint(None) == STINT  # not timed
+    policy.cost[None], policy.decisions, policy.overhead_s = 1e-4, 4, 4 * 5e-5
+    assert policy._stint(None) == round(5e-5 / (POLICY_SHARE * 1e-4)) == 100
+    policy.overhead_s = 4.0
+    assert policy._stint(None) == LONGEST_STINT
+    policy.overhead_s = 4e-9
+    assert policy._stint(None) == STINT
 
 
 def test_a_round_that_captured_a_graph_is_not_timed():

@@ -27,6 +27,10 @@ FIRST_REPROBE = 32  # rounds before an option not chosen is tried again; the gap
 # An option chosen again gets a stint twice as long, up to MAX_STINT: fewer decisions (each
 # scores every option) while nothing changes.
 STINT, PROBE_STINT, MAX_STINT = 16, 2, 64
+# ... and at least long enough that the policy's own time (its decisions, measured) stays
+# within POLICY_SHARE of the stint's: on a small model a round takes ~0.1 ms and a decision
+# ~0.05 ms, which stints of 16 would pay several percent for. At most LONGEST_STINT rounds.
+POLICY_SHARE, LONGEST_STINT = 0.005, 256
 # The policy leaves the option it exploits (at first the recommendation, else the plain
 # step) only for one that promises SWITCH times its tokens/s: timings on a shared machine
 # vary by more than the differences between neighbouring options.
@@ -58,7 +62,8 @@ def option_name(option):
 
 
 class AdaptivePolicy:
-    """Per stint of rounds (STINT, doubling up to MAX_STINT while the choice stays; a probe
+    """Per stint of rounds (STINT, doubling up to MAX_STINT while the choice stays, longer
+    where the policy's own time would pass POLICY_SHARE of the stint's; a probe
     PROBE_STINT), the option (exit E, draft length k) or None (an autoregressive step) with
     the most expected tokens per second, from statistics of the rounds this call ran; it
     leaves the option it exploits only for one that promises SWITCH times its tokens/s:
@@ -106,6 +111,7 @@ class AdaptivePolicy:
         self.cost, self.tokens, self.runs = {}, {}, Counter()
         self.next_probe, self.gap = {}, {}
         self.choices, self.round, self.overhead_s = Counter(), 0, 0.0
+        self.decisions = 0  # stints chosen (each a _pick)
         self.shadow_rounds = 0  # rounds that shadowed
         self.shadow = shadow
         self.shadows = {e: self._shadows(e) for e in [None] + self.exits}
@@ -136,6 +142,7 @@ class AdaptivePolicy:
             self.left -= 1
             return self.answer
         begin = time.perf_counter()
+        self.decisions += 1
         option, self.left, shadow = self._pick()
         self.left -= 1
         self.chosen, self.stint_s, self.stint_rounds, self.timed_rounds = option, 0.0, 0, 0
@@ -304,7 +311,18 @@ class AdaptivePolicy:
         kept = best == self.current
         self.current = best
         self.exploit_stint = min(2 * self.exploit_stint, MAX_STINT) if kept else STINT
-        return self._explore(best, scores[best]) or (best, self.exploit_stint, ())
+        return self._explore(best, scores[best]) or (best, self._stint(best), ())
+
+    def _stint(self, option):
+        """The exploit stint's rounds: exploit_stint, or more where the policy's time per
+        stint (overhead_s over the stints so far) would exceed POLICY_SHARE of the stint's
+        measured seconds."""
+        seconds = self.cost.get(option)
+        if not seconds or not self.decisions:
+            return self.exploit_stint
+        per_stint = self.overhead_s / self.decisions
+        return min(max(self.exploit_stint, math.ceil(per_stint / (POLICY_SHARE * seconds))),
+                   LONGEST_STINT)
 
     def _due(self, kind):
         """Whether exploring `kind` is due: at its first asking, then FIRST_REPROBE rounds
