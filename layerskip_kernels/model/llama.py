@@ -4,13 +4,13 @@ Q, K and V share one projection (qkv_proj), gate and up another (gate_up_proj), 
 gpt-fast: one GEMM each. Checkpoints keep Hugging Face's names (model/weights.py: the one
 table of a layer's weights): a Block's load_state_dict pre-hook fuses them.
 """
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..ops.kernels import Kernels
+from .rope import rope_tables
 from .weights import FUSED_ORDER, fuse_layer, plain_refusal
 
 
@@ -67,29 +67,6 @@ class KVCache:
         """Rows `index` (1-D, on the cache's device) become rows 0..len(index)-1."""
         n = len(index)
         self.k[:, :n], self.v[:, :n] = self.k[:, index], self.v[:, index]
-
-
-def rope_tables(config, max_seq_len, device=None):
-    """cos and sin of shape (max_seq_len, head_dim / 2), float32, half-rotation layout."""
-    exponents = torch.arange(0, config.head_dim, 2, device=device).float() / config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** exponents
-    if config.rope_scaling and config.rope_scaling.get("rope_type") == "llama3":
-        inv_freq = _llama3_scaled(inv_freq, config.rope_scaling)
-    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def _llama3_scaled(inv_freq, s):
-    """Llama 3.1: slow down long wavelengths by `factor`, keep short ones, blend between."""
-    old_context = s["original_max_position_embeddings"]
-    low_wavelen = old_context / s.get("low_freq_factor", 1.0)
-    high_wavelen = old_context / s.get("high_freq_factor", 4.0)
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_context / wavelen - s.get("low_freq_factor", 1.0)) / (
-        s.get("high_freq_factor", 4.0) - s.get("low_freq_factor", 1.0))
-    blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], blended)
-    return torch.where(wavelen < high_wavelen, inv_freq, scaled)
 
 
 class RMSNorm(nn.Module):
