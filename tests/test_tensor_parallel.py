@@ -104,9 +104,34 @@ def worker(spec, out):
         with torch.inference_mode():
             h = torch.randn(5, c.dim, generator=torch.Generator().manual_seed(0))
             got["head"] = {"logits": model.head(h).tolist(),
-                           "argmax": model.head_argmax(h).tolist()}
+                           "argmax": model.head_argmax(h).tolist(),
+                           "refusal": model.head_refusal(parallel.VocabParallelLinear)}
+            got["hooked"] = hooked_head(model, h, case)
     dist.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def hooked_head(model, h, case):
+    """With a forward hook on every rank's lm_head that favours the first token of the last
+    rank's rows (a hook the fused head would skip): head_argmax(h), greedy tokens, the
+    refusal."""
+    import layerskip_kernels as lsk
+    from layerskip_kernels.model import parallel
+    favoured = model.lm_head.bounds[-1][0]
+
+    def favour(module, args, out, on_this_rank=model.lm_head.start == favoured):
+        if on_this_rank:
+            out[..., 0] += 1e4
+        return out
+    hook = model.lm_head.register_forward_hook(favour)
+    try:
+        return {"favoured": favoured, "argmax": model.head_argmax(h).tolist(),
+                "refusal": model.head_refusal(parallel.VocabParallelLinear),
+                "tokens": {label: lsk.generate(model, case["prompts"], max_new_tokens=NEW,
+                                               eos_token_id=[], **case["runs"][label]).tokens
+                           for label in ("ar", "ss")}}
+    finally:
+        hook.remove()
 
 
 def _env():
@@ -316,6 +341,24 @@ def test_head_argmax_and_logits_match_tp1(ranks, models, name):
         assert got == ranks[0][name]["head"]  # identical on both ranks, bit for bit
         torch.testing.assert_close(torch.tensor(got["logits"]), logits)
         assert got["argmax"] == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("name", ["default", *GQA])
+def test_a_hook_on_the_vocab_parallel_head_is_run(ranks, models, name):
+    """Llama.head_refusal's rule, for the vocab-parallel head: with a hook on it, head_argmax
+    and greedy decoding (autoregressive and self-speculative) run head() and its hook, so
+    every token is the favoured one, on both ranks; without one, the fused head (control)."""
+    prompts = models[name][2]
+    hooked = ranks[0][name]["hooked"]
+    favoured = hooked["favoured"]
+    assert favoured > 0  # on the last rank, past the first rank's rows
+    for got in (ranks[0][name], ranks[1][name]):
+        assert got["hooked"] == hooked
+        assert got["head"]["refusal"] is None and got["head"]["argmax"] != [favoured] * 5
+    assert hooked["refusal"] == "lm_head has forward hooks"
+    assert hooked["argmax"] == [favoured] * 5
+    assert hooked["tokens"] == {"ar": [[favoured] * NEW] * len(prompts),
+                                "ss": [[favoured] * NEW] * len(prompts)}
 
 
 def _tensor_bytes(model):

@@ -248,13 +248,14 @@ class Llama(nn.Module):
         weights = [b.fused_weights() for b in blocks]
         return None if None in weights else weights
 
-    def head_refusal(self):
+    def head_refusal(self, lm_head=nn.Linear):
         """None when a fused head (the draft head kernels; the C++ decoder's embedding, norm
         and lm_head) computes exactly embed_tokens, norm and lm_head from their weights: our
-        classes, no hooks, no bias, no max_norm; else why not."""
+        classes, no hooks, no bias, no max_norm; else why not. lm_head: the class the head
+        must be (ParallelLlama.head_argmax: its vocab-parallel head's local rows)."""
         for name, module, cls in (("embed_tokens", self.embed_tokens, nn.Embedding),
                                   ("norm", self.norm, RMSNorm),
-                                  ("lm_head", self.lm_head, nn.Linear)):
+                                  ("lm_head", self.lm_head, lm_head)):
             if (why := plain_refusal(module, cls, name)) is not None:
                 return why
         if self.embed_tokens.max_norm is not None:

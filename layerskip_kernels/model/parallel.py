@@ -173,7 +173,11 @@ class ParallelLlama(Llama):
 
     def head_argmax(self, h):
         """Greedy tokens, identical on every rank: the fused draft head over the local rows,
-        then one all-reduce(max) of packed keys (ties to the lowest index)."""
+        then one all-reduce(max) of packed keys (ties to the lowest index); argmax of head(h)
+        (gathered logits) where head_refusal finds a module the fused head would not compute.
+        Ranks must take the same path (the collectives differ): hook every rank alike."""
+        if self.head_refusal(VocabParallelLinear) is not None:
+            return self.head(h).argmax(-1)
         argmax = self.kernels.draft_head_argmax(h, self.norm.weight, self.lm_head.weight,
                                                 self.training_graph())
         return self.lm_head.argmax(*argmax(h, self.norm.weight, self.norm.eps,
