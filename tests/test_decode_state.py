@@ -17,6 +17,7 @@ from random_weights import random_weights
 
 import layerskip_kernels as lsk
 from layerskip_kernels.benchmark import configurations, time_interleaved
+from layerskip_kernels.decoding import plan as plan_module
 from layerskip_kernels.decoding import state as state_module
 from layerskip_kernels.decoding.state import DecodeState, Graphs, decode_state
 from layerskip_kernels.ops import kernels
@@ -255,6 +256,160 @@ def test_a_nested_call_in_the_same_thread_gets_its_own_state(generator, capture)
     assert not worker.is_alive(), "the nested call waited for its own caller"
     assert done == [outer_want] and inner == [inner_want]
     assert model._decode_state is kept
+
+
+# ---------------------------------------------------------------- the bound on graphs
+
+
+class Held:
+    """A stand-in graph that checks, when it replays, that its Graphs still holds it: an
+    evicted graph never replays."""
+
+    def __init__(self, graphs, key, step):
+        self.graphs, self.key, self.step = graphs, key, step
+
+    def replay(self):
+        assert self.graphs.captured.get(self.key) is self, f"{self.key} replayed, not held"
+        self.graphs.last_replayed = self
+        self.step()
+
+
+@pytest.fixture
+def held(monkeypatch):
+    """Graphs._capture makes Held graphs and records, per capture, the keys held while it
+    ran. A capture on CUDA begins with a device sync (torch.cuda.graph): the graph replayed
+    last must still be held then, so that no graph is dropped while it may be replaying."""
+    log = []
+
+    def fake_capture(graphs, key, step):
+        last = getattr(graphs, "last_replayed", None)
+        assert last is None or graphs.captured.get(last.key) is last
+        log.append((key, list(graphs.captured)))
+        return Held(graphs, key, step)
+
+    monkeypatch.setattr(Graphs, "_capture", fake_capture)
+    return log
+
+
+def test_graphs_evict_the_least_recently_used_and_capture_it_again(held):
+    graphs, ran = Graphs(True, capacity=2), []
+
+    def run(key):
+        graphs.run(key, lambda: ran.append(key))
+
+    for key in "ABA":  # A captured, B captured, A replayed: now B is the least recent
+        run(key)
+    run("C")  # evicts B, not A
+    assert list(graphs.captured) == ["A", "C"] and graphs.evictions == 1
+    run("B")  # captured again, evicting A
+    assert list(graphs.captured) == ["C", "B"] and graphs.evictions == 2
+    run("C")
+    assert [key for key, _ in held] == ["A", "B", "C", "B"]
+    # Each capture ran with every earlier graph still held: evicted only after it.
+    assert [before for _, before in held] == [[], ["A"], ["B", "A"], ["A", "C"]]
+    assert graphs.replays == 2 and ran == list("ABACBC")  # every step ran once per call
+    assert len(graphs.captured) <= graphs.capacity
+
+
+def test_the_graph_run_now_is_never_the_one_evicted(held):
+    """Capacity 1: each new key evicts the last one, never itself; the one that replayed
+    last stays held through the next capture (the fixture checks it)."""
+    graphs, ran = Graphs(True, capacity=1), []
+    for key in "AABBA":
+        graphs.run(key, lambda key=key: ran.append(key))
+        assert list(graphs.captured) == [key]
+    assert ran == list("AABBA") and graphs.replays == 2 and graphs.evictions == 2
+
+
+def test_a_failed_capture_is_kept_and_retried_only_after_its_eviction(monkeypatch):
+    """A key whose capture failed runs eagerly (no new capture) while kept; the notes keep
+    the newest MAX_NOTES distinct reasons, however many keys failed."""
+    reasons = [f"reason {i % 6}" for i in range(20)]
+    attempts = []
+
+    class Failing:
+        def __init__(self, graph, pool):
+            pass
+
+        def __enter__(self):
+            attempts.append(1)
+            raise RuntimeError(reasons[(len(attempts) - 1) % len(reasons)])
+
+        def __exit__(self, *args):
+            return False
+
+    cuda = types.SimpleNamespace(graph_pool_handle=lambda: "pool", CUDAGraph=object,
+                                 graph=Failing, synchronize=lambda: None)
+    monkeypatch.setattr(state_module.torch, "cuda", cuda)
+    graphs, ran = Graphs(True, capacity=30), []
+    for key in range(20):
+        graphs.run(key, lambda key=key: ran.append(key))
+    graphs.run(3, lambda: ran.append(3))  # kept: eager, no capture attempt
+    assert len(attempts) == 20 and ran == [*range(20), 3]
+    assert graphs.captured[3] is None and graphs.replays == 0
+    newest = list(dict.fromkeys(reversed(reasons)))[:state_module.MAX_NOTES][::-1]
+    assert graphs.notes == [f"RuntimeError: {r}" for r in newest]
+    graphs.capacity = 1
+    graphs.run(20, lambda: None)  # evicts the other 20 keys
+    graphs.run(3, lambda: None)  # evicted: its capture is tried again
+    assert len(attempts) == 22 and graphs.evictions == 21
+
+
+@pytest.mark.parametrize("capacity", [0, -1, 2.0, True])
+def test_graphs_capacity_is_checked(capacity):
+    Graphs(True, capacity=1)  # control
+    with pytest.raises(ValueError, match=f"capacity: expected an int >= 1.*got {capacity!r}"):
+        Graphs(True, capacity=capacity)
+
+
+class Cycling:
+    """A policy that cycles through three options (one with a shadow exit), two rounds each:
+    with at most two graphs kept, each option's first round past the first three captures
+    its key again (least recently used: evicted), its second replays."""
+    SCRIPT = [(1, 2, ()), (1, 2, ()), None, None, (2, 3, (1,)), (2, 3, (1,))]
+
+    def __init__(self, make_drafter, *args):
+        self.make_drafter, self.round = make_drafter, 0
+
+    def choose(self):
+        option = self.SCRIPT[self.round % len(self.SCRIPT)]
+        self.round += 1
+        return (None, None, ()) if option is None else (self.make_drafter(option[0]),
+                                                         *option[1:])
+
+    def record(self, accepted, seconds, made=None, shadow=None):
+        pass
+
+    def stats(self):
+        return {}
+
+
+def test_evictions_mid_call_keep_the_tokens_and_are_counted(generator, capture, monkeypatch):
+    """Two graphs kept at most, rounds that change key every time (a ragged batch, three
+    options in turn): keys are evicted and captured again within the call, the tokens stay
+    autoregressive decoding's, and stats["graph_evictions"] counts each call's evictions."""
+    model = random_llama(generator)
+    prompts = ragged_prompts(generator)
+    kw = dict(max_new_tokens=24, eos_token_id=[])
+    with torch.inference_mode():
+        expected = lsk.generate(model, prompts, **kw)  # all kept: no eviction (control)
+        assert expected.stats["graph_evictions"] == 0 and expected.stats["cuda_graphs"]
+        model._decode_state = None
+        captured = len(capture.keys)
+        monkeypatch.setattr(state_module, "MAX_GRAPHS", 2)
+        monkeypatch.setattr(plan_module, "AdaptivePolicy", Cycling)
+        calls = [lsk.generate(model, prompts, strategy="self_speculative", exit_layer="auto",
+                              **kw) for _ in range(2)]
+    graphs = model._decode_state.graphs
+    keys = capture.keys[captured:]
+    assert graphs.capacity == 2 and len(graphs.captured) == 2
+    assert len(keys) > len(set(keys))  # captured again after an eviction
+    assert any(len(key) == 5 for key in keys)  # a round with its shadow exit
+    assert graphs.evictions == len(keys) - 2  # each capture past the first two evicted one
+    for res in calls:
+        assert res.tokens == expected.tokens
+        assert res.stats["cuda_graphs"] and res.stats["graph_evictions"] > 0
+    assert sum(res.stats["graph_evictions"] for res in calls) == graphs.evictions
 
 
 # ---------------------------------------------------------------- bench/gpu_validate

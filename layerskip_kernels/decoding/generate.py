@@ -93,7 +93,7 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
                 state.cpu_steps)
         batch.emit([[t] for t in batch.rows.tokens.tolist()])
         prefill_s = time.perf_counter() - start
-        before = (state.graphs.capture_s, state.graphs.replays)
+        before = (state.graphs.capture_s, state.graphs.replays, state.graphs.evictions)
         if plan.strategy == "self_speculative":
             stats = decode_self_speculative(model, batch, plan.sampling, generator,
                                             plan.policy(model), plan.confidence)
@@ -134,8 +134,10 @@ def _generator(model, device, plan):
 
 
 def _graph_stats(model, state, before, graphs, temperature, confidence):
-    """Which path ran: "cuda_graphs" is True when steps of this call replayed from CUDA graphs
-    (before: the state's capture seconds and replay count when the call's decoding began)."""
+    """Which path ran: "cuda_graphs" is True when steps of this call replayed from CUDA graphs;
+    capture_s and graph_evictions are this call's (a key evicted, state.MAX_GRAPHS, is
+    captured again on its next use). before: the state's capture seconds, replay and eviction
+    counts when the call's decoding began."""
     g = state.graphs
     replayed = g.replays > before[1]
     on_cpu = model.embed_tokens.weight.device.type == "cpu"
@@ -155,8 +157,8 @@ def _graph_stats(model, state, before, graphs, temperature, confidence):
     elif confidence is not None:
         note = "eager: an adaptive draft length decides on the host"
     elif g.notes:
-        note = "eager: capture failed: " + "; ".join(g.notes.values())
+        note = "eager: capture failed: " + "; ".join(g.notes)
     else:
         note = "cuda graphs"
     return {"cuda_graphs": replayed and note == "cuda graphs", "path": note,
-            "capture_s": g.capture_s - before[0]}
+            "capture_s": g.capture_s - before[0], "graph_evictions": g.evictions - before[2]}

@@ -14,7 +14,9 @@ is sized by capacity: batch and cache length rounded up to powers of two, drafts
 to MIN_DRAFTS, and a call that does not fit gets a state at least as large as the old one, so
 that a benchmark's or a user's alternating calls (k = 2, k = 4, "auto", layer skip) share it.
 Its graphs are kept per key: (bucket, layers) for a step, (bucket, k, draft) for a round, each
-followed by its shadow exits where it has some (a different graph: it runs more heads). What
+followed by its shadow exits where it has some (a different graph: it runs more heads), at
+most MAX_GRAPHS of them: the least recently used is evicted, and captured again when next
+used (Graphs.evictions counts them; generate's stats["graph_evictions"] a call's). What
 the graphs hold addresses of and the buffers do not own (the weights, the RoPE tables) is the
 state's key (`state_key`): when it changes, a new state is built. One generate() call at a time
 uses a kept state: calls from several threads on one model wait for each other (`held_state`).
@@ -29,6 +31,7 @@ import contextlib
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +41,16 @@ from .cpu import cpu_steps
 MIN_CACHE = 256  # cache lengths are powers of two from here, so calls of similar length share
 MIN_DRAFTS = 8  # a kept state drafts up to this many (generate's "auto" cap) whatever k a call asks
 MAX_SHADOW = 4  # shadow exits a round or step may head besides its own (emitted has their room)
+# Graphs a kept state holds at most. Each holds its instantiated executable (device memory
+# for its kernels' parameters, more for a longer round) and cost a capture; their
+# intermediates share one pool (the state's), sized by the largest step, not by their count.
+# 64: one bucket's worst case under the adaptive policy fits (candidate_exits, at most 4,
+# times candidate_ks, at most 6, rounds and the plain step, each also with its shadow exits:
+# 50 keys), and so do a benchmark's fixed configurations (autoregressive, early exit, k = 2
+# and 4, layer skip, its draft: about 7 keys a bucket) at the 8 buckets of batch 1 to 128.
+# Past it, the policy's stints (16 to 64 rounds on one choice) keep recaptures rare.
+MAX_GRAPHS = 64
+MAX_NOTES = 4  # capture-failure reasons a state keeps: the newest distinct ones
 
 
 def replayable(device):
@@ -204,23 +217,52 @@ def held_state(model, batch, max_seq_len, max_drafts, graphs):
 class Graphs:
     """CUDA graphs of steps, by key. The first call of a key runs the step eagerly (the real
     step, which also compiles Triton kernels and warms cuBLAS), then captures it; later calls
-    replay. A step that cannot be captured keeps running eagerly, and `notes` says why.
-    capture_s and replays count over the state's life (generate reports a call's share)."""
+    replay. A step that cannot be captured keeps running eagerly, and `notes` says why (the
+    newest MAX_NOTES distinct reasons). At most `capacity` keys are kept (default MAX_GRAPHS):
+    a capture past it evicts the least recently used, which its next use captures again.
+    capture_s, replays and evictions count over the state's life (generate reports a call's
+    share)."""
 
-    def __init__(self, enabled):
-        self.enabled = enabled
-        self.captured, self.notes, self.capture_s, self.replays = {}, {}, 0.0, 0
+    def __init__(self, enabled, capacity=None):
+        capacity = MAX_GRAPHS if capacity is None else capacity
+        if type(capacity) is not int or capacity < 1:
+            raise ValueError(f"capacity: expected an int >= 1 (the key run now is kept), "
+                             f"got {capacity!r}")
+        self.enabled, self.capacity = enabled, capacity
+        # key -> graph (None: the capture failed, the step runs eagerly), oldest use first
+        self.captured = OrderedDict()
+        self.notes, self.capture_s, self.replays, self.evictions = [], 0.0, 0, 0
         self.pool = None  # the graphs' memory pool, made by the first capture
 
     def run(self, key, step, replay=True):
-        graph = self.captured.get(key) if replay else None
-        if graph is not None:
+        if replay and key in self.captured:
+            self.captured.move_to_end(key)  # the most recently used: evicted last
+            graph = self.captured[key]
+            if graph is None:
+                step()
+                return
             graph.replay()
             self.replays += 1
             return
         step()
-        if replay and self.enabled and key not in self.captured:
+        if replay and self.enabled:
             self.captured[key] = self._capture(key, step)
+            self._evict()
+
+    def _evict(self):
+        """Drop the least recently used keys past capacity. Only here, after a capture: that
+        began with a device sync (torch.cuda.graph), so no graph dropped is still replaying,
+        and the key just captured is the newest, never the one dropped."""
+        while len(self.captured) > self.capacity:
+            self.captured.popitem(last=False)
+            self.evictions += 1
+
+    def _note(self, reason):
+        """Keep `reason` among the newest MAX_NOTES distinct ones (a kept state lives long)."""
+        if reason in self.notes:
+            self.notes.remove(reason)
+        self.notes.append(reason)
+        del self.notes[:-MAX_NOTES]
 
     def _capture(self, key, step):
         start = time.perf_counter()
@@ -232,7 +274,7 @@ class Graphs:
                 step()
         except RuntimeError as error:  # a step with a host sync: stay eager, say why
             torch.cuda.synchronize()
-            self.notes[key] = f"{type(error).__name__}: {error}"[:300]
+            self._note(f"{type(error).__name__}: {error}"[:300])
             return None
         finally:
             self.capture_s += time.perf_counter() - start
