@@ -368,7 +368,7 @@ class Cycling:
     its key again (least recently used: evicted), its second replays."""
     SCRIPT = [(1, 2, ()), (1, 2, ()), None, None, (2, 3, (1,)), (2, 3, (1,))]
 
-    def __init__(self, make_drafter, *args):
+    def __init__(self, make_drafter, *args, **kwargs):
         self.make_drafter, self.round = make_drafter, 0
 
     def choose(self):
