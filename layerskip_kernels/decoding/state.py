@@ -48,7 +48,8 @@ MAX_SHADOW = 4  # shadow exits a round or step may head besides its own (emitted
 # times candidate_ks, at most 6, rounds and the plain step, each also with its shadow exits:
 # 50 keys), and so do a benchmark's fixed configurations (autoregressive, early exit, k = 2
 # and 4, layer skip, its draft: about 7 keys a bucket) at the 8 buckets of batch 1 to 128.
-# Past it, the policy's stints (16 to 64 rounds on one choice) keep recaptures rare.
+# Past it, the policy holds each choice for a stint of rounds (policy.py), so an evicted
+# key costs a recapture once a stint at most, not once a round.
 MAX_GRAPHS = 64
 MAX_NOTES = 4  # capture-failure reasons a state keeps: the newest distinct ones
 
