@@ -16,12 +16,15 @@ from pathlib import Path
 
 import torch
 
+from .cli_args import UsageError, float_in, parse_ints
+from .cli_checks import (check_exit_layers, check_fits, load_tokenizer_and_model,
+                         require_file)
 from .decoding import generate
 from .decoding.generate import (AUTO_DRAFT_CAP, DEFAULT_NUM_SPECULATIONS, STRATEGIES,
                                 default_exit_layer)
 from .files import check_output_file, write_text
 from .model import save_hf_directory
-from .ops.llama_layer import _cpu, set_num_threads
+from .ops.llama_layer import _cpu
 
 
 def machine_info():
@@ -356,7 +359,6 @@ def parse_strategies(text, arg="--strategies"):
     """A comma list of generate()'s strategies, in STRATEGIES' order."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names or set(names) - set(STRATEGIES):
-        from .cli import UsageError
         raise UsageError(f"{arg}: expected a comma list of {', '.join(STRATEGIES)}, "
                          f"got {text!r}")
     return tuple(s for s in STRATEGIES if s in names)
@@ -364,7 +366,6 @@ def parse_strategies(text, arg="--strategies"):
 
 def parse_speedups(text, arg="--speedups"):
     """A comma list of layer_skip target speedups, each >= 1."""
-    from .cli import UsageError, float_in
     try:
         values = [float_in(1)(x) for x in text.split(",") if x.strip()]
     except argparse.ArgumentTypeError:
@@ -377,8 +378,6 @@ def parse_speedups(text, arg="--speedups"):
 def parse_exit_layers(text, arg="--exit-layers"):
     """`bench`'s --exit-layers: a comma list of exit layers >= 1 and "auto" (the adaptive
     policy, exit_layer="auto"): (the layers, None where auto is alone; whether auto is in)."""
-    from .cli import UsageError
-    from .sweep import parse_ints
     names = [name.strip() for name in text.split(",") if name.strip()]
     layers = [name for name in names if name != "auto"]
     if names and not layers:
@@ -395,8 +394,6 @@ def bench_grid(args):
     lengths, speedups, adaptive); exit layers and draft lengths are None where not given (the
     model's recommendation is their default); adaptive: --exit-layers holds auto. A list that
     no chosen strategy uses is an error."""
-    from .cli import UsageError
-    from .sweep import parse_ints
     strategies = parse_strategies(getattr(args, "strategies", None)
                                   or ",".join(BENCH_STRATEGIES))
     lists = {}
@@ -422,7 +419,6 @@ def model_grid(model, strategies, exit_layers, draft_lengths):
     """The exit layers and draft lengths `bench` times on this model: as given, else its
     recommended (E, k), else the defaults generate() uses (E = L // 4, k = 4); the exit
     layers are checked against its depth where a chosen strategy uses them."""
-    from .sweep import check_exit_layers
     c = model.config
     exit_layers = exit_layers or [c.exit_layer or default_exit_layer(c.n_layers)]
     if {"early_exit", "self_speculative"} & set(strategies):
@@ -434,7 +430,6 @@ def main_bench(args):
     """`layerskip bench`: arguments and the output path are checked before the model loads;
     the JSON report is rewritten (atomically) after every repetition, so an interrupted run
     keeps the repetitions that finished ("complete": false)."""
-    from .cli import UsageError, check_fits, find_tokenizer, load_model_arg, require_file
     from .sweep import adaptive_row
     output = Path(args.output)
     check_output_file(output, "--output", getattr(args, "overwrite", False))
@@ -444,12 +439,8 @@ def main_bench(args):
     if not args.no_transformers and importlib.util.find_spec("transformers") is None:
         raise UsageError("--no-transformers: transformers is not installed; pass "
                          "--no-transformers or pip install transformers")
-    tokenizer, tokenizer_path = find_tokenizer(args) if args.prompts else (None, None)
-    if args.prompts and tokenizer is None:
-        raise UsageError("--prompts: a prompts file needs --tokenizer")
-    if args.threads:
-        set_num_threads(args.threads)
-    model = load_model_arg(args)
+    model, tokenizer, tokenizer_path = load_tokenizer_and_model(
+        args, "--prompts: a prompts file needs --tokenizer" if args.prompts else None)
     prompts, labels = load_prompts(model, args.prompts, tokenizer)
     if not prompts:
         raise UsageError(f"--prompts {args.prompts}: expected at least one non-empty line")

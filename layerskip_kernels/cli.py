@@ -10,36 +10,27 @@ right after it loads otherwise. --debug prints the traceback as well.
 import argparse
 import dataclasses
 import json
-import math
 import os
-import re
 import sys
 import traceback
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from . import __version__
 from .benchmark import compare, dtype_name
+from .cli_args import (FLAGS, HelpFormatter, UsageError, add_model_args, as_flag, eos_arg,
+                       exit_layer_arg, float_in, int_at_least, seed_arg, speculations, stop_arg,
+                       subparser, threads_arg)
+from .cli_checks import (check_decodes, check_exit_layer, check_fits, describe, draft_slots,
+                         find_tokenizer, load_model_arg, stop_tokens)
 from .decoding import generate
-from .decoding.generate import (DEFAULT_NUM_SPECULATIONS, SEED_RANGE, STRATEGIES,
-                                check_applicable, check_seed, stop_ids)
-from .decoding.plan import draft_lengths
+from .decoding.generate import DEFAULT_NUM_SPECULATIONS, STRATEGIES, check_applicable
 from .files import OutputPathError
 from .decoding.stop import new_text
-from .model import load_model, load_tokenizer
-from .ops.kernels import PREFERENCES
-from .ops.llama_layer import MAX_THREADS, check_num_threads, set_num_threads
-from .model.checkpoint import DEFAULT_MODEL, local_path, regular_file
+from .ops.llama_layer import set_num_threads
 from .model.parallel import is_first_rank
-from .model.tokenizer import Llama2cTokenizer
 
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
-
-
-class UsageError(ValueError):
-    """A bad command line: exit status 2."""
 
 
 # -- argument parsing -------------------------------------------------------------------------
@@ -51,277 +42,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every option's default, except where there is none or the text says it."""
-
-    def _get_help_string(self, action):
-        if (action.default is None or action.default is False
-                or action.default is argparse.SUPPRESS or "default" in (action.help or "")):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _TopHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _TopHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """`layerskip --help`: the module docstring keeps its paragraphs."""
-
-
-def int_at_least(low):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-def exit_layer_arg(text):
-    """--exit-layer: an integer >= 1, or 'auto' (self_speculative: a policy chooses per round)."""
-    return text if text == "auto" else int_at_least(1)(text)
-
-
-def threads_arg(text):
-    """--threads: an integer in [1, the machine's logical CPUs] (llama_layer's bound)."""
-    try:
-        return check_num_threads(int(text), "--threads")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_THREADS}] (this "
-                                         f"machine's logical CPUs), got {text!r}") from None
-
-
-def float_in(low, high=float("inf"), low_open=False, what=None):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        ok = (math.isfinite(value) and (low < value if low_open else low <= value)
-              and value <= high)
-        if not ok:
-            raise argparse.ArgumentTypeError(f"expected {what or f'a number >= {low}'}, "
-                                             f"got {text!r}")
-        return value
-    return parse
-
-
-def speculations(text):
-    """A draft length k >= 1, or 'auto'."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
-    return value
-
-
-# Names --dtype accepts; "auto" keeps the checkpoint's dtype (the loader resolves it).
-DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32",
-          "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16", "auto": "auto"}
-
-
-def dtype_arg(text):
-    if text.lower() not in DTYPES:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(DTYPES)}, got {text!r}")
-    return DTYPES[text.lower()]
-
-
-def device_arg(text):
-    """cpu, cuda or cuda:N, where this torch can use it (checked before anything loads)."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(
-                f"expected cpu: this torch ({torch.__version__}) has no usable CUDA device, "
-                f"got {text!r}")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}, got {text!r}")
-    return text
-
-
-def seed_arg(text):
-    """An integer seed in the range generate() takes (checked before anything loads)."""
-    try:
-        return check_seed(int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in {list(SEED_RANGE)}, "
-                                         f"got {text!r}") from None
-
-
-def eos_arg(text):
-    """'none', or token ids separated by commas."""
-    if text.strip().lower() == "none":
-        return []
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        ids = []
-    if not ids or min(ids) < 0:
-        raise argparse.ArgumentTypeError(f"expected token ids >= 0 (comma list, repeatable) or "
-                                         f"'none', got {text!r}")
-    return ids
-
-
-def stop_arg(text):
-    """A stop string, with Python's backslash escapes read (--stop "\\n\\n": a blank line)."""
-    try:
-        stop = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError as error:
-        raise argparse.ArgumentTypeError(f"expected text with valid backslash escapes, got "
-                                         f"{text!r} ({error.reason})") from None
-    if not stop:
-        raise argparse.ArgumentTypeError("expected a non-empty stop string, got ''")
-    return stop
-
-
-# -- checks shared by the commands ------------------------------------------------------------
-
-def require_file(path, flag):
-    """A file named on the command line, to be read: a regular file (after symlinks), checked
-    before it is opened, as a FIFO or a device would block the read or never end it."""
-    try:
-        regular_file(Path(path), flag)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
-
-
-@contextmanager
-def reading(flag, path, flags=True):
-    """An error while reading a file named on the command line names the flag and the file
-    (flags: a library error naming a Python argument is about that argument's flag)."""
-    try:
-        yield
-    except (UsageError, KeyboardInterrupt):
-        raise
-    except Exception as error:
-        message = describe(error)
-        if flags and isinstance(error, ValueError) and (flagged := _as_flag(message)):
-            raise UsageError(flagged) from error  # e.g. the loader's "dtype: expected ..."
-        prefix = f"{flag}:" if str(path) in message else f"{flag} {path}:"
-        raise RuntimeError(f"{prefix} {message}") from error
-
-
-def describe(error):
-    """One line: the message, with the exception's type where the message alone is unclear."""
-    message = " ".join(str(error).split())
-    if isinstance(error, KeyError):
-        return f"missing key {message}"
-    if isinstance(error, (ValueError, OSError, RuntimeError)) and message:
-        return message
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
-
-
-def find_tokenizer(args):
-    """(tokenizer, its path): --tokenizer, else a tokenizer.json in the model's directory (for
-    a model id, its snapshot in the local HF cache), else (None, None)."""
-    path = args.tokenizer
-    if path is None:
-        try:
-            model = local_path(args.model or DEFAULT_MODEL)
-        except (FileNotFoundError, ValueError):  # loading the model says what is wrong
-            return None, None
-        candidate = (model if model.is_dir() else model.parent) / "tokenizer.json"
-        path = candidate if candidate.exists() else None
-    if path is None:
-        return None, None
-    with reading("--tokenizer", path):
-        return load_tokenizer(path), path
-
-
-def load_model_arg(args):
-    """load_model(--model, --dtype, --device, --backend), errors naming --model; with --tp N
-    > 1, this rank's shard (the process group comes from torchrun's environment)."""
-    with reading("--model", args.model or DEFAULT_MODEL):
-        if getattr(args, "tp", 1) > 1:
-            return load_model(args.model, dtype=args.dtype, device=args.device,
-                              backend=args.backend, tp=args.tp)
-        return load_model(args.model, dtype=args.dtype, device=args.device,
-                          **({"backend": args.backend} if hasattr(args, "backend") else {}))
-
-
-def check_fits(model, tokenizer, tokenizer_path, prompts, labels, max_new_tokens, reserve=0,
-               eos_token_id=None):
-    """What the model alone can rule out, checked right after it loads and before any work:
-    the tokenizer's vocabulary, every prompt's ids and length, room for max_new_tokens (and
-    `reserve` draft slots) within max_seq_len, and the stop tokens."""
-    c = model.config
-    if tokenizer is not None and tokenizer.vocab_size > c.vocab_size:
-        raise UsageError(f"--tokenizer {tokenizer_path}: its vocabulary ({tokenizer.vocab_size} "
-                         f"tokens) is larger than the model's ({c.vocab_size}); expected the "
-                         "model's own tokenizer")
-    for prompt, label in zip(prompts, labels):
-        bad = [i for i in prompt if not 0 <= i < c.vocab_size]
-        if bad:
-            raise UsageError(f"{label}: expected token ids in [0, {c.vocab_size}) for this "
-                             f"model, got {bad[0]}")
-        if len(prompt) > c.max_seq_len:
-            raise UsageError(f"{label}: {len(prompt)} tokens, expected at most the model's "
-                             f"max_seq_len ({c.max_seq_len})")
-    longest, label = max((len(p), label) for p, label in zip(prompts, labels))
-    room = c.max_seq_len - longest - reserve
-    if room < 1:
-        raise UsageError(f"{label}: {longest} tokens leave no room for new tokens within the "
-                         f"model's max_seq_len ({c.max_seq_len}"
-                         + (f", with {reserve} draft slots)" if reserve else ")"))
-    if max_new_tokens > room:
-        raise UsageError(f"--max-new-tokens: expected at most {room} (max_seq_len "
-                         f"{c.max_seq_len} - {longest} tokens of {label}"
-                         + (f" - {reserve} draft slots" if reserve else "")
-                         + f"), got {max_new_tokens}")
-    if eos_token_id is not None:
-        stop_ids(c, eos_token_id)  # a ValueError naming eos_token_id: --eos-token-id
-
-
-def check_decodes(model, tokenizer, tokenizer_path):
-    """Commands that print text: the tokenizer can decode every id the model can emit (a
-    smaller vocabulary would fail only after decoding), checked right after the model loads."""
-    if tokenizer is not None and tokenizer.vocab_size < model.config.vocab_size:
-        raise UsageError(f"--tokenizer {tokenizer_path}: its vocabulary ({tokenizer.vocab_size} "
-                         f"tokens) is smaller than the model's ({model.config.vocab_size}), so "
-                         "it cannot decode every token the model can emit; expected the "
-                         "model's own tokenizer")
-
-
-def check_exit_layer(model, exit_layer):
-    L = model.config.n_layers
-    if exit_layer not in (None, "auto") and not 1 <= exit_layer <= L - 1:
-        raise UsageError(f"--exit-layer: expected an integer in [1, {L - 1}] for this "
-                         f"{L}-layer model, got {exit_layer}")
-
-
-def stop_tokens(args, model, tokenizer):
-    """--eos-token-id (flattened; [] = none), else the config's EOS (None: generate() reads
-    it), else the tokenizer's EOS; a llama2.c tokenizer's BOS too, since llama2.c models mark
-    the end of a text with the next text's BOS (run.c stops on it) and never emit EOS."""
-    if args.eos_token_id is not None:
-        if [] in args.eos_token_id and len(args.eos_token_id) > 1:
-            raise UsageError("--eos-token-id: 'none' cannot be combined with token ids")
-        return [i for ids in args.eos_token_id for i in ids]
-    if model.config.eos_token_id:
-        return None
-    ids = [getattr(tokenizer, "eos_id", None)]
-    if isinstance(tokenizer, Llama2cTokenizer):
-        ids.append(tokenizer.bos_id)
-    return [i for i in ids if i is not None] or None
-
-
-def _draft_slots(model, strategy, num_speculations, exit_layer=None):
-    """The cache slots a self-speculative round reserves past the output: k + 1, k the
-    longest draft generate() resolves (with --exit-layer auto and no k, the policy's)."""
-    if strategy != "self_speculative":
-        return 0
-    return draft_lengths(model.config, num_speculations, exit_layer == "auto")[1] + 1
 
 
 def _cuda_graphs(args):
@@ -386,7 +108,7 @@ def cmd_generate(args):
     check_decodes(model, tokenizer, tokenizer_path)
     eos = stop_tokens(args, model, tokenizer)
     check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
-               _draft_slots(model, args.strategy, args.num_speculations, args.exit_layer),
+               draft_slots(model, args.strategy, args.num_speculations, args.exit_layer),
                eos)
     printing = is_first_rank()  # under --tp, every rank decodes and rank 0 prints
     stream = _Printer(tokenizer, prompts) if args.stream and printing else None
@@ -546,8 +268,8 @@ def cmd_compare(args):
     check_decodes(model, tokenizer, tokenizer_path)
     eos = stop_tokens(args, model, tokenizer)
     check_fits(model, tokenizer, tokenizer_path, prompts, labels, args.max_new_tokens,
-               _draft_slots(model, "self_speculative", args.num_speculations,
-                            args.exit_layer), eos)
+               draft_slots(model, "self_speculative", args.num_speculations,
+                           args.exit_layer), eos)
     from .benchmark import Progress
     with Progress(args.quiet) as progress:
         results, outputs = compare(model, prompts, args.max_new_tokens, args.repeats,
@@ -603,26 +325,6 @@ def cmd_sweep(args):
 
 # -- the parser -------------------------------------------------------------------------------
 
-def add_model_args(p, backend=True):
-    p.add_argument("--model", metavar="PATH", help="HF Llama directory or llama2.c .bin file "
-                   "(default: the embedded LayerSkip-trained code model)")
-    p.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer.json, HF directory or llama2.c tokenizer .bin "
-                   "(default: tokenizer.json beside the model, if any)")
-    p.add_argument("--dtype", metavar="NAME", default="float32", type=dtype_arg,
-                   help=f"weights dtype: {', '.join(DTYPES)} (auto: the checkpoint's)")
-    p.add_argument("--device", metavar="DEVICE",
-                   default="cpu", type=device_arg, help="cpu, cuda or cuda:N")
-    if backend:
-        p.add_argument("--backend", default="auto", choices=list(PREFERENCES),
-                       help="kernel backend preference")
-
-
-def add_debug(p):
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="on an error, print the traceback too")
-
-
 def _add_decoding_args(p):
     p.add_argument("--prompt", metavar="TEXT",
                    action="append", help="prompt text (repeat for a batch)")
@@ -635,13 +337,6 @@ def _add_decoding_args(p):
                    "(default: the model config's EOS, else the tokenizer's)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every step eagerly (default: replay captured steps on CUDA)")
-
-
-def _subparser(sub, name, help, description=None):
-    p = sub.add_parser(name, help=help, description=description or help,
-                       formatter_class=_HelpFormatter)
-    add_debug(p)
-    return p
 
 
 def _add_timing_args(p, repeats):
@@ -666,7 +361,7 @@ def build_parser():
                         help="on an error, print the traceback too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = _subparser(sub, "generate", "generate text with a decoding strategy")
+    p = subparser(sub, "generate", "generate text with a decoding strategy")
     add_model_args(p)
     _add_decoding_args(p)
     p.add_argument("--strategy", default="autoregressive", choices=STRATEGIES,
@@ -702,7 +397,7 @@ def build_parser():
                    "(nccl with --device cuda, gloo on a CPU), and only rank 0 prints")
     p.set_defaults(run=cmd_generate)
 
-    p = _subparser(sub, "compare", "autoregressive vs self-speculative: outputs and speedup",
+    p = subparser(sub, "compare", "autoregressive vs self-speculative: outputs and speedup",
                    "Greedy autoregressive and self-speculative decoding of the same prompts, "
                    "interleaved over repeats: both outputs, whether they are identical, the "
                    "draft settings (and whether they are defaults), acceptance, tokens per "
@@ -720,7 +415,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_compare)
 
-    p = _subparser(sub, "bench", "time decoding strategies, ours and transformers'",
+    p = subparser(sub, "bench", "time decoding strategies, ours and transformers'",
                    "Time decoding strategies (ours, and transformers' on the same weights) "
                    "in one process, interleaved over repeats: by default autoregressive, "
                    "early exit and self-speculative decoding at the model's recommended (E, "
@@ -762,7 +457,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_bench)
 
-    p = _subparser(sub, "sweep", "self-speculative decoding over an (exit layer, k) grid",
+    p = subparser(sub, "sweep", "self-speculative decoding over an (exit layer, k) grid",
                    "Self-speculative decoding over a grid of exit layers E and draft lengths "
                    "k (plus k=auto and plain early exit at each E, and the adaptive policy, "
                    "--exit-layer auto), timed as `bench` times. "
@@ -789,7 +484,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_sweep)
 
-    p = _subparser(sub, "info", "print a model's config, parameter count and bytes")
+    p = subparser(sub, "info", "print a model's config, parameter count and bytes")
     add_model_args(p, backend=False)
     p.set_defaults(run=cmd_info)
 
@@ -804,25 +499,8 @@ def build_parser():
     p.set_defaults(run=cmd_lm_eval)
 
     from .training.cli import add_training_commands
-    add_training_commands(sub, formatter_class=_HelpFormatter, add_debug=add_debug)
+    add_training_commands(sub)
     return parser
-
-
-# Library errors name Python arguments; on the command line they are these flags.
-FLAGS = {"strategy": "--strategy", "draft": "--draft", "exit_layer": "--exit-layer",
-         "num_speculations": "--num-speculations", "speedup": "--speedup",
-         "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
-         "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
-         "eos_token_id": "--eos-token-id", "dtype": "--dtype", "device": "--device",
-         "backend": "--backend", "tp": "--tp"}
-
-
-def _as_flag(message):
-    """'exit_layer: expected ...' -> '--exit-layer: expected ...', or None."""
-    match = re.match(r"(\w+): ", message)
-    if match and match.group(1) in FLAGS:
-        return FLAGS[match.group(1)] + message[match.end(1):]
-    return None
 
 
 def main(argv=None):
@@ -851,7 +529,7 @@ def main(argv=None):
         raise SystemExit(FAILURE) from None
     except Exception as error:
         message = describe(error)
-        flagged = _as_flag(message) if isinstance(error, ValueError) else None
+        flagged = as_flag(message) if isinstance(error, ValueError) else None
         _fail(USAGE if flagged else FAILURE, flagged or message, error, debug)
 
 

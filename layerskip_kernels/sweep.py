@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 from .benchmark import Progress, _kept, load_prompts, run_benchmark
+from .cli_args import UsageError, parse_ints
+from .cli_checks import check_exit_layers, check_fits, load_tokenizer_and_model, require_file
 from .decoding.generate import AUTO_DRAFT_CAP
 from .files import atomic_path, check_output_dir, write_text
-from .ops.llama_layer import set_num_threads
 
 OUTPUTS = ("sweep.csv", "sweep.json", "sweep_heatmap.png")
 
@@ -26,25 +27,6 @@ CSV_FIELDS = ("name", "strategy", "exit_layer", "num_speculations", "tokens_per_
               "tokens_per_s_min", "tokens_per_s_max", "speedup_vs_ours_autoregressive",
               "acceptance_rate", "tokens_per_round", "speedup_if_all_accepted",
               "same_tokens_as_autoregressive")
-
-
-def parse_ints(text, arg):
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        from .cli import UsageError
-        raise UsageError(f"{arg}: expected a comma list of integers >= 1, got {text!r}")
-    return values
-
-
-def check_exit_layers(exit_layers, n_layers):
-    """Every exit layer leaves at least one layer to verify: in [1, n_layers - 1]."""
-    if max(exit_layers) >= n_layers:
-        from .cli import UsageError
-        raise UsageError(f"--exit-layers: expected layers in [1, {n_layers - 1}], got "
-                         f"{exit_layers}")
 
 
 def sweep_rows(report):
@@ -118,20 +100,14 @@ def write_heatmap(report, exit_layers, draft_lengths, path):
 def main_sweep(args):
     """`layerskip sweep`: the grid, the other arguments and DIR are checked before the model
     loads, and the exit layers against the model right after."""
-    from .cli import UsageError, check_fits, find_tokenizer, load_model_arg, require_file
     exit_layers = parse_ints(args.exit_layers, "--exit-layers")
     draft_lengths = parse_ints(args.draft_lengths, "--draft-lengths")
     out = Path(args.output)
     check_output_dir(out, "--output", OUTPUTS, getattr(args, "overwrite", False))
-    tokenizer, tokenizer_path = None, None
     if args.prompts:
         require_file(args.prompts, "--prompts")
-        tokenizer, tokenizer_path = find_tokenizer(args)
-        if tokenizer is None:
-            raise UsageError("--prompts: a prompts file needs --tokenizer")
-    if args.threads:
-        set_num_threads(args.threads)
-    model = load_model_arg(args)
+    model, tokenizer, tokenizer_path = load_tokenizer_and_model(
+        args, "--prompts: a prompts file needs --tokenizer" if args.prompts else None)
     check_exit_layers(exit_layers, model.config.n_layers)
     prompts, labels = load_prompts(model, args.prompts, tokenizer)
     if not prompts:

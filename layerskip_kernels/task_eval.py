@@ -13,6 +13,10 @@ from pathlib import Path
 import torch
 
 from .benchmark import Progress, _kept, _ours, dtype_name, machine_info, time_interleaved
+from .cli_args import (add_model_args, eos_arg, float_in, int_at_least, stop_arg, subparser,
+                       threads_arg)
+from .cli_checks import (check_exit_layer, check_exit_layers, check_fits,
+                         load_tokenizer_and_model, reading, require_file, stop_tokens)
 from .decoding.generate import DEFAULT_NUM_SPECULATIONS, default_exit_layer
 from .decoding.stop import cut_at_stop, new_text
 from .files import atomic_path, check_output_file, write_text
@@ -236,10 +240,6 @@ def main_eval(args):
     model loads; the JSON report is rewritten (atomically) after every repetition, so an
     interrupted run keeps the repetitions that finished ("complete": false); the table and
     the plot come at the end."""
-    from .cli import (UsageError, check_exit_layer, check_fits, find_tokenizer, load_model_arg,
-                      reading, require_file, stop_tokens)
-    from .ops.llama_layer import set_num_threads
-    from .sweep import check_exit_layers
     _metric_libraries()
     output = Path(args.output)
     check_output_file(output, "--output", args.overwrite)
@@ -248,12 +248,8 @@ def main_eval(args):
     require_file(args.data, "--data")
     with reading("--data", args.data, flags=False):
         prompts, references = load_examples(args.data, args.limit)
-    tokenizer, tokenizer_path = find_tokenizer(args)
-    if tokenizer is None:
-        raise UsageError("--tokenizer: eval needs a tokenizer (none beside the model)")
-    if args.threads:
-        set_num_threads(args.threads)
-    model = load_model_arg(args)
+    model, tokenizer, tokenizer_path = load_tokenizer_and_model(
+        args, "--tokenizer: eval needs a tokenizer (none beside the model)")
     L = model.config.n_layers
     if args.exit_layers:
         check_exit_layers(args.exit_layers, L)
@@ -295,11 +291,8 @@ def main_eval(args):
 
 
 def add_eval_command(sub):
-    """The `eval` subcommand, added by cli.build_parser (the CLI helpers are imported here, so
-    that importing this module imports no CLI code)."""
-    from .cli import (_subparser, add_model_args, eos_arg, float_in, int_at_least, stop_arg,
-                      threads_arg)
-    p = _subparser(sub, "eval", "score generations against references: quality vs speedup",
+    """The `eval` subcommand, added by cli.build_parser."""
+    p = subparser(sub, "eval", "score generations against references: quality vs speedup",
                   "Each decoding configuration (autoregressive, early exit at each E, layer "
                   "skip at each speedup, self-speculative) continues every prompt of --data "
                   "(JSON lines of {\"prompt\": ..., \"reference\": ...}), greedily; the "

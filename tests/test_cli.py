@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import layerskip_kernels as lsk
-from layerskip_kernels import benchmark, cli
+from layerskip_kernels import benchmark, cli, cli_checks
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.model.checkpoint import DEFAULT_MODEL
 from layerskip_kernels.training import TrainConfig, new_model
@@ -157,7 +157,7 @@ def test_cuda_on_a_cpu_only_torch(capsys, tiny):
 def test_flags_that_cannot_apply(capsys, argv, needle, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("checked before the model loads")
-    monkeypatch.setattr(cli, "load_model", no_load)
+    monkeypatch.setattr(cli_checks, "load_model", no_load)
     assert_error(run(capsys, "generate", "--prompt-ids", "1", *argv), 2, needle)
 
 
@@ -273,7 +273,7 @@ def test_library_errors_name_the_flag(capsys, tiny, monkeypatch):
 def test_bench_refuses_outputs_before_loading(capsys, tmp_path, monkeypatch):
     def no_load(*args, **kwargs):
         raise AssertionError("checked before the model loads")
-    monkeypatch.setattr(cli, "load_model", no_load)
+    monkeypatch.setattr(cli_checks, "load_model", no_load)
     existing = tmp_path / "old.json"
     existing.write_text("{}")
     assert_error(run(capsys, "bench", "--output", existing, "--no-transformers"), 2,
@@ -295,7 +295,7 @@ def test_prompts_fifo_is_no_regular_file(capsys, tmp_path, monkeypatch, command)
     """Reported as what it is, and never opened (a FIFO's open blocks for a writer)."""
     def no_load(*args, **kwargs):
         raise AssertionError("checked before the model loads")
-    monkeypatch.setattr(cli, "load_model", no_load)
+    monkeypatch.setattr(cli_checks, "load_model", no_load)
     os.mkfifo(tmp_path / "prompts.txt")
     output = tmp_path / ("r.json" if command == "bench" else "sweep")
     line = assert_error(run(capsys, command, "--output", output, "--prompts",
@@ -393,7 +393,7 @@ def test_bench_exit_layers_auto_errors_come_before_loading(capsys, tmp_path, mon
                                                            needles):
     def no_load(*args, **kwargs):
         raise AssertionError("checked before the model loads")
-    monkeypatch.setattr(cli, "load_model", no_load)
+    monkeypatch.setattr(cli_checks, "load_model", no_load)
     assert_error(run(capsys, "bench", "--no-transformers", "--output", tmp_path / "r.json",
                      *argv), 2, *needles)
 

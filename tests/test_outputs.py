@@ -12,7 +12,7 @@ from test_cli import TINY, assert_error, run, tiny  # noqa: F401 (tiny is a fixt
 from test_hostile_inputs import no_hang  # noqa: F401 (a fixture)
 
 import layerskip_kernels as lsk
-from layerskip_kernels import cli, files
+from layerskip_kernels import cli_checks, files
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.training import new_model
 
@@ -57,7 +57,7 @@ def no_load(monkeypatch):
     """Refusals come before any work: loading the model fails the test."""
     def load(*args, **kwargs):
         raise AssertionError("the model loaded: the output was not checked before the work")
-    monkeypatch.setattr(cli, "load_model", load)
+    monkeypatch.setattr(cli_checks, "load_model", load)
 
 
 @pytest.mark.parametrize("kind", HOSTILE)

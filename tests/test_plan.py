@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import layerskip_kernels as lsk
-from layerskip_kernels import cli
+from layerskip_kernels import cli_checks
 from layerskip_kernels.decoding import plan as plan_module
 from layerskip_kernels.decoding.layer_skip import kept_layers
 from layerskip_kernels.decoding.plan import plan_generation
@@ -209,4 +209,4 @@ def test_the_first_invalid_argument_is_the_one_named(first, then):
     ("self_speculative", "auto", 5), ("early_exit", 2, None), ("autoregressive", None, None)])
 def test_cli_draft_slots_are_the_plans(c, strategy, exit_layer, k):
     got = plan(c, strategy=strategy, exit_layer=exit_layer, num_speculations=k)
-    assert cli._draft_slots(lsk.Llama(c), strategy, k, exit_layer) == got.reserve
+    assert cli_checks.draft_slots(lsk.Llama(c), strategy, k, exit_layer) == got.reserve

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import layerskip_kernels as lsk
-from layerskip_kernels import benchmark, cli
+from layerskip_kernels import benchmark, cli, cli_checks
 from layerskip_kernels.model import save_hf_directory
 from layerskip_kernels.training import TrainConfig, load_config, new_model
 from test_cli import TINY, assert_error, run
@@ -95,7 +95,7 @@ def test_bench_runs_what_it_is_told(capsys, tmp_path, models):
 def test_bench_selection_errors_come_before_loading(capsys, tmp_path, monkeypatch, argv, needles):
     def no_load(*args, **kwargs):
         raise AssertionError("checked before the model loads")
-    monkeypatch.setattr(cli, "load_model", no_load)
+    monkeypatch.setattr(cli_checks, "load_model", no_load)
     assert_error(run(capsys, "bench", "--no-transformers", "--output", tmp_path / "r.json",
                      *argv), 2, *needles)
     assert not (tmp_path / "r.json").exists()

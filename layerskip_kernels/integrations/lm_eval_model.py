@@ -46,7 +46,7 @@ from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 
 from .. import generate, load_model  # noqa: E402
-from ..cli import _draft_slots, find_tokenizer, stop_tokens  # noqa: E402
+from ..cli_checks import draft_slots, find_tokenizer, stop_tokens  # noqa: E402
 from ..decoding.generate import STRATEGIES  # noqa: E402
 from ..decoding.layer_skip import kept_layers  # noqa: E402
 from ..ops._checks import check, fail  # noqa: E402
@@ -208,8 +208,8 @@ class LayerSkipLM(TemplateLM):
             gen_kwargs = requests[indices[0]].args[1]
             settings = self._generation_settings(gen_kwargs)
             reserve = (self.model.config.max_seq_len - settings["max_new_tokens"]
-                       - _draft_slots(self.model, self.decoding["strategy"],
-                                      self.decoding["num_speculations"]))
+                       - draft_slots(self.model, self.decoding["strategy"],
+                                     self.decoding["num_speculations"]))
             check(reserve >= 1, "max_gen_toks", "fewer new tokens than the model's "
                   f"max_seq_len ({self.model.config.max_seq_len})", settings["max_new_tokens"])
             for first in range(0, len(indices), self.batch_size):

@@ -7,16 +7,19 @@ from pathlib import Path
 
 import torch
 
+from ..cli_args import (DTYPES, HelpFormatter, UsageError, add_debug, device_arg, dtype_arg,
+                        int_at_least, threads_arg)
+from ..cli_checks import load_model_arg, reading, require_file
 
-def add_training_commands(sub, formatter_class=None, add_debug=None):
+
+def add_training_commands(sub):
     """Add the training subcommands to `layerskip`'s subparsers."""
-    from ..cli import DTYPES, device_arg, dtype_arg, int_at_least, threads_arg
-    kwargs = {"formatter_class": formatter_class} if formatter_class else {}
     p = sub.add_parser("train", help="train with layer dropout + early-exit loss (LayerSkip)",
                        description="Train with layer dropout and the early-exit loss. "
                        "--output (or the config's output) is a checkpoint directory: one "
                        "holding a trainer state is resumed; a file is refused, and so is a "
-                       "non-empty directory without one unless --overwrite.", **kwargs)
+                       "non-empty directory without one unless --overwrite.",
+                       formatter_class=HelpFormatter)
     p.add_argument("--config", metavar="FILE",
                    required=True, help="a .json or .toml TrainConfig file (every key, "
                    "commented: bench/train_example.toml in the repository)")
@@ -30,11 +33,10 @@ def add_training_commands(sub, formatter_class=None, add_debug=None):
                    help="torch CPU threads (at most the machine's logical CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_train)
-    if add_debug:
-        add_debug(p)
+    add_debug(p)
 
     p = sub.add_parser("eval-exits", help="perplexity and agreement with the final layer of "
-                       "every exit, on held-out text", **kwargs)
+                       "every exit, on held-out text", formatter_class=HelpFormatter)
     p.add_argument("--model", metavar="PATH",
                    required=True, help="HF Llama directory or llama2.c .bin file")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -59,12 +61,10 @@ def add_training_commands(sub, formatter_class=None, add_debug=None):
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_eval_exits)
-    if add_debug:
-        add_debug(p)
+    add_debug(p)
 
 
 def cmd_train(args):
-    from ..cli import UsageError, reading, require_file
     from ..files import check_output_dir
     from .trainer import CHECKPOINT_FILES, STATE_JSON, load_config, run_training
     require_file(args.config, "--config")
@@ -119,7 +119,6 @@ def recommendation_note(output, model_config, config):
 
 
 def cmd_eval_exits(args):
-    from ..cli import UsageError, load_model_arg, reading, require_file
     from ..files import check_output_file
     from ..model import load_tokenizer
     from .evaluate import evaluate_exits, format_table, plot_exits
