@@ -35,7 +35,9 @@ def test_auto_exit_equals_autoregressive(generator, n_layers, lengths, num_specu
     assert s["exit_layer"] == "auto" and sum(s["choices"].values()) == s["rounds"]
     assert sum(n for _, n in s["stints"]) == s["rounds"]
     assert s["fallback_rounds"] == s["choices"].get("autoregressive", 0) >= 1  # its start
-    assert s["drafted"] > s["accepted"]  # drafts were made, and some rejected
+    # Drafts were made (rejections and their rollback: the scripted test below, as the
+    # drafts a timed policy makes here depend on the machine's timings).
+    assert s["drafted"] >= s["accepted"] and s["drafted"] > 0
     assert s["policy_s"] >= 0
 
 
@@ -54,6 +56,7 @@ def test_auto_exit_equals_autoregressive_with_every_drafter_change(generator, mo
     assert res.tokens == expected
     assert any(len(row) < 40 for row in res.tokens)
     assert len(res.stats["choices"]) == len(set(Scripted.SCRIPT))
+    assert 0 < res.stats["accepted"] < res.stats["drafted"]  # some drafts rejected
 
 
 class Scripted:
