@@ -377,6 +377,12 @@ class Cycling:
         return (None, None, ()) if option is None else (self.make_drafter(option[0]),
                                                          *option[1:])
 
+    def rounds_left(self):  # one round per choice
+        return 0
+
+    def record_steps(self, steps, seconds):
+        pass
+
     def record(self, accepted, seconds, made=None, shadow=None):
         pass
 

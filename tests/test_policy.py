@@ -73,6 +73,12 @@ class Scripted:
         return (None, None, ()) if option is None else (self.make_drafter(option[0]),
                                                          option[1], ())
 
+    def rounds_left(self):  # one round per choice
+        return 0
+
+    def record_steps(self, steps, seconds):
+        pass
+
     def record(self, accepted, seconds, made=None, shadow=None):
         pass
 
@@ -256,7 +262,14 @@ def test_decisions_use_only_the_rounds_sync(generator, monkeypatch):
         records.append((accepted, seconds, made, shadow))
         return record(self, accepted, seconds, made, shadow)
 
+    record_steps, steps = AdaptivePolicy.record_steps, []
+
+    def checked_steps(self, n, seconds):
+        steps.append((n, seconds))
+        return record_steps(self, n, seconds)
+
     monkeypatch.setattr(AdaptivePolicy, "record", checked_record)
+    monkeypatch.setattr(AdaptivePolicy, "record_steps", checked_steps)
     calls = {"tolist": 0, "item": 0}
     for name in calls:
         original = getattr(torch.Tensor, name)
@@ -266,7 +279,8 @@ def test_decisions_use_only_the_rounds_sync(generator, monkeypatch):
             return _original(self, *args)
         monkeypatch.setattr(torch.Tensor, name, counted)
     res = speculative(model, prompts, 40, exit_layer="auto")
-    assert len(records) == res.stats["rounds"]
+    assert len(records) + sum(n for n, _ in steps) == res.stats["rounds"]
+    assert all(type(n) is int and (s is None or type(s) is float) for n, s in steps)
     for accepted, seconds, made, shadow in records:
         assert all(type(m) is int for m in accepted) and type(made) is int
         assert seconds is None or type(seconds) is float

@@ -133,7 +133,8 @@ class Batch:
             self.rows.active[finished] = False
 
     def compact(self):
-        """Move the live rows to the front when they fit a smaller bucket."""
+        """Move the live rows to the front when they fit a smaller bucket. Returns the live
+        rows (self.live after the move)."""
         live = self.live
         n = self.state.bucket(len(live))
         if n < self.rows.n:
@@ -142,19 +143,25 @@ class Batch:
             self.rows = self.state.rows(n)
             self.rows.active[len(live):] = False
             self.rows.cache_seqlens[len(live):] = 0
+            live = list(range(len(live)))
+        return live
 
 
-def decode_autoregressive(model, batch, sampling, generator, layers):
-    """Early exit runs layers [0, E) throughout; layer skipping prefills with every layer and
-    decodes with its skip set."""
-    greedy = sampling[0] == 0
-    while not all(batch.outputs.done):
-        batch.compact()
+def decode_autoregressive(model, batch, sampling, generator, layers, steps=None):
+    """Steps through `layers` until every row is done, or `steps` of them (self-speculation's
+    plain steps, run as autoregressive decoding runs them). Early exit runs layers [0, E)
+    throughout; layer skipping prefills with every layer and decodes with its skip set.
+    Returns the steps run and the row steps (live rows summed over the steps)."""
+    greedy, key_layers = sampling[0] == 0, tuple(layers)
+    ran = row_steps = 0
+    while not all(batch.outputs.done) and ran != steps:
+        row_steps += len(batch.compact())
         rows = batch.rows
         step = lambda: decode_step(model, rows, layers, sampling, generator)  # noqa: E731
         if greedy:
-            batch.state.run(("step", rows.n, tuple(layers)), step, batch.replay)
+            batch.state.run(("step", rows.n, key_layers), step, batch.replay)
         else:
             step()
         batch.emit([[t] for t in rows.tokens.tolist()])
-    return {}
+        ran += 1
+    return ran, row_steps

@@ -98,8 +98,8 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
             stats = decode_self_speculative(model, batch, plan.sampling, generator,
                                             plan.policy(model), plan.confidence)
         else:
-            stats = decode_autoregressive(model, batch, plan.sampling, generator,
-                                          plan.decode_layers)
+            decode_autoregressive(model, batch, plan.sampling, generator, plan.decode_layers)
+            stats = {}
         stats.update(_graph_stats(model, state, before, graphs, plan.temperature,
                                   plan.confidence))
     elapsed = time.perf_counter() - start

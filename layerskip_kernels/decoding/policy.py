@@ -186,6 +186,22 @@ class AdaptivePolicy:
         if self.left == 0:
             self._end_stint()
 
+    def rounds_left(self):
+        """The rounds the current choice still holds after the one choose() just answered
+        (a stint of plain steps runs them in one go: record_steps)."""
+        return self.left
+
+    def record_steps(self, steps, seconds):
+        """record() of `steps` plain steps without shadows run in one go (the stint's rest,
+        or fewer where the call ended): seconds, their host time (None: not a steady cost)."""
+        self.left -= steps - 1
+        self.stint_rounds += steps
+        if seconds is not None:
+            self.stint_s += seconds
+            self.timed_rounds += steps
+        if self.left == 0:
+            self._end_stint()
+
     def _end_stint(self):
         begin = time.perf_counter()
         option, rounds = self.chosen, self.stint_rounds
