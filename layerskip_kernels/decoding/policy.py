@@ -111,7 +111,7 @@ class AdaptivePolicy:
         self.cost, self.tokens, self.runs = {}, {}, Counter()
         self.next_probe, self.gap = {}, {}
         self.choices, self.round, self.overhead_s = Counter(), 0, 0.0
-        self.decisions = 0  # stints chosen (each a _pick)
+        self.decisions = 0  # stints chosen from the statistics (_pick past the start)
         self.shadow_rounds = 0  # rounds that shadowed
         self.shadow = shadow
         self.shadows = {e: self._shadows(e) for e in [None] + self.exits}
@@ -142,7 +142,6 @@ class AdaptivePolicy:
             self.left -= 1
             return self.answer
         begin = time.perf_counter()
-        self.decisions += 1
         option, self.left, shadow = self._pick()
         self.left -= 1
         self.chosen, self.stint_s, self.stint_rounds, self.timed_rounds = option, 0.0, 0, 0
@@ -297,7 +296,7 @@ class AdaptivePolicy:
         measured round of the nearest k plus the fitted cost of the units between; else
         the fitted line (cost_line)."""
         fixed, per_unit = self.cost_line()
-        alpha = {e: self.alpha(e, optimistic) for e in self.exits}
+        alpha = {e: self.alpha(e, optimistic) for e in {o[0] for o in options if o}}
         measured = {}  # exit: [(k, seconds)]
         for o, c in self.cost.items():
             if o is not None:
@@ -318,6 +317,7 @@ class AdaptivePolicy:
         """The next stint: (option, rounds, shadow exits)."""
         if self.start:
             return self.start.pop(0)
+        self.decisions += 1
         scores = self.scores(self.options)
         best = max(scores, key=scores.get)
         if scores[best] < SWITCH * scores[self.current]:
@@ -367,7 +367,7 @@ class AdaptivePolicy:
             return None, PROBE_STINT, ()
         due = [e for e in self.exits if e != drafted and self._due(e)]
         if due:
-            optimistic = self.scores(self.options, optimistic=True)
+            optimistic = self.scores([(e, k) for e in due for k in self.ks], optimistic=True)
             timed = {o[0] for o in self.cost if o is not None}
             top = {e: max(((e, k) for k in self.ks), key=optimistic.get) for e in due}
             promising = [e for e in due if optimistic[top[e]] > best_score or (
