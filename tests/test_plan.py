@@ -109,13 +109,13 @@ def test_plans_are_frozen():
 
 def test_the_plan_makes_the_calls_policy():
     model = lsk.Llama(RECOMMENDS)
-    fixed = plan(RECOMMENDS, **SS).policy(model)
+    fixed = plan(RECOMMENDS, **SS).policy(model, 1)
     assert isinstance(fixed, FixedPolicy) and fixed.k == 3
     assert isinstance(fixed.drafter, ExitDraft) and fixed.drafter.exit_layer == 3
-    skip = plan(RECOMMENDS, **SS, draft="layer_skip", speedup=2).policy(model)
+    skip = plan(RECOMMENDS, **SS, draft="layer_skip", speedup=2).policy(model, 1)
     assert isinstance(skip.drafter, SkipDraft) and skip.drafter.key == (
         "skip", tuple(kept_layers(8, 2)))
-    adaptive = plan(RECOMMENDS, **SS, exit_layer="auto").policy(model)
+    adaptive = plan(RECOMMENDS, **SS, exit_layer="auto").policy(model, 1)
     assert isinstance(adaptive, AdaptivePolicy)
     assert (adaptive.exits, adaptive.ks, adaptive.recommended) == ([2, 3, 4], [1, 2, 3, 4, 6],
                                                                    (3, 3))

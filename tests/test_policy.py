@@ -14,9 +14,9 @@ from test_self_speculative import (VOCAB, autoregressive, exact_distribution,
 import layerskip_kernels as lsk
 from layerskip_kernels.cli import draft_note
 from layerskip_kernels.decoding import plan as plan_module
-from layerskip_kernels.decoding.policy import (LONGEST_STINT, POLICY_SHARE, SHADOW_STINT,
-                                               STINT, AdaptivePolicy, candidate_exits,
-                                               candidate_ks)
+from layerskip_kernels.decoding.estimates import MEMORY, candidate_exits, candidate_ks
+from layerskip_kernels.decoding.policy import (LONGEST_STINT, POLICY_SHARE, PROBE_STINT,
+                                               SHADOW_STINT, STINT, AdaptivePolicy)
 
 
 # ------------------------------------------------------------------------- greedy exactness
@@ -72,6 +72,9 @@ class Scripted:
         self.counts[option] = self.counts.get(option, 0) + 1
         return (None, None, ()) if option is None else (self.make_drafter(option[0]),
                                                          option[1], ())
+
+    def learned(self):  # nothing for the next call
+        return None
 
     def rounds_left(self):  # one round per choice
         return 0
@@ -219,6 +222,38 @@ def test_a_round_that_captured_a_graph_is_not_timed():
     policy = AdaptivePolicy(lambda e: e, 5, [4], [1])
     drive(policy, STINT, accept=lambda e, k: 0, seconds=lambda option: None)
     assert policy.cost == {}
+
+
+def test_a_call_starts_from_what_the_last_call_of_its_shape_learned(generator):
+    """The model's second call with as many prompts recalls the first's statistics: it
+    starts with a whole stint of the option the first ended on (not the first's shadow stint
+    and short timed stint), with autoregressive decoding's tokens; a call of another batch
+    size does not recall."""
+    model = damped(random_llama(generator, 5), range(2, 5), 0.3)
+    prompts = random_prompts(generator, (3, 9))
+    expected = autoregressive(model, prompts, 60).tokens
+    first = speculative(model, prompts, 60, exit_layer="auto")
+    second = speculative(model, prompts, 60, exit_layer="auto")
+    assert first.tokens == second.tokens == expected
+    assert not first.stats["recalled"] and second.stats["recalled"]
+    assert first.stats["stints"][0] == ("autoregressive", SHADOW_STINT + PROBE_STINT)
+    assert first.stats["shadow_rounds"] == SHADOW_STINT
+    name, rounds = second.stats["stints"][0]
+    assert name == first.stats["stints"][-1][0] and rounds >= STINT
+    assert not speculative(model, prompts[:1], 60, exit_layer="auto").stats["recalled"]
+
+
+def test_what_a_call_learned_is_scaled_to_memory():
+    policy = AdaptivePolicy(lambda e: e, 5, [2, 4], [1, 2])
+    policy.hits[4], policy.misses[4], policy.hits[2], policy.misses[2] = 900, 100, 3, 5
+    policy.cost[(4, 2)] = 1e-3
+    learned = policy.learned()
+    assert learned["hits"][4] + learned["misses"][4] == MEMORY
+    assert learned["hits"][4] / MEMORY == 0.9  # the acceptance kept
+    assert (learned["hits"][2], learned["misses"][2]) == (3, 5)  # fewer: as they were
+    again = AdaptivePolicy(lambda e: e, 5, [2, 4], [1, 2], learned=learned)
+    assert again.recalled and again.cost == {(4, 2): 1e-3}
+    assert again.alpha(4) == policy.alpha(4) or abs(again.alpha(4) - policy.alpha(4)) < 0.01
 
 
 # ------------------------------------------------------------------------ replayed rounds

@@ -48,12 +48,15 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
     self_speculative on a model without one, to a quarter of the depth and k = 4 (stats list
     what was defaulted). exit_layer="auto" (self_speculative, draft early_exit): a policy
     (decoding/policy.py) chooses each round's exit layer, and whether to draft at all (else
-    one autoregressive step), from the tokens per second the call's rounds measured; it
-    starts at the model's recommendation. With it, num_speculations None lets the policy
+    one autoregressive step), from the tokens per second the call's rounds measured and
+    each exit's agreement with the full model (shadow tokens); it starts where the model's
+    last such call with as many prompts ended (stats["recalled"]), else at the model's
+    recommendation. With it, num_speculations None lets the policy
     choose k per round too; an int fixes k; "auto" keeps its meaning (each round stops
     drafting when unsure, at most 8). stats["choices"] counts the rounds per choice,
     stats["stints"] lists them in order ((choice, rounds) pairs), stats["fallback_rounds"]
-    counts the autoregressive ones, stats["policy_s"] the policy's time. Its choices follow
+    counts the autoregressive ones, stats["shadow_rounds"] the shadowed ones,
+    stats["policy_s"] the policy's time. Its choices follow
     timings: when sampling, a seed's tokens may differ between runs (each is drawn from the
     exact distribution).
     temperature 0 is greedy; otherwise top_k (0 = off) and top_p filter the distribution.
@@ -95,8 +98,10 @@ def generate(model, prompts, max_new_tokens=128, strategy="autoregressive", exit
         prefill_s = time.perf_counter() - start
         before = (state.graphs.capture_s, state.graphs.replays, state.graphs.evictions)
         if plan.strategy == "self_speculative":
-            stats = decode_self_speculative(model, batch, plan.sampling, generator,
-                                            plan.policy(model), plan.confidence)
+            policy = plan.policy(model, len(prompts))
+            stats = decode_self_speculative(model, batch, plan.sampling, generator, policy,
+                                            plan.confidence)
+            plan.remember(model, len(prompts), policy)
         else:
             decode_autoregressive(model, batch, plan.sampling, generator, plan.decode_layers)
             stats = {}

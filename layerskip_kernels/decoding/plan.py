@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from ..ops._checks import as_float, as_int, fail
 from .arguments import check_applicable, check_prompts, check_sampling, prompt_lists, stop_ids
 from .layer_skip import kept_layers
-from .policy import AdaptivePolicy, FixedPolicy, candidate_exits, candidate_ks
+from .estimates import candidate_exits, candidate_ks, recall, remember
+from .policy import AdaptivePolicy, FixedPolicy
 from .self_speculative import ExitDraft, SkipDraft
 from .stop import check_stop
 
@@ -58,17 +59,30 @@ class Plan:
         """Cache slots past the output that a self-speculative round may fill (k + 1)."""
         return 0 if self.num_speculations is None else self.num_speculations + 1
 
-    def policy(self, model):
+    def policy(self, model, rows):
         """The self-speculative call's policy (policy.py): the adaptive one for
-        exit_layer="auto", else the fixed drafter and k."""
+        exit_layer="auto" (starting from what the model's last such call of `rows` rows
+        learned: recall), else the fixed drafter and k."""
         if self.exit_layer == "auto":
             # Greedy fixed-k rounds shadow: a sampled token or a confidence-stopped round
             # has no full-model argmax run to compare exits with (decode_self_speculative).
             return AdaptivePolicy(lambda e: ExitDraft(model, e), model.config.n_layers,
                                   self.exits, self.ks, self.recommended, self.confidence,
-                                  shadow=self.temperature == 0 and self.confidence is None)
+                                  shadow=self.temperature == 0 and self.confidence is None,
+                                  learned=recall(model, self.shape(rows)))
         return FixedPolicy(ExitDraft(model, self.exit_layer) if self.draft == "early_exit"
                            else SkipDraft(model, self.kept), self.num_speculations)
+
+    def remember(self, model, rows, policy):
+        """Keep what an adaptive policy learned for the model's next call of this shape."""
+        if self.exit_layer == "auto":
+            remember(model, self.shape(rows), policy.learned())
+
+    def shape(self, rows):
+        """What an adaptive call's statistics depend on: its options, whether rounds shadow,
+        and its rows (a round's cost grows with them)."""
+        return (self.exits, self.ks, self.recommended, self.confidence, self.temperature == 0,
+                rows)
 
     def stats(self):
         """The drafting as stats name it (self_speculative; else nothing): exit_layer (None

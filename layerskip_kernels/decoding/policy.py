@@ -13,19 +13,14 @@ import math
 import time
 from collections import Counter
 
+from .estimates import COST_MEMORY, Estimates
 from .state import MAX_SHADOW
 
-# Verification over q positions costs about 1 + VERIFY_SLOPE * (q - 1) of one position (2
-# CPU cores: 4 positions cost ~1.3x one; on a GPU ~1x): the shape of the cost model
-# (units), whose scale is fitted to the measured rounds.
-VERIFY_SLOPE = 0.1
-COST_MEMORY = 0.3  # weight of the newest stint in tokens per round (an exponential average)
 FIRST_REPROBE = 32  # rounds before an option not chosen is tried again; the gap doubles
 # A choice holds for a stint of rounds, timed as one: a round of a small model takes a
 # fraction of a millisecond, too short to time alone on a busy machine, and scoring every
-# option each round would cost as much as the round.
-# An option chosen again gets a stint twice as long, up to MAX_STINT: fewer decisions (each
-# scores every option) while nothing changes.
+# option each round would cost as much as the round. An option chosen again gets a stint
+# twice as long, up to MAX_STINT: fewer decisions while nothing changes.
 STINT, PROBE_STINT, MAX_STINT = 16, 2, 64
 # ... and at least long enough that the policy's own time (its decisions, measured) stays
 # within POLICY_SHARE of the stint's: on a small model a round takes ~0.1 ms and a decision
@@ -61,30 +56,19 @@ def option_name(option):
     return "autoregressive" if option is None else f"E{option[0]} k{option[1]}"
 
 
-class AdaptivePolicy:
+class AdaptivePolicy(Estimates):
     """Per stint of rounds (STINT, doubling up to MAX_STINT while the choice stays, longer
     where the policy's own time would pass POLICY_SHARE of the stint's; a probe
     PROBE_STINT), the option (exit E, draft length k) or None (an autoregressive step) with
-    the most expected tokens per second, from statistics of the rounds this call ran; it
-    leaves the option it exploits only for one that promises SWITCH times its tokens/s:
-
-    - acceptance per exit: alpha_E, the chance that a draft is accepted given the one before
-      it was, counted over every row of every round drafted from E (m accepted of k is m
-      successes and, when m < k, one failure), with a Beta prior (recommended exit 3:1,
-      others 1:3: an exit of a model not trained for early exit is rarely accepted), and
-      at most the upper bound of a deeper exit observed more (alpha). A row drafting k
-      expects (1 - alpha^(k+1)) / (1 - alpha) tokens. A shadow stint also heads other
-      candidate exits (at most MAX_SHADOW, nearest the drafted one; in a plain step,
-      nearest the last layer) from the hidden states its rounds compute anyway: each
-      position whose input was the true prefix where the exit's token equals the full
-      model's counts as a success, the others as failures, in the same counts (the same
-      chance, observed without drafting);
-    - cost per round: measured for options that ran: host seconds between the round's
-      syncs, averaged over a stint's timed rounds, the least over stints (on a shared
-      machine the noise only slows a stint down); for the others, predicted by a line
-      fixed + per_unit * units() fitted to the measured ones (cost_line, scores). A
-      shadowed round is not timed (its heads are extra work): the call's tokens/s pays
-      for them, and stats' shadow_rounds counts them.
+    the most expected tokens per second, from the estimates of its rounds (estimates.py:
+    acceptance per exit, from drafts and shadow tokens; a round's cost, measured or
+    predicted); it leaves the option it exploits only for one that promises SWITCH times
+    its tokens/s. A shadow stint also heads other
+    candidate exits (at most MAX_SHADOW, nearest the drafted one; in a plain step, nearest
+    the last layer) from the hidden states its rounds compute anyway. A shadowed round is
+    not timed (its heads are extra work): the call's tokens/s pays for them, and stats'
+    shadow_rounds counts them. A call starts from what the model's last call of the same
+    shape learned (recall; stats' recalled), else as below.
 
     Exploration is cheap and bounded. A model's recommended (E, k) runs first, a whole
     stint; without one, a shadow stint of plain steps observes every candidate exit (where
@@ -96,19 +80,12 @@ class AdaptivePolicy:
     shadow stint of the option exploited; the exploited exit's neighbouring draft lengths
     never timed, by a short stint. An option whose cost is only predicted runs a short
     stint before it is exploited.
-    With confidence (num_speculations="auto"), each option's k is the cap of a round that
-    stops drafting when unsure, and its expected tokens are those it measured.
     """
 
     def __init__(self, make_drafter, n_layers, exits, ks, recommended=None, confidence=None,
-                 shadow=True):
-        self.make_drafter, self.n_layers, self.confidence = make_drafter, n_layers, confidence
-        self.exits, self.ks = list(exits), list(ks)
-        self.drafters = {}
-        self.prior = {e: (3.0, 1.0) if recommended and e == recommended[0] else (1.0, 3.0)
-                      for e in self.exits}
-        self.hits, self.misses = Counter(), Counter()
-        self.cost, self.tokens, self.runs = {}, {}, Counter()
+                 shadow=True, learned=None):
+        super().__init__(n_layers, exits, ks, recommended, confidence, learned)
+        self.make_drafter, self.drafters = make_drafter, {}
         self.next_probe, self.gap = {}, {}
         self.choices, self.round, self.overhead_s = Counter(), 0, 0.0
         self.decisions = 0  # stints chosen from the statistics (_pick past the start)
@@ -117,8 +94,7 @@ class AdaptivePolicy:
         self.shadows = {e: self._shadows(e) for e in [None] + self.exits}
         self.stints = []  # (option name, rounds) in order: the choices over time
         self.left, self.stint_rounds = 0, 0
-        # The recommendation (a sweep measured it: the rest is explored only where it could
-        # beat it), else plain steps, shadowing the candidate exits where rounds can.
+        # The recommendation (a sweep measured it), else plain steps, shadowing the exits.
         self.recommended = tuple(recommended) if recommended else None
         self.current = self.recommended  # the option exploited (None: the plain step)
         self.exploit_stint = STINT // 2  # doubled when the first pick keeps it
@@ -128,16 +104,19 @@ class AdaptivePolicy:
             self.start = [(None, SHADOW_STINT, self.shadows[None]), (None, PROBE_STINT, ())]
         else:  # the plain step's cost, then the likeliest accepted exit's
             self.start = [(None, PROBE_STINT, ()), ((self.exits[-1], ks[0]), PROBE_STINT, ())]
+        self.recalled = learned is not None
+        if learned is not None:  # a former call's: start where it left off
+            for kind, (due_in, gap) in learned["due"].items():
+                self.next_probe[kind], self.gap[kind] = max(due_in, 0), gap
+            self.current = learned["current"]
+            self.start = [(self.current, STINT, ())]
         self.chosen = None
-        self.options = [None] + [(e, k) for e in self.exits for k in self.ks]
-        self.unit = {o: self.units(o) for o in self.options}
 
     # ---------------------------------------------------------------------- the two calls
 
     def choose(self):
-        """(drafter, k, shadow) of the next round, or (None, None, shadow) for an
-        autoregressive step; shadow: the exits the round also heads (a shadow stint's), or
-        ()."""
+        """(drafter, k, shadow) of the next round ((None, None, shadow): an autoregressive
+        step); shadow: the exits the round also heads (a shadow stint's), or ()."""
         if self.left:
             self.left -= 1
             return self.answer
@@ -178,12 +157,7 @@ class AdaptivePolicy:
                 self.stint_shadow_misses[e] += misses
             self.shadow_rounds += 1
             seconds = None
-        if seconds is not None:
-            self.stint_s += seconds
-            self.timed_rounds += 1
-        self.stint_rounds += 1
-        if self.left == 0:
-            self._end_stint()
+        self._count(1, seconds)
 
     def rounds_left(self):
         """The rounds the current choice still holds after the one choose() just answered
@@ -194,10 +168,13 @@ class AdaptivePolicy:
         """record() of `steps` plain steps without shadows run in one go (the stint's rest,
         or fewer where the call ended): seconds, their host time (None: not a steady cost)."""
         self.left -= steps - 1
-        self.stint_rounds += steps
+        self._count(steps, seconds)
+
+    def _count(self, rounds, seconds):
+        self.stint_rounds += rounds
         if seconds is not None:
             self.stint_s += seconds
-            self.timed_rounds += steps
+            self.timed_rounds += rounds
         if self.left == 0:
             self._end_stint()
 
@@ -215,7 +192,6 @@ class AdaptivePolicy:
         if self.timed_rounds:
             seconds = self.stint_s / self.timed_rounds
             self.cost[option] = min(seconds, self.cost.get(option, seconds))
-        self.runs[option] += rounds
         self.choices[option] += rounds
         name = option_name(option)
         if self.stints and self.stints[-1][0] == name:  # consecutive stints of one choice
@@ -226,92 +202,25 @@ class AdaptivePolicy:
         self.stint_rounds = 0
         self.overhead_s += time.perf_counter() - begin
 
+    def learned(self):
+        """What this call learned, for the model's next call of the same shape (the
+        __init__ argument `learned`, through recall): the estimates (Estimates.known), when
+        each kind is due for exploring again, and the option exploited."""
+        if self.stint_rounds:  # the call ended within a stint
+            self._end_stint()
+        return {**self.known(), "current": self.current,
+                "due": {kind: (due - self.round, self.gap[kind])
+                        for kind, due in self.next_probe.items()}}
+
     def stats(self):
         if self.stint_rounds:  # the call ended within a stint
             self._end_stint()
         return {"choices": {option_name(o): n for o, n in self.choices.most_common()},
                 "fallback_rounds": self.choices[None], "policy_s": self.overhead_s,
                 "stints": self.stints, "shadow_rounds": self.shadow_rounds,
+                "recalled": self.recalled,
                 "exit_acceptance": {e: round(self._alpha(e, False), 3) for e in self.exits
                                     if self.hits[e] + self.misses[e]}}
-
-    # ------------------------------------------------------------------------- the model
-
-    def alpha(self, e, optimistic=False):
-        """Exit e's acceptance estimate (optimistic: its upper bound, mean + 2 sd), at most
-        the upper bound of a deeper exit observed more often: a shallower exit is usually
-        accepted less, which spares probing it, but not always (a model trained to exit at
-        one layer), so an exit's own observations prevail once it has more."""
-        seen = self.hits[e] + self.misses[e]
-        return min([self._alpha(e, optimistic)] + [
-            self._alpha(d, True) for d in self.exits
-            if d > e and self.hits[d] + self.misses[d] > seen])
-
-    def _alpha(self, e, optimistic):
-        a, b = self.prior[e]
-        n = self.hits[e] + self.misses[e] + a + b
-        mean = (self.hits[e] + a) / n
-        return min(1.0, mean + 2 * math.sqrt(mean * (1 - mean) / (n + 1))) if optimistic else mean
-
-    def units(self, option):
-        """The cost model's work of a round, in layer-positions (a head counts as a layer):
-        an autoregressive step is L layers and a head; a round drafts through E layers and
-        a head k times, runs E layers once more on the last draft, then L - E layers and the
-        head over k + 1 positions."""
-        L = self.n_layers
-        if option is None:
-            return L + 1.0
-        e, k = option
-        return (k + 1) * e + k + (L - e + 1) * (1 + VERIFY_SLOPE * k)
-
-    def expected_tokens(self, option, alpha):
-        if option is None:
-            return 1.0
-        if self.confidence is not None:
-            return self.tokens.get(option, 1 + alpha)
-        k = option[1]
-        return k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-
-    def cost_line(self):
-        """(fixed, per_unit): a round's seconds as fixed + per_unit * units, fitted (least
-        squares) to the measured options: the fixed part is what every round pays whatever
-        its work (a call, the host sync, the loop's Python), large on a small model. With
-        one measured size, or a fit that comes out negative: no fixed part."""
-        points = [(self.unit[o], c) for o, c in self.cost.items()]
-        if not points:
-            return 0.0, 1.0  # nothing timed: only ratios matter
-        mean_u = sum(u for u, _ in points) / len(points)
-        mean_c = sum(c for _, c in points) / len(points)
-        var = sum((u - mean_u) ** 2 for u, _ in points)
-        if var > 0:
-            slope = sum((u - mean_u) * (c - mean_c) for u, c in points) / var
-            fixed = mean_c - slope * mean_u
-            if slope > 0 and fixed >= 0:
-                return fixed, slope
-        return 0.0, mean_c / mean_u
-
-    def scores(self, options, optimistic=False):
-        """{option: expected tokens per row per second} (optimistic: at each exit's
-        acceptance upper bound). A round's seconds: measured; else the same exit's
-        measured round of the nearest k plus the fitted cost of the units between; else
-        the fitted line (cost_line)."""
-        fixed, per_unit = self.cost_line()
-        alpha = {e: self.alpha(e, optimistic) for e in {o[0] for o in options if o}}
-        measured = {}  # exit: [(k, seconds)]
-        for o, c in self.cost.items():
-            if o is not None:
-                measured.setdefault(o[0], []).append((o[1], c))
-        scores = {}
-        for o in options:
-            cost = self.cost.get(o)
-            if cost is None and o is not None and o[0] in measured:
-                k, c = min(measured[o[0]], key=lambda kc: abs(kc[0] - o[1]))
-                cost = c + per_unit * (self.unit[o] - self.unit[(o[0], k)])
-            if cost is None:
-                cost = fixed + per_unit * self.unit[o]
-            tokens = 1.0 if o is None else self.expected_tokens(o, alpha[o[0]])
-            scores[o] = tokens / cost
-        return scores
 
     def _pick(self):
         """The next stint: (option, rounds, shadow exits)."""
@@ -351,17 +260,14 @@ class AdaptivePolicy:
 
     def _explore(self, best, best_score):
         """A stint that learns what exploiting `best` does not, where a kind is due and
-        could beat it, else None:
-        - the plain step, where its score could beat the best: a short stint (its cost);
-        - exits: where rounds can shadow, one seen at fewer than SHADOW_STINT positions and
-          could pay (never seen, or promising) by a shadow stint of the option exploited;
-          a promising exit seen enough by a short stint drafting from it at its most
-          promising k (its cost). Promising: the upper bound of its score beats the best,
-          or its drafts are accepted at least PROBE_ACCEPTANCE and its cost is only a
-          prediction (the cost line of one measured option cannot tell a round's fixed
-          part from its work, so it misjudges drafting on small models both ways);
-        - the exploited exit's neighbouring draft lengths never timed, by a short stint,
-          where the predicted score is within SWITCH of the best."""
+        could beat it, else None: the plain step by a short stint (its cost); an exit seen
+        at fewer than SHADOW_STINT positions, never seen or promising, by a shadow stint
+        of `best` (where rounds can shadow); a promising exit seen enough by a short stint
+        at its most promising k (its cost). Promising: its score's upper bound beats the
+        best, or it is accepted at least PROBE_ACCEPTANCE and its cost is a prediction (a
+        cost line through one measured option cannot tell a round's fixed part from its
+        work: it misjudges drafting on small models both ways). Then the exploited exit's
+        untimed neighbouring k, by a short stint, if predicted within SWITCH of the best."""
         drafted = None if best is None else best[0]
         if best is not None and self._due(None) and self.scores([None])[None] > best_score:
             return None, PROBE_STINT, ()
@@ -392,21 +298,3 @@ class AdaptivePolicy:
         if e not in self.drafters:
             self.drafters[e] = self.make_drafter(e)
         return self.drafters[e]
-
-
-def candidate_exits(n_layers, recommended_exit):
-    """The exits the adaptive policy may draft from: the recommendation and its neighbours,
-    or, on a model without one, a quarter, half and three quarters of the depth and the
-    last layer but one (a deep exit drafts slowly but is accepted most)."""
-    if recommended_exit is not None:
-        exits = {recommended_exit - 1, recommended_exit, recommended_exit + 1}
-    else:
-        exits = {n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1}
-    return sorted(e for e in exits if 1 <= e <= n_layers - 1)
-
-
-def candidate_ks(recommended_k, cap):
-    """Draft lengths the policy may choose: 1, 2, 3, 4, 6 and the recommendation, at most
-    cap."""
-    ks = {1, 2, 3, 4, 6} | ({recommended_k} if recommended_k else set())
-    return sorted(k for k in ks if k <= cap)
