@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from random_weights import random_weights
+from test_policy import Scripted
 
 import layerskip_kernels as lsk
 from layerskip_kernels.benchmark import configurations, time_interleaved
@@ -362,35 +363,11 @@ def test_graphs_capacity_is_checked(capacity):
         Graphs(True, capacity=capacity)
 
 
-class Cycling:
+class Cycling(Scripted):
     """A policy that cycles through three options (one with a shadow exit), two rounds each:
     with at most two graphs kept, each option's first round past the first three captures
     its key again (least recently used: evicted), its second replays."""
     SCRIPT = [(1, 2, ()), (1, 2, ()), None, None, (2, 3, (1,)), (2, 3, (1,))]
-
-    def __init__(self, make_drafter, *args, **kwargs):
-        self.make_drafter, self.round = make_drafter, 0
-
-    def choose(self):
-        option = self.SCRIPT[self.round % len(self.SCRIPT)]
-        self.round += 1
-        return (None, None, ()) if option is None else (self.make_drafter(option[0]),
-                                                         *option[1:])
-
-    def learned(self):  # nothing for the next call
-        return None
-
-    def rounds_left(self):  # one round per choice
-        return 0
-
-    def record_steps(self, steps, seconds):
-        pass
-
-    def record(self, accepted, seconds, made=None, shadow=None):
-        pass
-
-    def stats(self):
-        return {}
 
 
 def test_evictions_mid_call_keep_the_tokens_and_are_counted(generator, capture, monkeypatch):

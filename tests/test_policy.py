@@ -60,7 +60,8 @@ def test_auto_exit_equals_autoregressive_with_every_drafter_change(generator, mo
 
 
 class Scripted:
-    """A policy that cycles through exits 1-4, k 1-6 and plain steps, round by round."""
+    """A policy that cycles through exits 1-4, k 1-6 and plain steps, round by round (SCRIPT:
+    None, or (exit, k) or (exit, k, shadow exits))."""
     SCRIPT = [(4, 6), None, (1, 1), (2, 3), (3, 2), None, (4, 1), (1, 4)]
 
     def __init__(self, make_drafter, *args, **kwargs):
@@ -70,8 +71,10 @@ class Scripted:
         option = self.SCRIPT[self.round % len(self.SCRIPT)]
         self.round += 1
         self.counts[option] = self.counts.get(option, 0) + 1
-        return (None, None, ()) if option is None else (self.make_drafter(option[0]),
-                                                         option[1], ())
+        if option is None:
+            return None, None, ()
+        e, k, *shadow = option
+        return self.make_drafter(e), k, (shadow or [()])[0]
 
     def learned(self):  # nothing for the next call
         return None
