@@ -11,7 +11,9 @@ machine's speed drifts: on a shared 2-core machine by several times within a min
 --prompts: a JSON list of token-id lists, or --text FILE: its first --count non-empty lines
 (200 characters each) through --tokenizer (default: the default model's); else BOS alone.
 --fixed E:K,...: the fixed self-speculative pairs beside autoregressive and auto. --batch:
-the prompts as one ragged batch. Prints one line per configuration: median tokens/s, the
+the prompts as one ragged batch. --cold: every auto call starts as the model's first would
+(its exploration paid in every call), where by default it recalls what the model's last auto
+call of the same shape learned. Prints one line per configuration: median tokens/s, the
 ratio to autoregressive (median of the repeats' ratios, and min-max), exactness, acceptance
 and, for auto, its rounds per choice (last repeat). Each prompt alone with fixed pairs, it
 also prints auto / the best fixed pair per prompt and over every 4-prompt subset (see
@@ -35,11 +37,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from itertools import combinations
 from pathlib import Path
 
 import layerskip_kernels as lsk
 from layerskip_kernels.benchmark import machine_info
+from layerskip_kernels.decoding.estimates import without_memory
 from layerskip_kernels.files import (OutputPathError, atomic_path, check_output_dir,
                                      check_output_file, write_text)
 
@@ -48,7 +52,7 @@ SUBSET = 4  # the issue's target: auto >= 0.97x the best fixed pair on any 4-pro
 # What an auto run keeps of generate()'s stats, where present (shadow_rounds: the policy's
 # agreement estimator, when it has one).
 POLICY_STATS = ("choices", "stints", "fallback_rounds", "policy_s", "exit_acceptance",
-                "shadow_rounds")
+                "shadow_rounds", "recalled")
 
 
 def parse_args(argv=None):
@@ -70,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--replot", metavar="RESULTS.json",
                    help="draw --plot from a results.json, without running anything")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--cold", action="store_true",
+                   help="every auto call starts as the model's first (explores; by default a "
+                        "call recalls what the model's last auto call of its shape learned)")
     args = p.parse_args(argv)
     try:
         args.pairs = [tuple(map(int, pair.split(":"))) for pair in args.fixed.split(",") if pair]
@@ -135,9 +142,11 @@ def measure(model, groups, configs, args, on_repeat=None):
     for rep in range(args.warmup + args.repeats):
         for g, group in enumerate(groups):
             for name, kw in configs:
-                start = time.perf_counter()
-                res = lsk.generate(model, group, args.max_new_tokens, eos_token_id=[], **kw)
-                seconds = time.perf_counter() - start
+                cold = without_memory(model) if name == AUTO and args.cold else nullcontext()
+                with cold:
+                    start = time.perf_counter()
+                    res = lsk.generate(model, group, args.max_new_tokens, eos_token_id=[], **kw)
+                    seconds = time.perf_counter() - start
                 if name == BASE:
                     base_tokens = res.tokens
                 if rep >= args.warmup:
@@ -324,7 +333,7 @@ def main(argv=None):
               "settings": {"model": args.model, "prompts_file": args.prompts or args.text,
                            "prompts": len(prompts), "batch": args.batch,
                            "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-                           "warmup": args.warmup, "threads": args.threads,
+                           "warmup": args.warmup, "threads": args.threads, "cold": args.cold,
                            "fixed": [list(pair) for pair in args.pairs]}}
 
     def keep(runs, done, complete=False):

@@ -194,6 +194,9 @@ def test_results_json_holds_every_run(run):
                 rounds = sum(n for _, n in record["stints"])
                 assert rounds == sum(record["choices"].values()) > 0
     assert set(report["summary"]) == set(report["runs"])
+    # Each prompt alone on one model: the first auto call explores, the later ones recall it.
+    assert [group[0]["recalled"] for group in report["runs"]["auto"]] == [False] + [True] * 4
+    assert report["settings"]["cold"] is False
 
 
 def test_results_json_subset_statistics_recompute(run):

@@ -14,7 +14,8 @@ from test_self_speculative import (VOCAB, autoregressive, exact_distribution,
 import layerskip_kernels as lsk
 from layerskip_kernels.cli import draft_note
 from layerskip_kernels.decoding import plan as plan_module
-from layerskip_kernels.decoding.estimates import MEMORY, candidate_exits, candidate_ks
+from layerskip_kernels.decoding.estimates import (MEMORY, candidate_exits, candidate_ks,
+                                                  without_memory)
 from layerskip_kernels.decoding.policy import (LONGEST_STINT, POLICY_SHARE, PROBE_STINT,
                                                SHADOW_STINT, STINT, AdaptivePolicy)
 
@@ -244,6 +245,9 @@ def test_a_call_starts_from_what_the_last_call_of_its_shape_learned(generator):
     name, rounds = second.stats["stints"][0]
     assert name == first.stats["stints"][-1][0] and rounds >= STINT
     assert not speculative(model, prompts[:1], 60, exit_layer="auto").stats["recalled"]
+    with without_memory(model):  # a first call's exploration, for a benchmark
+        assert not speculative(model, prompts, 60, exit_layer="auto").stats["recalled"]
+    assert speculative(model, prompts, 60, exit_layer="auto").stats["recalled"]  # kept
 
 
 def test_what_a_call_learned_is_scaled_to_memory():

@@ -1,6 +1,7 @@
 """What the adaptive self-speculation policy (policy.py) knows, and what it expects of each
 option: an exit's acceptance, a round's cost, a round's tokens, so tokens per second; and
 what a call learned, kept for the model's next call of the same shape."""
+import contextlib
 import math
 import weakref
 from collections import Counter
@@ -25,6 +26,20 @@ def recall(model, shape):
 
 def remember(model, shape, learned):
     _LEARNED.setdefault(model, {})[shape] = learned
+
+
+@contextlib.contextmanager
+def without_memory(model):
+    """Within it, the model's adaptive calls start as its first would (nothing recalled),
+    and what they learn is dropped on leaving (the model's memory is as it was): what one
+    call costs with its exploration, for a benchmark."""
+    kept = _LEARNED.pop(model, None)
+    try:
+        yield
+    finally:
+        _LEARNED.pop(model, None)
+        if kept is not None:
+            _LEARNED[model] = kept
 
 
 class Estimates:
