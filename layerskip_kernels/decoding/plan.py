@@ -64,12 +64,9 @@ class Plan:
         exit_layer="auto" (starting from what the model's last such call of `rows` rows
         learned: recall), else the fixed drafter and k."""
         if self.exit_layer == "auto":
-            # Greedy fixed-k rounds shadow: a sampled token or a confidence-stopped round
-            # has no full-model argmax run to compare exits with (decode_self_speculative).
             return AdaptivePolicy(lambda e: ExitDraft(model, e), model.config.n_layers,
                                   self.exits, self.ks, self.recommended, self.confidence,
-                                  shadow=self.temperature == 0 and self.confidence is None,
-                                  learned=recall(model, self.shape(rows)))
+                                  shadow=self.shadows, learned=recall(model, self.shape(rows)))
         return FixedPolicy(ExitDraft(model, self.exit_layer) if self.draft == "early_exit"
                            else SkipDraft(model, self.kept), self.num_speculations)
 
@@ -78,11 +75,17 @@ class Plan:
         if self.exit_layer == "auto":
             remember(model, self.shape(rows), policy.learned())
 
+    @property
+    def shadows(self):
+        """Whether the call's rounds can shadow: greedy fixed-k rounds only (a sampled token
+        or a confidence-stopped round has no full-model argmax run to compare exits with:
+        decode_self_speculative)."""
+        return self.temperature == 0 and self.confidence is None
+
     def shape(self, rows):
         """What an adaptive call's statistics depend on: its options, whether rounds shadow,
         and its rows (a round's cost grows with them)."""
-        return (self.exits, self.ks, self.recommended, self.confidence, self.temperature == 0,
-                rows)
+        return (self.exits, self.ks, self.recommended, self.confidence, self.shadows, rows)
 
     def stats(self):
         """The drafting as stats name it (self_speculative; else nothing): exit_layer (None

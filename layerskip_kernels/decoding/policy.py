@@ -240,8 +240,8 @@ class AdaptivePolicy(Estimates):
 
     def _stint(self, option):
         """The exploit stint's rounds: exploit_stint, or more where the policy's time per
-        stint (overhead_s over the stints so far) would exceed POLICY_SHARE of the stint's
-        measured seconds."""
+        decision (overhead_s over the decisions so far) would exceed POLICY_SHARE of the
+        stint's measured seconds."""
         seconds = self.cost.get(option)
         if not seconds or not self.decisions:
             return self.exploit_stint

@@ -208,7 +208,7 @@ def decode_self_speculative(model, batch, sampling, generator, policy, confidenc
         drafter, k, shadow = policy.choose()
         if not greedy or confidence is not None:
             shadow = ()
-        tail = (shadow,) if shadow else ()  # a key with shadows names another graph
+        tail = (shadow,) if shadow else ()  # a round's key with shadows names another graph
         captured = graphs.capture_s
         if drafter is None and not shadow:
             # The stint's plain steps, run as autoregressive decoding runs them, and told to
@@ -223,20 +223,13 @@ def decode_self_speculative(model, batch, sampling, generator, policy, confidenc
             stats["rounds"] += steps
             stats["row_rounds"] += row_steps
             continue
-        if drafter is None:
+        if drafter is None:  # a plain step that shadows (so greedy: shadow is () otherwise)
             step = lambda: decode_step(model, rows, every_layer, sampling,  # noqa: E731
                                        generator, shadow)
-            if greedy:
-                batch.state.run(("step", rows.n, every_layer, *tail), step, batch.replay)
-            else:
-                step()
+            batch.state.run(("step", rows.n, every_layer, shadow), step, batch.replay)
             k = 0
-            if shadow:
-                emitted = rows.emitted[:, :2 + len(shadow)].tolist()  # the step's one host sync
-                batch.emit([[row[0]] for row in emitted])
-            else:
-                tokens = rows.tokens.tolist()  # the step's one host sync
-                batch.emit([[t] for t in tokens])
+            emitted = rows.emitted[:, :2 + len(shadow)].tolist()  # the step's one host sync
+            batch.emit([[row[0]] for row in emitted])
             accepted = [0] * len(live)
         else:
             key = ("round", rows.n, k, drafter.key, *tail)
