@@ -2,6 +2,7 @@
 (csrc/cpu/decoder.h) must leave every buffer of the decode state exactly as the Python step
 does (the same kernels, so bit for bit), refuse what would write out of bounds before writing
 anything, and make generate() give the Python path's tokens."""
+import contextlib
 import os
 
 import pytest
@@ -54,6 +55,17 @@ def buffers(state):
             "exit_cache": state.exit_cache, "drafts": state.drafts, "emitted": state.emitted}
 
 
+@contextlib.contextmanager
+def team_threads(threads):
+    """Within it, the C++ kernels run on a team of `threads` (restored after)."""
+    previous = cpu._cpu.num_threads()
+    cpu._cpu.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        cpu._cpu.set_num_threads(previous)
+
+
 def copy_state(model, state):
     twin = DecodeState(model, state.batch, state.max_seq_len, state.max_drafts, graphs=False)
     for name, t in buffers(twin).items():
@@ -88,14 +100,9 @@ def test_one_call_leaves_the_state_as_the_python_step(generator, name, shape, th
     model = random_llama(generator, **shape)
     fused = live_state(model, generator)
     eager = copy_state(model, fused)
-    previous = cpu._cpu.num_threads()
-    cpu._cpu.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            python_step(model, eager.rows(key[1]))
-            assert fused.cpu_steps.run(key) == (0 if key[0] == "step" else key[2])
-    finally:
-        cpu._cpu.set_num_threads(previous)
+    with team_threads(threads), torch.inference_mode():
+        python_step(model, eager.rows(key[1]))
+        assert fused.cpu_steps.run(key) == (0 if key[0] == "step" else key[2])
     for buffer, expected in buffers(eager).items():
         assert torch.equal(buffers(fused)[buffer], expected), buffer
     assert not torch.equal(fused.emitted, torch.full_like(fused.emitted, -7)) or key[0] == "step"

@@ -6,7 +6,7 @@ timings: no timing assertion), and it decides from Python numbers the round alre
 adding no device-to-host transfer."""
 import pytest
 import torch
-from test_shadow import damped
+from test_shadow import damped, default_model_auto
 from test_self_speculative import (VOCAB, autoregressive, exact_distribution,
                                    first_tokens_histogram, random_llama, random_prompts,
                                    sampling_p_values, speculative)
@@ -94,12 +94,7 @@ class Scripted:
 
 
 def test_default_model_auto_exit_equals_autoregressive():
-    model = lsk.load_model()
-    prompts = [[0, 738, 599, 200, 738, 291], [0, 314, 410]]
-    expected = lsk.generate(model, prompts, max_new_tokens=48).tokens
-    res = lsk.generate(model, prompts, max_new_tokens=48, strategy="self_speculative",
-                       exit_layer="auto")
-    assert res.tokens == expected
+    model, res = default_model_auto(48)
     # It starts at the model's recommendation (a trained exit: most drafts accepted).
     c = model.config
     assert res.stats["choices"][f"E{c.exit_layer} k{c.num_speculations}"] >= STINT // 2

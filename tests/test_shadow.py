@@ -7,12 +7,13 @@ token-for-token autoregressive with one host sync a round; and the adaptive poli
 an exit's acceptance from shadows of plain steps, never drafting from it."""
 import pytest
 import torch
-from test_cpu_steps import buffers, copy_state, live_state, needs_cpu_kernels  # noqa: F401
+from test_cpu_steps import (buffers, copy_state, live_state, needs_cpu_kernels,  # noqa: F401
+                            team_threads)
 from test_cpu_steps import random_llama as cpu_llama
 from test_self_speculative import VOCAB, autoregressive, random_llama, random_prompts, speculative
 
 import layerskip_kernels as lsk
-from layerskip_kernels.decoding import cpu, plan as plan_module
+from layerskip_kernels.decoding import plan as plan_module
 from layerskip_kernels.decoding import state as state_module
 from layerskip_kernels.decoding.autoregressive import decode_step, prefill
 from layerskip_kernels.decoding.policy import SHADOW_STINT, STINT, AdaptivePolicy
@@ -135,14 +136,9 @@ def test_cpp_shadows_equal_the_python_steps_bit_for_bit(generator, name, shape, 
     model = cpu_llama(generator, n_layers=N_LAYERS, **shape)
     fused = live_state(model, generator)
     eager = copy_state(model, fused)
-    previous = cpu._cpu.num_threads()
-    cpu._cpu.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            python_step(model, eager.rows(key[1]))
-            fused.cpu_steps.run(key)
-    finally:
-        cpu._cpu.set_num_threads(previous)
+    with team_threads(threads), torch.inference_mode():
+        python_step(model, eager.rows(key[1]))
+        fused.cpu_steps.run(key)
     for buffer, expected in buffers(eager).items():
         assert torch.equal(buffers(fused)[buffer], expected), buffer
     k = 0 if key[0] == "step" else key[2]
@@ -273,18 +269,25 @@ def test_greedy_with_shadows_equals_autoregressive(generator, monkeypatch, every
     assert set(s["exit_acceptance"]) == {1, 2, 3, 4}  # candidate_exits(5): all observed
 
 
+def default_model_auto(max_new_tokens):
+    """The embedded default model and exit_layer="auto"'s result on two code prompts, its
+    tokens checked against autoregressive decoding's."""
+    model = lsk.load_model()
+    prompts = [[0, 738, 599, 200, 738, 291], [0, 314, 410]]
+    expected = lsk.generate(model, prompts, max_new_tokens=max_new_tokens).tokens
+    res = lsk.generate(model, prompts, max_new_tokens=max_new_tokens,
+                       strategy="self_speculative", exit_layer="auto")
+    assert res.tokens == expected
+    return model, res
+
+
 @pytest.mark.parametrize("every_round", [True, False])
 def test_default_model_with_shadows_equals_autoregressive(monkeypatch, every_round):
     """Every round shadowed, or the policy's own shadow stint (after the recommendation's
     first stint, the neighbouring exits, never seen: SHADOW_STINT rounds)."""
     if every_round:
         shadowing(monkeypatch, 1)
-    model = lsk.load_model()
-    prompts = [[0, 738, 599, 200, 738, 291], [0, 314, 410]]
-    expected = lsk.generate(model, prompts, max_new_tokens=96).tokens
-    res = lsk.generate(model, prompts, max_new_tokens=96, strategy="self_speculative",
-                       exit_layer="auto")
-    assert res.tokens == expected
+    model, res = default_model_auto(96)
     s = res.stats
     assert s["shadow_rounds"] == (s["rounds"] if every_round else SHADOW_STINT)
     c = model.config  # drafting from the recommended exit, its neighbours are shadowed
